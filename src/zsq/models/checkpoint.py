@@ -1,0 +1,128 @@
+"""zsq's own checkpoint format, and `load_model` for ours, bare state_dicts and third-party layouts.
+
+A zsq checkpoint is a plain dict, loadable with `torch.load(weights_only=True)`:
+    {"zsq": "model", "version": 1, "arch": "resnet20", "model_args": {...}, "state_dict": {...},
+     "dataset": {name, num_classes, in_channels, image_size, mean, std, classes}, "metrics": {"top1": ...}}
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import DatasetInfo
+from ..errors import UserError
+from ..io import save_torch
+from .layouts import match_layout
+from .registry import MODELS, create_model
+
+FORMAT_VERSION = 1
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+def shipped_models() -> list[str]:
+    """Teachers trained by `zsq teacher train` and shipped inside the package (e.g. resnet20_fmnist)."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+
+
+def save_checkpoint(model: nn.Module, arch: str, path: str | Path, info: DatasetInfo | None = None,
+                    metrics: dict[str, Any] | None = None) -> Path:
+    ckpt = {
+        "zsq": "model",
+        "version": FORMAT_VERSION,
+        "arch": arch,
+        "model_args": model.model_args(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "dataset": asdict(info) if info is not None else None,
+        "metrics": metrics or {},
+    }
+    return save_torch(ckpt, path)
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """`torch.load(weights_only=True)` with every failure turned into one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "not a weights file"
+        raise UserError(f"{path} is not a weights-only checkpoint ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
+        raise UserError(f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model_state_dict", "model", "net"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no state_dict (expected a dict of tensors, optionally under 'state_dict')")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def dataset_info(model: nn.Module) -> DatasetInfo | None:
+    """The dataset a loaded model was trained on, when its checkpoint recorded it."""
+    return getattr(model, "zsq_dataset", None)
+
+
+def load_model(name_or_path: str | Path, checkpoint: str | Path | None = None, num_classes: int | None = None,
+               in_channels: int | None = None) -> nn.Module:
+    """A ready FP model in eval mode.
+
+    `name_or_path`: a shipped teacher (`resnet20_fmnist`), a registered architecture (`resnet20`, random
+    weights unless `checkpoint` is given), or a checkpoint file. Checkpoints may be zsq's own format, a bare
+    state_dict of a registered architecture, or a pytorchcv / option-A CIFAR ResNet state_dict; the
+    architecture variant (depth, shortcut type, classes, channels) is read from the keys.
+    """
+    name = str(name_or_path)
+    if checkpoint is None and name in shipped_models():
+        checkpoint, name = WEIGHTS_DIR / f"{name}.pt", None
+    elif checkpoint is None and name not in MODELS:
+        if not Path(name).exists() and not name.endswith((".pt", ".pth", ".pth.tar", ".ckpt", ".bin")):
+            MODELS.get(name)  # raises: unknown model, with the list of known ones
+        checkpoint, name = name, None
+    if checkpoint is None:
+        model = create_model(name, num_classes=num_classes, in_channels=in_channels)
+        return model.eval()
+    path = Path(checkpoint)
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and obj.get("zsq") == "model":
+        if name is not None and name != obj["arch"]:
+            raise UserError(f"{path} holds a {obj['arch']}, not a {name}")
+        model = create_model(obj["arch"], **obj["model_args"])
+        _load_strict(model, obj["state_dict"], path)
+        if obj.get("dataset"):
+            model.zsq_dataset = DatasetInfo(**obj["dataset"])
+        model.zsq_metrics = obj.get("metrics", {})
+        return model.eval()
+    state = _as_state_dict(obj, path)
+    arch, args, state = match_layout(state, path)
+    if name is not None and name != arch:
+        raise UserError(f"{path} holds a {arch} (read from its keys), not a {name}")
+    for key, want in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if want is not None and want != args[key]:
+            raise UserError(f"{path} has {key}={args[key]}, but {want} was asked for")
+    model = create_model(arch, **args)
+    _load_strict(model, state, path)
+    return model.eval()
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise UserError(f"{path} does not match {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state)

@@ -1,0 +1,24 @@
+"""The model registry and `create_model`, timm-style: a factory per architecture, created by name."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ..registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    return MODELS.register()(fn)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    return MODELS.names(pattern)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered architecture. Arguments that are None are dropped, so CLI flags left unset never
+    override an architecture's own defaults."""
+    return MODELS.get(name)(**{k: v for k, v in kwargs.items() if v is not None})

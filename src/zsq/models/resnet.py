@@ -1,0 +1,154 @@
+"""ResNets for the ZSQ literature: CIFAR-style ResNet-20/32/44/56 and ImageNet-style ResNet-18.
+
+Parameter names follow torchvision (`conv1`, `bn1`, `layerN.M.conv1`, `downsample.0/1`, `fc`), so a
+torchvision ResNet-18 state_dict loads as it is; the third-party CIFAR layouts are renamed in
+`zsq.models.layouts`. Every ReLU is its own module, used once, so that fake quantization can put one
+activation quantizer behind each of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .registry import register_model
+
+
+@dataclass
+class ResNetConfig:
+    blocks: tuple[int, ...]  # residual units per stage
+    widths: tuple[int, ...]  # channels per stage
+    num_classes: int = 10
+    in_channels: int = 3
+    stem: str = "cifar"  # "cifar": one 3×3 conv; "imagenet": 7×7 stride-2 conv + max-pool
+    shortcut: str = "B"  # downsampling shortcut: "B" 1×1 conv + BN (pytorchcv, GDFQ), "A" zero-padding (option A)
+
+    def __post_init__(self) -> None:
+        self.blocks, self.widths = tuple(self.blocks), tuple(self.widths)
+        if len(self.blocks) != len(self.widths):
+            raise UserError(f"ResNet needs one width per stage, got blocks={self.blocks} widths={self.widths}")
+        if self.stem not in ("cifar", "imagenet"):
+            raise UserError(f"ResNet stem must be 'cifar' or 'imagenet', got '{self.stem}'")
+        if self.shortcut not in ("A", "B"):
+            raise UserError(f"ResNet shortcut must be 'A' or 'B', got '{self.shortcut}'")
+        if self.num_classes < 1 or self.in_channels < 1:
+            raise UserError(f"num_classes and in_channels must be ≥ 1, got {self.num_classes}, {self.in_channels}")
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by 2 and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, extra_channels: int) -> None:
+        super().__init__()
+        self.extra = extra_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo = self.extra // 2
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, lo, self.extra - lo))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            if shortcut == "A":
+                self.downsample = PadShortcut(cout - cin)
+            else:
+                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.downsample(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, cfg: ResNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w0 = cfg.widths[0]
+        if cfg.stem == "cifar":
+            self.conv1 = nn.Conv2d(cfg.in_channels, w0, 3, 1, 1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(cfg.in_channels, w0, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(w0)
+        self.relu = nn.ReLU(inplace=True)
+        cin = w0
+        for i, (n, w) in enumerate(zip(cfg.blocks, cfg.widths)):
+            units = [BasicBlock(cin if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1, cfg.shortcut) for j in range(n)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*units))
+            cin = w
+        self.num_features = cin
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, cfg.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Zero-init of each residual branch's last BN: every block starts as identity, which trains faster.
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(len(self.cfg.blocks))]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def model_args(self) -> dict:
+        """The factory keywords that rebuild this model (depth and widths are implied by the arch name)."""
+        return {"num_classes": self.cfg.num_classes, "in_channels": self.cfg.in_channels, "shortcut": self.cfg.shortcut}
+
+
+def _cifar_resnet(depth: int, **kwargs) -> ResNet:
+    n = (depth - 2) // 6
+    return ResNet(ResNetConfig(blocks=(n, n, n), widths=(16, 32, 64), stem="cifar", **kwargs))
+
+
+@register_model
+def resnet20(**kwargs) -> ResNet:
+    return _cifar_resnet(20, **kwargs)
+
+
+@register_model
+def resnet32(**kwargs) -> ResNet:
+    return _cifar_resnet(32, **kwargs)
+
+
+@register_model
+def resnet44(**kwargs) -> ResNet:
+    return _cifar_resnet(44, **kwargs)
+
+
+@register_model
+def resnet56(**kwargs) -> ResNet:
+    return _cifar_resnet(56, **kwargs)
+
+
+@register_model
+def resnet18(**kwargs) -> ResNet:
+    kwargs.setdefault("num_classes", 1000)
+    return ResNet(ResNetConfig(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", **kwargs))

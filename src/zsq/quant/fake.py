@@ -1,0 +1,44 @@
+"""The asymmetric uniform fake quantizer of the ZSQ lineage (spec: quantizer.md), as plain tensor functions.
+
+For a range [l, u] and k bits:  S = max((u − l) / (2ᵏ − 1), 1e-8),  Z = round(−l / S),
+q = clamp(round(x / S) + Z, 0, 2ᵏ − 1),  x̂ = S · (q − Z).
+"""
+from __future__ import annotations
+
+import torch
+
+SCALE_EPS = 1e-8
+STE_MODES = ("identity", "clipped")
+
+
+def quant_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale S, zero point Z) for ranges lo/hi of any broadcastable shape."""
+    scale = torch.clamp((hi - lo) / (2**bits - 1), min=SCALE_EPS)
+    return scale, torch.round(-lo / scale)
+
+
+def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer codes q in [0, 2ᵏ − 1], still as a float tensor."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+
+
+def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                  ste: str = "identity") -> torch.Tensor:
+    """x̂ in the forward pass; the straight-through estimator backward.
+
+    `ste="identity"` passes the gradient everywhere (the lineage's choice); `"clipped"` zeroes it where x lies
+    outside [l, u]. l and u never receive a gradient: they are min/max statistics, not parameters.
+    """
+    lo, hi = lo.detach(), hi.detach()
+    scale, zero = quant_params(lo, hi, bits)
+    xq = scale * (quantize_int(x.detach(), scale, zero, bits) - zero)
+    if ste == "clipped":
+        x = torch.minimum(torch.maximum(x, lo), hi)
+    return x + (xq - x).detach()
+
+
+def per_channel_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of each output channel (dim 0), shaped to broadcast against w."""
+    flat = w.detach().flatten(1)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    return flat.amin(1).view(shape), flat.amax(1).view(shape)

@@ -1,0 +1,132 @@
+"""Fake-quantized layers (module swaps, torchao-style `from_float` / `to_float`) and the activation quantizer."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fake import fake_quantize, per_channel_range
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d whose weight is fake-quantized per output channel at every forward; the FP weight is the trainable
+    shadow copy and the bias stays FP."""
+
+    wbits: int
+    ste: str
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, wbits: int, ste: str = "identity") -> "QuantConv2d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
+                dtype=conv.weight.dtype)
+        q.load_state_dict(conv.state_dict())
+        q.wbits, q.ste = wbits, ste
+        return q
+
+    def to_float(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode)
+        conv.load_state_dict(self.state_dict())
+        return conv
+
+    def quantized_weight(self) -> torch.Tensor:
+        lo, hi = per_channel_range(self.weight)
+        return fake_quantize(self.weight, lo, hi, self.wbits, self.ste)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, wbits={self.wbits}"
+
+
+class QuantLinear(nn.Linear):
+    """Linear with per-output-row fake-quantized weight; FP bias."""
+
+    wbits: int
+    ste: str
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, wbits: int, ste: str = "identity") -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                dtype=linear.weight.dtype)
+        q.load_state_dict(linear.state_dict())
+        q.wbits, q.ste = wbits, ste
+        return q
+
+    def to_float(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        linear.load_state_dict(self.state_dict())
+        return linear
+
+    def quantized_weight(self) -> torch.Tensor:
+        lo, hi = per_channel_range(self.weight)
+        return fake_quantize(self.weight, lo, hi, self.wbits, self.ste)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, wbits={self.wbits}"
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake quantizer with an EMA range.
+
+    While `observing` (the warm-up), each forward folds the batch min/max into an exponential moving average,
+    bias-corrected (m_t / (1 − βᵗ)), so the first batches are not pulled toward the zero initialisation. When
+    frozen, [lo, hi] stay fixed; they are buffers, so checkpoints and exports carry them.
+    """
+
+    def __init__(self, bits: int, momentum: float = 0.9, ste: str = "identity") -> None:
+        super().__init__()
+        self.bits, self.momentum, self.ste = bits, momentum, ste
+        self.observing = False
+        self.calibrated = False  # a Python flag, so the frozen forward never syncs to read `steps`
+        self.register_buffer("ema_min", torch.zeros(()))
+        self.register_buffer("ema_max", torch.zeros(()))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        m = self.momentum
+        self.calibrated = True
+        self.steps += 1
+        self.ema_min.mul_(m).add_((1 - m) * x.detach().amin().float())
+        self.ema_max.mul_(m).add_((1 - m) * x.detach().amax().float())
+        correction = 1 - torch.pow(torch.tensor(m, device=x.device), self.steps.float())
+        self.lo.copy_(self.ema_min / correction)
+        self.hi.copy_(self.ema_max / correction)
+
+    def reset(self) -> None:
+        for buf in (self.ema_min, self.ema_max, self.steps, self.lo, self.hi):
+            buf.zero_()
+        self.calibrated = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.calibrated = bool(self.steps.item() > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+        elif not self.calibrated:
+            raise RuntimeError("activation range not calibrated: run zsq.quant.calibrate(model, batches) first")
+        return fake_quantize(x, self.lo.to(x.dtype), self.hi.to(x.dtype), self.bits, self.ste)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, momentum={self.momentum}"
+
+
+class QuantAct(nn.Module):
+    """An activation function followed by its quantizer: the module that replaces each ReLU/ReLU6."""
+
+    def __init__(self, act: nn.Module, quant: ActQuantizer) -> None:
+        super().__init__()
+        self.act, self.quant = act, quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.act(x))

@@ -1,0 +1,130 @@
+"""Build a fake-quantized copy of any classifier by module swap, and calibrate its activation ranges."""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .fake import STE_MODES
+from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear
+
+FP_BITS = 32
+ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+
+
+def check_bits(bits: int, what: str) -> None:
+    if not (isinstance(bits, int) and (2 <= bits <= 8 or bits == FP_BITS)):
+        raise UserError(f"{what} must be in 2..8 (or 32 for full precision), got {bits}")
+
+
+@dataclass
+class QuantConfig:
+    wbits: int = 4
+    abits: int = 4
+    first_last: str = "same"  # "same": every layer at wbits (the papers); "8bit": first and last layer at 8 bits
+    act_momentum: float = 0.9  # EMA momentum of activation ranges (the lineage uses 0.9)
+    ste: str = "identity"  # straight-through estimator: "identity" everywhere (lineage) or "clipped" to [l, u]
+    layer_bits: dict[str, int] = field(default_factory=dict)  # weight bits per module name, overriding the rest
+
+    def __post_init__(self) -> None:
+        check_bits(self.wbits, "weight bits")
+        check_bits(self.abits, "activation bits")
+        for name, bits in self.layer_bits.items():
+            check_bits(bits, f"weight bits of layer '{name}'")
+        if self.first_last not in ("same", "8bit"):
+            raise UserError(f"first/last-layer policy must be 'same' or '8bit', got '{self.first_last}'")
+        if self.ste not in STE_MODES:
+            raise UserError(f"ste must be one of {STE_MODES}, got '{self.ste}'")
+        if not 0 <= self.act_momentum < 1:
+            raise UserError(f"activation EMA momentum must be in [0, 1), got {self.act_momentum}")
+
+
+def _weight_bits(cfg: QuantConfig, names: list[str]) -> dict[str, int]:
+    bits = {n: cfg.wbits for n in names}
+    if cfg.first_last == "8bit" and names and cfg.wbits != FP_BITS:
+        bits[names[0]] = bits[names[-1]] = 8
+    for name, b in cfg.layer_bits.items():
+        if name not in bits:
+            raise UserError(f"layer_bits names '{name}', which is not a Conv2d/Linear of the model")
+        bits[name] = b
+    return bits
+
+
+def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def quantize_model(model: nn.Module, wbits: int | None = None, abits: int | None = None,
+                   cfg: QuantConfig | None = None, **kwargs) -> nn.Module:
+    """A fake-quantized copy of `model` (the original is untouched).
+
+    Every Conv2d/Linear becomes a per-channel weight-quantized layer (first and last = the first and last in
+    module order); every ReLU/ReLU6 module is followed by a per-tensor activation quantizer, so activations are
+    quantized wherever they feed the next layer, including after each residual add's ReLU. The input image stays
+    FP. Models must use ReLU *modules*, each used once (a functional relu cannot be seen by a module swap).
+    Activation ranges start uncalibrated: open them with `observe_ranges` or use `calibrate`.
+    """
+    if cfg is None:
+        cfg = QuantConfig(wbits=4 if wbits is None else wbits, abits=4 if abits is None else abits, **kwargs)
+    elif wbits is not None or abits is not None or kwargs:
+        raise TypeError("pass either cfg or wbits/abits/keywords, not both")
+    qmodel = copy.deepcopy(model)
+    layers = [n for n, m in qmodel.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+              and not isinstance(m, (QuantConv2d, QuantLinear))]
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
+    bits = _weight_bits(cfg, layers)
+    for name in layers:
+        if bits[name] == FP_BITS:
+            continue
+        layer = qmodel.get_submodule(name)
+        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        _set_child(qmodel, name, cls.from_float(layer, bits[name], cfg.ste))
+    if cfg.abits != FP_BITS:
+        wrapped = {id(m.act) for m in qmodel.modules() if isinstance(m, QuantAct)}
+        acts = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, ACTIVATIONS) and id(m) not in wrapped]
+        for name, act in acts:
+            _set_child(qmodel, name, QuantAct(act, ActQuantizer(cfg.abits, cfg.act_momentum, cfg.ste)))
+    qmodel.zsq_quant = asdict(cfg)
+    return qmodel
+
+
+def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
+def observe_ranges(model: nn.Module, on: bool = True) -> None:
+    """Open (on=True) or freeze (on=False) every activation range of the model."""
+    for q in act_quantizers(model):
+        q.observing = on
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor], reset: bool = True) -> nn.Module:
+    """Set activation ranges from `inputs` (model in eval mode), then freeze them."""
+    was_training = model.training
+    model.eval()
+    if reset:
+        for q in act_quantizers(model):
+            q.reset()
+    observe_ranges(model, True)
+    try:
+        for x in inputs:
+            model(x)
+    finally:
+        observe_ranges(model, False)
+    model.train(was_training)
+    return model
+
+
+def gaussian_inputs(n_batches: int, batch_size: int, shape: tuple[int, ...], seed: int = 0,
+                    device: str = "cpu") -> Iterable[torch.Tensor]:
+    """N(0, 1) images in the model's normalised input space: the 'no data at all' calibration baseline."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        yield torch.randn((batch_size, *shape), generator=gen).to(device)

@@ -1,0 +1,81 @@
+"""Tiny datasets written in the exact real formats (IDX gzip, CIFAR python pickles, PNG folders)."""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX: 0x00 0x00, type 0x08 (ubyte), ndim, big-endian int32 sizes, then the bytes; gzip-compressed."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _class_images(rng: np.random.Generator, labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Images whose mean brightness encodes the class, so a tiny model can learn something."""
+    base = (labels.astype(np.float64) * 25 + 10).reshape(-1, *([1] * len(shape)))
+    return np.clip(base + rng.normal(0, 20, (len(labels), *shape)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 96), ("t10k", 40)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", _class_images(rng, labels, (28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def write_cifar(root: Path, n_classes: int, n_per_batch: int = 20) -> Path:
+    """The python-version CIFAR layout: pickled dicts with b'data' (N×3072 uint8, R then G then B planes)."""
+    rng = np.random.default_rng(n_classes)
+    if n_classes == 10:
+        folder, files, key = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+        meta = ("batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+    else:
+        folder, files, key = root / "cifar-100-python", ["train", "test"], b"fine_labels"
+        meta = ("meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)]})
+    folder.mkdir(parents=True)
+    for name in files:
+        labels = rng.integers(0, n_classes, n_per_batch)
+        data = _class_images(rng, labels % 10, (3072,))
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, key: labels.tolist(), b"batch_label": name.encode()}, f)
+    with open(folder / meta[0], "wb") as f:
+        pickle.dump(meta[1], f)
+    return folder
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path) -> Path:
+    write_cifar(tmp_path, 10)
+    return tmp_path
+
+
+@pytest.fixture
+def imagefolder_dir(tmp_path) -> Path:
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog", "fox")):
+            d = tmp_path / split / name
+            d.mkdir(parents=True)
+            for i in range(2):
+                arr = rng.integers(0, 255, (20 + 10 * i, 30, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.{'png' if i == 0 else 'jpg'}")
+    return tmp_path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zsq", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)

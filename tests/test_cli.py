@@ -1,0 +1,152 @@
+"""The CLI end to end, as a user runs it: a subprocess, exit codes, one-line errors, files written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zsq.models import load_model
+
+from conftest import run_cli
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(fmnist_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "t.pt"
+    proc = run_cli("teacher", "train", "--model", "resnet20", "--data-dir", str(fmnist_dir), "--epochs", "2",
+                   "--batch-size", "32", "--lr", "0.05", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "saved" in proc.stdout and out.is_file()
+    assert not out.with_name(out.name + ".resume").exists()
+    return out
+
+
+def test_help_everywhere():
+    for args in ([], ["teacher"], ["teacher", "train"], ["eval"]):
+        proc = run_cli(*args, "--help")
+        assert proc.returncode == 0 and "usage: zsq" in proc.stdout
+
+
+def test_teacher_checkpoint_records_everything(tiny_teacher):
+    ckpt = torch.load(tiny_teacher, weights_only=True)
+    assert ckpt["zsq"] == "model" and ckpt["arch"] == "resnet20"
+    assert ckpt["dataset"]["name"] == "fashion-mnist" and ckpt["dataset"]["in_channels"] == 1
+    assert 0 <= ckpt["metrics"]["top1"] <= 100 and len(ckpt["metrics"]["history"]) == 2
+
+
+def test_eval_fp_and_quantized_json(tiny_teacher, fmnist_dir, tmp_path):
+    out = tmp_path / "res" / "r.json"
+    proc = run_cli("eval", "--model", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    fp = json.loads(out.read_text())
+    assert fp["n"] == 40 and fp["quant"] is None and fp["dataset"] == "fashion-mnist"
+    model = load_model(tiny_teacher)
+    from zsq.data import load_dataset
+    from zsq.evaluate import evaluate
+
+    direct = evaluate(model, load_dataset("fashion-mnist", "test", fmnist_dir))
+    assert fp["top1"] == pytest.approx(direct["top1"])
+    proc = run_cli("eval", "--model", "resnet20", "--checkpoint", str(tiny_teacher), "--data-dir", str(fmnist_dir),
+                   "--wbits", "4", "--abits", "8", "--eval-limit", "16", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    q = json.loads(out.read_text())
+    assert q["n"] == 16 and q["quant"]["wbits"] == 4 and "no training" in proc.stdout
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # no temp files left behind
+
+
+BAD_BITS = ["0", "1", "9", "33"]
+
+
+@pytest.mark.parametrize("bits", BAD_BITS)
+def test_bits_out_of_range(bits):
+    assert_one_line_error(run_cli("eval", "--model", "resnet20", "--wbits", bits), "bits", "2..8")
+    assert_one_line_error(run_cli("eval", "--model", "resnet20", "--abits", bits), "bits", "2..8")
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_one_line_error(run_cli("eval", "--model", "resnet20", "--checkpoint", str(tmp_path / "no.pt")),
+                          "not found")
+    assert_one_line_error(run_cli("eval", "--model", str(tmp_path / "no.pt")), "not found")
+
+
+def test_corrupt_checkpoint(tiny_teacher, tmp_path):
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(tiny_teacher.read_bytes()[:5000])  # a download cut short
+    assert_one_line_error(run_cli("eval", "--model", str(bad)), "cut.pt", "corrupt")
+
+
+def test_pickle_that_is_not_weights(tmp_path):
+    import argparse
+
+    path = tmp_path / "args.pt"
+    torch.save(argparse.Namespace(lr=0.1), path)
+    assert_one_line_error(run_cli("eval", "--model", "resnet20", "--checkpoint", str(path)), "weights-only")
+
+
+def test_unknown_model_and_dataset():
+    assert_one_line_error(run_cli("eval", "--model", "resnet21"), "unknown model 'resnet21'", "resnet20")
+    assert_one_line_error(run_cli("eval", "--model", "resnet20", "--dataset", "svhn"), "svhn")
+    assert_one_line_error(run_cli("teacher", "train", "--model", "vgg", "--out", "x.pt"), "vgg")
+
+
+def test_empty_and_wrong_data_dir(tmp_path, tiny_teacher):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_cli("eval", "--model", str(tiny_teacher), "--data-dir", str(empty)), "missing")
+    assert_one_line_error(run_cli("eval", "--model", str(tiny_teacher), "--data-dir", str(tmp_path / "nope")),
+                          "not found")
+    assert_one_line_error(run_cli("eval", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", str(empty)),
+                          "missing CIFAR batch")
+    assert_one_line_error(run_cli("eval", "--model", "resnet20", "--dataset", "imagefolder", "--data-dir",
+                                  str(empty)), "no images")
+
+
+def test_channel_mismatch(tiny_teacher, cifar10_dir):
+    proc = run_cli("eval", "--model", str(tiny_teacher), "--dataset", "cifar10", "--data-dir", str(cifar10_dir))
+    assert_one_line_error(proc, "1-channel", "3")
+
+
+def test_teacher_train_bad_data_leaves_nothing(tmp_path):
+    out = tmp_path / "t.pt"
+    proc = run_cli("teacher", "train", "--data-dir", str(tmp_path / "nope"), "--out", str(out))
+    assert_one_line_error(proc, "not found")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_teacher_resume_after_kill(fmnist_dir, tmp_path):
+    args = ["teacher", "train", "--data-dir", str(fmnist_dir), "--epochs", "8", "--batch-size", "32", "--lr",
+            "0.05", "--eval-limit", "8"]
+    killed, full = tmp_path / "killed.pt", tmp_path / "full.pt"
+    resume_file = killed.with_name(killed.name + ".resume")
+    proc = subprocess.Popen([sys.executable, "-m", "zsq", *args, "--out", str(killed)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not resume_file.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert resume_file.exists() and not killed.exists(), "the run finished before it could be killed"
+    resumed = run_cli(*args, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert run_cli(*args, "--out", str(full)).returncode == 0
+    a, b = torch.load(killed, weights_only=True), torch.load(full, weights_only=True)
+    for k, v in b["state_dict"].items():
+        torch.testing.assert_close(a["state_dict"][k], v, msg=k)
+    assert len(a["metrics"]["history"]) == 8 and not resume_file.exists()

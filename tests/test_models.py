@@ -1,0 +1,195 @@
+"""Architectures and `load_model` across zsq's format, bare state_dicts and third-party layouts."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsq.data import DatasetInfo
+from zsq.errors import UserError
+from zsq.models import create_model, list_models, load_model, save_checkpoint
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_builds_and_runs(name):
+    m = create_model(name, num_classes=7, in_channels=1).eval()
+    size = 64 if name == "resnet18" else 32
+    assert m(torch.randn(2, 1, size, size)).shape == (2, 7)
+
+
+def test_resnet20_parameter_count():
+    # the standard ResNet-20 (projection shortcuts, 10 classes, RGB) has 0.27M parameters
+    n = sum(p.numel() for p in create_model("resnet20").parameters())
+    assert 269_000 < n < 275_000
+
+
+# ------------------------------------------------------------------------------ option A (written independently)
+
+class OptionABlock(nn.Module):
+    """The widely used CIFAR ResNet of 'option A': identity shortcut, zero-padded on downsampling."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = cout // 4 if (stride != 1 or cin != cout) else None
+        self.shortcut = nn.Sequential()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        sc = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + sc)
+
+
+class OptionAResNet(nn.Module):
+    def __init__(self, n=3, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin, layers = 16, []
+        for i, w in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                blocks.append(OptionABlock(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(F.avg_pool2d(out, out.size()[3]).flatten(1))
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    """Trained-looking BN statistics, so that a wrong mapping cannot hide behind identity BNs."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.weight.data = torch.rand(c, generator=g) + 0.5
+            m.bias.data = torch.randn(c, generator=g) * 0.1
+            m.running_mean = torch.randn(c, generator=g) * 0.1
+            m.running_var = torch.rand(c, generator=g) + 0.5
+
+
+def test_option_a_dataparallel_checkpoint_matches_reference(tmp_path):
+    torch.manual_seed(0)
+    ref = OptionAResNet().eval()
+    _randomise_bn(ref)
+    wrapped = nn.DataParallel(ref)  # keys get the 'module.' prefix, as in checkpoints saved from DataParallel
+    path = tmp_path / "resnet20_optionA.th"
+    torch.save({"epoch": 200, "best_prec1": 91.7, "state_dict": wrapped.state_dict()}, path)
+    model = load_model("resnet20", checkpoint=path)
+    assert model.cfg.shortcut == "A"
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ pytorchcv layout
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin, cout, k, stride, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = act
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return F.relu(x) if self.act else x
+
+
+class CvUnit(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(OrderedDict(conv1=ConvBlock(cin, cout, 3, stride), conv2=ConvBlock(cout, cout, 3, 1, False)))
+        self.resize = cin != cout or stride != 1
+        if self.resize:
+            self.identity_conv = ConvBlock(cin, cout, 1, stride, act=False)
+
+    def forward(self, x):
+        idt = self.identity_conv(x) if self.resize else x
+        return F.relu(self.body(x) + idt)
+
+
+class PytorchcvResNet20(nn.Module):
+    """pytorchcv's resnet20_cifar10 module structure (the GDFQ lineage's teacher)."""
+
+    def __init__(self, num_classes=100):
+        super().__init__()
+        self.features = nn.Sequential()
+        self.features.add_module("init_block", nn.Sequential(OrderedDict(conv=ConvBlock(3, 16, 3, 1))))
+        cin = 16
+        for i, w in enumerate((16, 32, 64)):
+            stage = nn.Sequential()
+            for j in range(3):
+                stage.add_module(f"unit{j + 1}", CvUnit(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w
+            self.features.add_module(f"stage{i + 1}", stage)
+        self.features.add_module("final_pool", nn.AvgPool2d(8))
+        self.output = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.output(self.features(x).flatten(1))
+
+
+def test_pytorchcv_layout_matches_reference(tmp_path):
+    torch.manual_seed(0)
+    ref = PytorchcvResNet20().eval()
+    _randomise_bn(ref)
+    path = tmp_path / "resnet20_cifar100.pth"
+    torch.save(ref.state_dict(), path)
+    model = load_model(path)  # architecture read from the keys alone
+    assert model.cfg.shortcut == "B" and model.cfg.num_classes == 100
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_zsq_checkpoint_roundtrip_and_bare_state_dict(tmp_path):
+    torch.manual_seed(0)
+    m = create_model("resnet32", num_classes=5, in_channels=1).eval()
+    info = DatasetInfo("fashion-mnist", 5, 1, 32, (0.2,), (0.3,), ["a", "b", "c", "d", "e"])
+    save_checkpoint(m, "resnet32", tmp_path / "m.pt", info, {"top1": 50.0})
+    loaded = load_model(tmp_path / "m.pt")
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(loaded(x), m(x))
+    assert loaded.zsq_dataset.classes[0] == "a" and loaded.zsq_metrics["top1"] == 50.0
+    torch.save(m.state_dict(), tmp_path / "bare.pt")
+    assert torch.equal(load_model("resnet32", checkpoint=tmp_path / "bare.pt")(x), m(x))
+    with pytest.raises(UserError, match="holds a resnet32"):
+        load_model("resnet20", checkpoint=tmp_path / "bare.pt")
+
+
+def test_mismatched_layout_lists_keys(tmp_path):
+    state = create_model("resnet20").state_dict()
+    state.pop("layer1.0.bn1.weight")
+    state["layer1.0.extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(UserError) as e:
+        load_model("resnet20", checkpoint=tmp_path / "bad.pt")
+    assert "missing: layer1.0.bn1.weight" in str(e.value) and "unexpected: layer1.0.extra.weight" in str(e.value)
+
+
+def test_not_weights_and_corrupt_files(tmp_path):
+    import argparse
+
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "obj.pt")  # a pickle that is not weights
+    with pytest.raises(UserError, match="not a weights-only checkpoint"):
+        load_model("resnet20", checkpoint=tmp_path / "obj.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match="corrupt|weights-only"):
+        load_model("resnet20", checkpoint=tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_model("resnet20", checkpoint=tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="unknown model 'resnet99'"):
+        load_model("resnet99")
