@@ -67,7 +67,7 @@ def cifar10_dir(tmp_path) -> Path:
 def imagefolder_dir(tmp_path) -> Path:
     rng = np.random.default_rng(1)
     for split in ("train", "val"):
-        for c, name in enumerate(("cat", "dog", "fox")):
+        for name in ("cat", "dog", "fox"):
             d = tmp_path / split / name
             d.mkdir(parents=True)
             for i in range(2):
@@ -79,3 +79,14 @@ def imagefolder_dir(tmp_path) -> Path:
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zsq", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(fmnist_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "t.pt"
+    proc = run_cli("teacher", "train", "--model", "resnet20", "--data-dir", str(fmnist_dir), "--epochs", "2",
+                   "--batch-size", "32", "--lr", "0.05", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "saved" in proc.stdout and out.is_file()
+    assert not out.with_name(out.name + ".resume").exists()
+    return out

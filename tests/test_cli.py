@@ -26,17 +26,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
         assert n in lines[0], lines[0]
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher(fmnist_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher") / "t.pt"
-    proc = run_cli("teacher", "train", "--model", "resnet20", "--data-dir", str(fmnist_dir), "--epochs", "2",
-                   "--batch-size", "32", "--lr", "0.05", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert "saved" in proc.stdout and out.is_file()
-    assert not out.with_name(out.name + ".resume").exists()
-    return out
-
-
 def test_help_everywhere():
     for args in ([], ["teacher"], ["teacher", "train"], ["eval"]):
         proc = run_cli(*args, "--help")

@@ -159,7 +159,7 @@ def test_zsq_checkpoint_roundtrip_and_bare_state_dict(tmp_path):
     torch.manual_seed(0)
     m = create_model("resnet32", num_classes=5, in_channels=1).eval()
     info = DatasetInfo("fashion-mnist", 5, 1, 32, (0.2,), (0.3,), ["a", "b", "c", "d", "e"])
-    save_checkpoint(m, "resnet32", tmp_path / "m.pt", info, {"top1": 50.0})
+    save_checkpoint(m, tmp_path / "m.pt", info, {"top1": 50.0})
     loaded = load_model(tmp_path / "m.pt")
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(loaded(x), m(x))

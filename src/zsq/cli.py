@@ -5,16 +5,22 @@ A `UserError` (bad input the user can fix) prints one line and exits with code 2
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import dataclasses
 from dataclasses import fields
-from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
 from .data import list_datasets
 from .errors import UserError
+from .evaluate import run_eval
+from .io import save_json
 from .models import list_models, shipped_models
+from .distill import LOSSES, list_methods
+from .presets import PRESETS
+from .synth import SOURCES, list_sources
+from .teacher import TeacherConfig, train_teacher
+from .train import TrainConfig, quantize_run, resolve_config
 
 
 def _bits(text: str) -> int:
@@ -45,8 +51,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_teacher_train(args: argparse.Namespace) -> int:
-    from .teacher import TeacherConfig, train_teacher
-
     names = {f.name for f in fields(TeacherConfig)}
     cfg = TeacherConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     metrics = train_teacher(cfg)
@@ -56,19 +60,89 @@ def _cmd_teacher_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
-
     result = run_eval(model=args.model, checkpoint=args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                       wbits=args.wbits, abits=args.abits, first_last=args.first_last, batch_size=args.batch_size,
                       limit=args.eval_limit, device=args.device, calib_batches=args.calib_batches, seed=args.seed)
-    label = "FP" if result["quant"] is None else (
-        f"W{result['quant']['wbits']}A{result['quant']['abits']} fake-quant, ranges from Gaussian noise, no training")
+    q = result["quant"]
+    label = "FP" if q is None else f"W{q['wbits']}A{q['abits']} fake-quant, {q['calibration']}"
     print(f"{result['model']} on {result['dataset']} ({result['n']} images, {label}): "
           f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}")
     if args.json:
-        from .io import save_json
-
         save_json(result, args.json)
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got '{text}'") from None
+    return a, b
+
+
+QUANTIZE_HELP = {
+    "teacher": "shipped teacher, architecture (with --checkpoint) or checkpoint path",
+    "generator": "data source", "method": "transfer loss", "preset": "recipe: paper budget or quick CPU budget",
+    "wbits": "weight bits (2..8; 32 = FP)", "abits": "activation bits (2..8; 32 = FP)",
+    "epochs": "epochs (default: preset)", "iters_per_epoch": "iterations per epoch (default: preset)",
+    "warmup_epochs": "generator-only epochs that calibrate activation ranges (default: preset)",
+    "batch_size": "synthetic batch size (default: preset)", "lr_q": "Q-model SGD learning rate (default: preset)",
+    "lr_g": "generator Adam learning rate (default: preset)", "milestones": "epochs where both LRs decay, e.g. 100,200",
+    "dataset": "evaluation dataset (default: the teacher's)", "data_dir": "dataset folder",
+    "eval_every": "evaluate on the test set every N epochs (0: only at the end)",
+    "eval_limit": "evaluate on the first N test images only", "ckpt_every": "iterations between resume checkpoints",
+    "deterministic": "deterministic algorithms (a resumed run then ends identical to an uninterrupted one)",
+    "precision": "fp32 or bf16 autocast", "device": "auto, cpu or cuda[:N]", "out": "run directory",
+}
+QUANTIZE_TYPES: dict[str, Callable] = {"wbits": _bits, "abits": _bits, "milestones": _int_list, "g_betas": _float_pair,
+                                       "epochs": _positive, "iters_per_epoch": _positive, "batch_size": _positive}
+
+
+def _field_type(f: dataclasses.Field) -> Callable:
+    t = str(f.type)
+    return QUANTIZE_TYPES.get(f.name) or (int if t.startswith("int") else float if t.startswith("float") else str)
+
+
+def _add_quantize(sub) -> None:
+    q = sub.add_parser("quantize", help="train a low-bit model from a teacher, with no real data",
+                       description="Every recipe field defaults to the preset; plug-in options apply to the chosen "
+                                   "generator or method.")
+    choices = {"generator": list_sources(), "method": list_methods(), "preset": list(PRESETS),
+               "first_last": ["same", "8bit"], "ste": ["identity", "clipped"], "precision": ["fp32", "bf16"]}
+    for f in fields(TrainConfig):
+        if f.name == "options":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.name in ("teacher", "generator", "method", "preset", "wbits", "abits") else None
+        if str(f.type) == "bool":
+            q.add_argument(flag, action="store_true", default=None, help=QUANTIZE_HELP.get(f.name))
+        else:
+            q.add_argument(flag, type=_field_type(f), default=default, choices=choices.get(f.name),
+                           help=QUANTIZE_HELP.get(f.name, f"(default: preset or {f.default!r})"))
+    plugin = q.add_argument_group("plug-in options")
+    options = {**SOURCES.all_options(), **LOSSES.all_options()}
+    for name, f in sorted(options.items()):
+        plugin.add_argument("--" + name.replace("_", "-"), type=_field_type(f), default=None,
+                            help=f.metadata.get("help", ""))
+    q.add_argument("--resume", action="store_true", help="continue the run in --out after a kill")
+    q.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+    q.set_defaults(func=_cmd_quantize, plugin_options=sorted(options))
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "plugin_options", "resume", "quiet")}
+    cfg = resolve_config(values.pop("preset"), values.pop("generator"), values.pop("method"), **values)
+    result = quantize_run(cfg, resume=args.resume, quiet=args.quiet)
+    s = result.summary
+    print(f"{cfg.out}: W{s['wbits']}A{s['abits']} {s['generator']}+{s['method']} ({s['preset']}): "
+          f"q_top1 {s['q_top1']:.2f} (FP {s['fp_top1']:.2f}) in {s['wall_s'] / 60:.1f} min")
     return 0
 
 
@@ -120,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", help="write the result as JSON here")
     e.set_defaults(func=_cmd_eval)
+    _add_quantize(sub)
     return p
 
 

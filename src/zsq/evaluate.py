@@ -58,7 +58,14 @@ def run_eval(model: str, checkpoint: str | None = None, dataset: str | None = No
         raise UserError(f"model expects {expected}-channel images but {ds.info.name} has {ds.info.in_channels}")
     quant = None
     net = net.to(device)
-    if wbits != 32 or abits != 32:
+    trained = getattr(net, "zsq_quant", None)
+    if trained is not None:
+        if wbits != 32 or abits != 32:
+            raise UserError(f"{model} is already a W{trained['wbits']}A{trained['abits']} quantized model: "
+                            f"drop --wbits/--abits")
+        quant = {"wbits": trained["wbits"], "abits": trained["abits"], "first_last": trained["first_last"],
+                 "calibration": "trained student (ranges frozen in the checkpoint)"}
+    elif wbits != 32 or abits != 32:
         qcfg = QuantConfig(wbits=wbits, abits=abits, first_last=first_last)
         net = quantize_model(net, cfg=qcfg)
         shape = (ds.info.in_channels, ds.info.image_size, ds.info.image_size)

@@ -1,12 +1,14 @@
-"""Name → factory registries for every plug-in family (models, datasets, later generators and losses).
+"""Name → factory registries for every plug-in family (models, datasets, data sources, transfer losses).
 
 Registration happens by importing the module that defines the plug-in; `zsq/__init__.py` imports them all,
-so the CLI sees every name before it builds its `choices`.
+so the CLI sees every name before it builds its `choices`. A plug-in may declare a dataclass of options; the
+CLI turns each field into a `--flag` (underscores become dashes) and the run's config.json records them.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from .errors import UserError
 
@@ -17,13 +19,15 @@ class Registry(Generic[F]):
     def __init__(self, family: str) -> None:
         self.family = family
         self._entries: dict[str, F] = {}
+        self._options: dict[str, type | None] = {}
 
-    def register(self, name: str | None = None) -> Callable[[F], F]:
+    def register(self, name: str | None = None, options: type | None = None) -> Callable[[F], F]:
         def deco(fn: F) -> F:
             key = name or fn.__name__
             if key in self._entries:
                 raise ValueError(f"{self.family} '{key}' is registered twice")
             self._entries[key] = fn
+            self._options[key] = options
             return fn
 
         return deco
@@ -41,3 +45,24 @@ class Registry(Generic[F]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    def options_class(self, name: str) -> type | None:
+        self.get(name)
+        return self._options[name]
+
+    def build_options(self, name: str, values: dict[str, Any]) -> Any:
+        """The plug-in's options dataclass filled from `values` (keys it does not have are ignored)."""
+        cls = self.options_class(name)
+        if cls is None:
+            return None
+        own = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in own and v is not None})
+
+    def all_options(self) -> dict[str, dataclasses.Field]:
+        """Every option field of every plug-in, by name. Plug-ins that share a field name share its meaning
+        (their defaults may differ: each plug-in keeps its own unless the user sets the option)."""
+        out: dict[str, dataclasses.Field] = {}
+        for cls in self._options.values():
+            for f in dataclasses.fields(cls) if cls else ():
+                out.setdefault(f.name, f)
+        return out

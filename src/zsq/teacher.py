@@ -121,6 +121,6 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     wall = time.time() - t0
     metrics = {**final, "wall_seconds": wall, "history": history, "config": asdict(cfg),
                "torch": str(torch.__version__), "device": device}
-    save_checkpoint(model.cpu().to(memory_format=torch.contiguous_format), cfg.model, out, info, metrics)
+    save_checkpoint(model.cpu().to(memory_format=torch.contiguous_format), out, info, metrics)
     state_path.unlink(missing_ok=True)
     return metrics

@@ -18,6 +18,7 @@ from torch import nn
 from ..data import DatasetInfo
 from ..errors import UserError
 from ..io import save_torch
+from ..quant import QuantConfig, quantize_model
 from .layouts import match_layout
 from .registry import MODELS, create_model
 
@@ -30,13 +31,20 @@ def shipped_models() -> list[str]:
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
 
 
-def save_checkpoint(model: nn.Module, arch: str, path: str | Path, info: DatasetInfo | None = None,
-                    metrics: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(model: nn.Module, path: str | Path, info: DatasetInfo | None = None,
+                    metrics: dict[str, Any] | None = None, quant: dict[str, Any] | None = None) -> Path:
+    """Save a registered architecture (FP, or fake-quantized with its `quant` config) in zsq's format.
+
+    A model that is not a registered architecture (any user `nn.Module`) is saved with `arch=None`: its
+    state_dict is all there is, and the user rebuilds the module to load it.
+    """
+    arch = getattr(model, "zsq_arch", None)
     ckpt = {
         "zsq": "model",
         "version": FORMAT_VERSION,
         "arch": arch,
-        "model_args": model.model_args(),
+        "model_args": model.model_args() if arch is not None else None,
+        "quant": quant,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "dataset": asdict(info) if info is not None else None,
         "metrics": metrics or {},
@@ -87,7 +95,8 @@ def load_model(name_or_path: str | Path, checkpoint: str | Path | None = None, n
         checkpoint, name = WEIGHTS_DIR / f"{name}.pt", None
     elif checkpoint is None and name not in MODELS:
         if not Path(name).exists() and not name.endswith((".pt", ".pth", ".pth.tar", ".ckpt", ".bin")):
-            MODELS.get(name)  # raises: unknown model, with the list of known ones
+            raise UserError(f"unknown model '{name}': not a shipped teacher ({', '.join(shipped_models())}), "
+                            f"an architecture ({', '.join(MODELS.names())}) or an existing checkpoint file")
         checkpoint, name = name, None
     if checkpoint is None:
         model = create_model(name, num_classes=num_classes, in_channels=in_channels)
@@ -95,9 +104,14 @@ def load_model(name_or_path: str | Path, checkpoint: str | Path | None = None, n
     path = Path(checkpoint)
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and obj.get("zsq") == "model":
+        if obj["arch"] is None:
+            raise UserError(f"{path} holds the state_dict of a custom (unregistered) model: build the module, "
+                            f"quantize it with zsq.quant.quantize_model if needed, and load_state_dict")
         if name is not None and name != obj["arch"]:
             raise UserError(f"{path} holds a {obj['arch']}, not a {name}")
         model = create_model(obj["arch"], **obj["model_args"])
+        if obj.get("quant"):
+            model = quantize_model(model, cfg=QuantConfig(**obj["quant"]))
         _load_strict(model, obj["state_dict"], path)
         if obj.get("dataset"):
             model.zsq_dataset = DatasetInfo(**obj["dataset"])

@@ -21,4 +21,6 @@ def list_models(pattern: str = "*") -> list[str]:
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered architecture. Arguments that are None are dropped, so CLI flags left unset never
     override an architecture's own defaults."""
-    return MODELS.get(name)(**{k: v for k, v in kwargs.items() if v is not None})
+    model = MODELS.get(name)(**{k: v for k, v in kwargs.items() if v is not None})
+    model.zsq_arch = name  # lets checkpoints (and quantized copies, which deep-copy it) name their architecture
+    return model

@@ -85,7 +85,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(w0)
         self.relu = nn.ReLU(inplace=True)
         cin = w0
-        for i, (n, w) in enumerate(zip(cfg.blocks, cfg.widths)):
+        for i, (n, w) in enumerate(zip(cfg.blocks, cfg.widths, strict=True)):
             units = [BasicBlock(cin if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1, cfg.shortcut) for j in range(n)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*units))
             cin = w

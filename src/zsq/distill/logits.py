@@ -1,0 +1,86 @@
+"""Logit-based transfer losses: `kd`, `gdfq` (KD + CE on the sampled labels), `adadfq` (entropy of the gap)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .base import LOSSES, TransferInputs, TransferLoss
+
+
+@dataclass
+class KDOptions:
+    kd_temperature: float = field(default=20.0, metadata={"help": "softmax temperature T of the logit transfer"})
+    kd_reduction: str = field(default="batchmean", metadata={
+        "help": "batchmean: T²·KL per sample; elementwise: T²·KL/C, the GDFQ code's nn.KLDivLoss() default"})
+
+    def __post_init__(self) -> None:
+        if self.kd_temperature <= 0:
+            raise UserError(f"kd temperature must be > 0, got {self.kd_temperature}")
+        if self.kd_reduction not in ("batchmean", "elementwise"):
+            raise UserError(f"kd reduction must be batchmean or elementwise, got '{self.kd_reduction}'")
+
+
+@dataclass
+class GDFQLossOptions(KDOptions):
+    ce_weight: float = field(default=1.0, metadata={"help": "weight of CE(Q(x), sampled labels) in the gdfq loss"})
+
+
+def kd_loss(t_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float,
+            reduction: str = "batchmean") -> torch.Tensor:
+    """T² · KL(softmax(z_t/T) ‖ softmax(z_q/T)); 'elementwise' divides by the class count, as the lineage's
+    `nn.KLDivLoss()` with its old default reduction did."""
+    T = temperature
+    kl = F.kl_div(F.log_softmax(q_logits.float() / T, 1), F.log_softmax(t_logits.float() / T, 1),
+                  reduction="batchmean", log_target=True)
+    if reduction == "elementwise":
+        kl = kl / t_logits.shape[1]
+    return T * T * kl
+
+
+class KD(TransferLoss):
+    def __init__(self, opts: KDOptions) -> None:
+        super().__init__()
+        self.opts = opts
+
+    def forward(self, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        kd = kd_loss(inp.t_logits, inp.q_logits, self.opts.kd_temperature, self.opts.kd_reduction)
+        return kd, {"kd": kd}
+
+
+class GDFQLoss(KD):
+    def forward(self, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        kd, terms = super().forward(inp)
+        ce = F.cross_entropy(inp.q_logits.float(), inp.labels)
+        return kd + self.opts.ce_weight * ce, {**terms, "ce": ce}
+
+
+class AdaDFQLoss(TransferLoss):
+    """−T² · mean H(softmax((z_t − z_q)/T)): maximal (−T² log C) when z_q = z_t + a constant."""
+
+    def __init__(self, opts: KDOptions) -> None:
+        super().__init__()
+        self.opts = opts
+
+    def forward(self, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        T = self.opts.kd_temperature
+        logp = F.log_softmax((inp.t_logits.float() - inp.q_logits.float()) / T, 1)
+        h = -(logp.exp() * logp).sum(1).mean()
+        return -T * T * h, {"gap_entropy": h}
+
+
+@LOSSES.register("kd", options=KDOptions)
+def kd(opts: KDOptions) -> KD:
+    return KD(opts)
+
+
+@LOSSES.register("gdfq", options=GDFQLossOptions)
+def gdfq(opts: GDFQLossOptions) -> GDFQLoss:
+    return GDFQLoss(opts)
+
+
+@LOSSES.register("adadfq", options=KDOptions)
+def adadfq(opts: KDOptions) -> AdaDFQLoss:
+    return AdaDFQLoss(opts)

@@ -1,0 +1,8 @@
+"""Synthetic data sources (a registry): online generators now, offline cached sets plug in the same way."""
+from . import adadfq, gdfq  # noqa: F401  (registers the sources)
+from .base import SOURCES, DataSource, SourceContext, create_source, list_sources
+from .bns import BNStatistics
+from .generator import ConditionalGenerator
+
+__all__ = ["SOURCES", "BNStatistics", "ConditionalGenerator", "DataSource", "SourceContext", "create_source",
+           "list_sources"]

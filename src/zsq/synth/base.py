@@ -1,0 +1,51 @@
+"""Data sources: where the Q model's training images come from.
+
+An *online* source (GDFQ, AdaDFQ) is a generator trained alongside the Q model: the loop calls `sample`, runs
+the teacher, then `generator_loss` and steps the generator. An *offline* source (HAST, ZeroQ-style sets) is built
+once and cached; its `sample` draws from the stored images and `online` is False, so the loop skips the
+generator step. Every source returns images in the teacher's normalised input space, with labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+
+@dataclass
+class SourceContext:
+    """What a source may know about the task: the frozen teacher and the shape of its inputs."""
+
+    teacher: nn.Module
+    num_classes: int
+    in_channels: int
+    image_size: int
+    device: str
+
+
+class DataSource(nn.Module):
+    online: bool = True
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def generator_loss(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
+                       qmodel: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The generator's loss on its own batch (online sources only), after the teacher forward on `x`."""
+        raise NotImplementedError
+
+
+SOURCES: Registry[Callable[[SourceContext, object], DataSource]] = Registry("data source")
+
+
+def list_sources() -> list[str]:
+    return SOURCES.names()
+
+
+def create_source(name: str, ctx: SourceContext, options: dict | None = None) -> DataSource:
+    factory = SOURCES.get(name)
+    return factory(ctx, SOURCES.build_options(name, options or {})).to(ctx.device)

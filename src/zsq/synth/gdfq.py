@@ -1,0 +1,43 @@
+"""GDFQ's generator (Xu et al., 2020): fool-the-teacher CE on sampled labels + BN-statistics matching."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import SOURCES, DataSource, SourceContext
+from .bns import BNStatistics
+from .generator import ConditionalGenerator
+
+
+@dataclass
+class GDFQOptions:
+    bns_weight: float = field(default=0.1, metadata={"help": "weight of the BN-statistics loss (GDFQ 0.1, AdaDFQ γ = 1)"})
+    latent_dim: int = field(default=100, metadata={"help": "generator latent size"})
+
+
+class GDFQSource(DataSource):
+    """L_G = CE(T(G(z, y)), y) + bns_weight · BNS."""
+
+    def __init__(self, ctx: SourceContext, opts: GDFQOptions) -> None:
+        super().__init__()
+        self.opts = opts
+        self.generator = ConditionalGenerator(ctx.num_classes, ctx.in_channels, ctx.image_size, opts.latent_dim)
+        self.bns = BNStatistics(ctx.teacher)
+        self.device = ctx.device
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.generator.sample(batch_size, rng, self.device)
+
+    def generator_loss(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
+                       qmodel: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce = F.cross_entropy(t_logits.float(), y)
+        bns = self.bns.loss()
+        return ce + self.opts.bns_weight * bns, {"g_ce": ce, "g_bns": bns}
+
+
+@SOURCES.register("gdfq", options=GDFQOptions)
+def gdfq(ctx: SourceContext, opts: GDFQOptions) -> GDFQSource:
+    return GDFQSource(ctx, opts)

@@ -1,0 +1,58 @@
+"""The label-conditional generator of GDFQ/AdaDFQ (spec gdfq_adadfq.md §1), sized from the teacher's input."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+
+def upsample_stages(image_size: int) -> int:
+    """×2 stages after the 4×-smaller seed: 2 for 32×32 (as in the papers); larger inputs (224 → 7×7 seed) get
+    more, so the seed stays near 8×8 instead of a 56×56 linear layer."""
+    if image_size % 4:
+        raise UserError(f"the generator needs an image size divisible by 4, got {image_size}")
+    n = 2
+    while image_size // 2**n > 8 and image_size % 2 ** (n + 1) == 0:
+        n += 1
+    return n
+
+
+class ConditionalGenerator(nn.Module):
+    """z ⊙ embed(y) → Linear → 128×s×s → BN → [up → conv → BN(eps 0.8) → LeakyReLU]×n → conv → tanh → BN(affine=False).
+
+    The eps 0.8 BatchNorms are the lineage's (PyTorch-GAN's) quirk, kept because they shape the published
+    results; the final non-affine BN standardises each channel, which is what the teacher's normalised input
+    expects. The generator always runs in train mode (batch statistics).
+    """
+
+    def __init__(self, num_classes: int, out_channels: int, image_size: int, latent_dim: int = 100,
+                 width: int = 128) -> None:
+        super().__init__()
+        self.num_classes, self.latent_dim = num_classes, latent_dim
+        n = upsample_stages(image_size)
+        self.init_size = image_size // 2**n
+        self.embed = nn.Embedding(num_classes, latent_dim)
+        self.fc = nn.Linear(latent_dim, width * self.init_size**2)
+        self.bn0 = nn.BatchNorm2d(width)
+        widths = [width] * (n - 1) + [width // 2]
+        blocks, cin = [], width
+        for w in widths:
+            blocks.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cin, w, 3, 1, 1),
+                                        nn.BatchNorm2d(w, eps=0.8), nn.LeakyReLU(0.2)))
+            cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Sequential(nn.Conv2d(cin, out_channels, 3, 1, 1), nn.Tanh(),
+                                 nn.BatchNorm2d(out_channels, affine=False))
+        self.width = width
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z * self.embed(y)).view(len(z), self.width, self.init_size, self.init_size)
+        return self.out(self.blocks(self.bn0(h)))
+
+    def sample(self, batch_size: int, generator: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and their (uniformly drawn) labels; the draws come from `generator`, so runs replay exactly."""
+        z = torch.randn(batch_size, self.latent_dim, generator=generator).to(device)
+        y = torch.randint(0, self.num_classes, (batch_size,), generator=generator).to(device)
+        return self(z, y), y

@@ -1,0 +1,383 @@
+"""The zero-shot quantization loop: any data source × any transfer loss × a recipe.
+
+Per iteration: the source draws a batch; the frozen teacher runs on it; an online source takes its generator
+step; then (after warm-up) the Q model takes one step on the detached batch. During the warm-up epochs only the
+generator trains and the Q model's activation ranges are calibrated on its images; then they are frozen. The Q
+model's BatchNorms stay in eval mode (pretrained statistics) with trainable affine parameters.
+
+A run directory holds config.json (resolved), metrics.jsonl, state.pt (resume), student.pt and result.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import DatasetInfo, load_dataset
+from .device import autocast, resolve_device
+from .distill import LOSSES, FeatureTap, TransferInputs, create_loss
+from .errors import UserError
+from .evaluate import evaluate, input_channels
+from .io import save_json, save_torch
+from .models import dataset_info, load_model, read_checkpoint, save_checkpoint
+from .presets import PRESETS, preset_values
+from .quant import QuantConfig, act_quantizers, observe_ranges, quantize_model
+from .synth import SOURCES, SourceContext, create_source
+
+
+@dataclass
+class TrainConfig:
+    teacher: str = "resnet20_fmnist"  # shipped teacher, architecture (+ checkpoint) or checkpoint path
+    checkpoint: str | None = None
+    generator: str = "gdfq"  # data source
+    method: str = "kd"  # transfer loss
+    preset: str = "quick"
+    wbits: int = 4
+    abits: int = 4
+    first_last: str = "same"
+    act_momentum: float = 0.9
+    ste: str = "identity"
+    epochs: int = 6
+    iters_per_epoch: int = 100
+    warmup_epochs: int = 1
+    batch_size: int = 64
+    lr_q: float = 1e-3
+    lr_g: float = 1e-3
+    momentum: float = 0.9  # SGD Nesterov momentum of the Q model
+    weight_decay: float = 1e-4  # on every Q-model parameter, as in the lineage
+    milestones: list[int] = field(default_factory=list)  # epochs at which both learning rates are × lr_decay
+    lr_decay: float = 0.1
+    g_betas: tuple[float, float] = (0.5, 0.999)  # Adam betas of the generator
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"  # or bf16 autocast
+    deterministic: bool = False
+    dataset: str | None = None  # evaluation data; default: the teacher's recorded dataset
+    data_dir: str | None = None
+    eval_every: int = 0  # epochs between test evaluations; 0 = only at the end
+    eval_limit: int | None = None
+    ckpt_every: int = 100  # iterations between resume checkpoints
+    log_every: int = 10  # iterations between metrics flushes (one device sync each)
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    out: str = "runs/run"  # resolve_config names it after generator, method, bits, preset and seed
+    options: dict[str, Any] = field(default_factory=dict)  # plug-in options of the generator and the method
+
+    def __post_init__(self) -> None:
+        QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last, act_momentum=self.act_momentum,
+                    ste=self.ste)  # validates the quantizer fields
+        SOURCES.get(self.generator)
+        LOSSES.get(self.method)
+        for name in ("epochs", "iters_per_epoch", "batch_size", "ckpt_every", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise UserError(f"warmup-epochs must be in [0, epochs), got {self.warmup_epochs} of {self.epochs}")
+        if self.lr_q <= 0 or self.lr_g <= 0:
+            raise UserError("learning rates must be > 0")
+        self.milestones = sorted(int(m) for m in self.milestones)
+        self.g_betas = tuple(self.g_betas)
+
+    def quant(self) -> QuantConfig:
+        return QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last,
+                           act_momentum=self.act_momentum, ste=self.ste)
+
+
+def resolve_config(preset: str = "quick", generator: str = "gdfq", method: str = "kd", **overrides: Any) -> TrainConfig:
+    """TrainConfig defaults → preset for (generator, method) → overrides; None values are ignored. Keys that are
+    not TrainConfig fields are plug-in options and must belong to the chosen generator or method."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {"preset": preset, "generator": generator, "method": method}
+    options: dict[str, Any] = {}
+    for source in (preset_values(preset, generator, method), {k: v for k, v in overrides.items() if v is not None}):
+        for k, v in source.items():
+            (values if k in own else options)[k] = v
+    values.setdefault("out", f"runs/{generator}-{method}-w{values.get('wbits', 4)}a{values.get('abits', 4)}"
+                             f"-{preset}-s{values.get('seed', 0)}")
+    values.setdefault("options", {})
+    options = {**values.pop("options"), **options}
+    allowed = _plugin_fields(generator, method)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise UserError(f"option(s) {', '.join(unknown)} do not apply to generator '{generator}' with method "
+                        f"'{method}'")
+    return TrainConfig(**values, options=options)
+
+
+def _plugin_fields(generator: str, method: str) -> set[str]:
+    names: set[str] = set()
+    for registry, name in ((SOURCES, generator), (LOSSES, method)):
+        cls = registry.options_class(name)
+        names |= {f.name for f in dataclasses.fields(cls)} if cls else set()
+    return names
+
+
+@dataclass
+class Result:
+    fp_top1: float
+    q_top1: float
+    run_dir: Path
+    qmodel: nn.Module
+    summary: dict[str, Any]
+
+
+def _lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    return cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the iteration and exits."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Stop":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+class Metrics:
+    """Per-iteration rows kept as device tensors and written to metrics.jsonl every `log_every` iterations, so
+    logging costs one sync per flush rather than one per scalar."""
+
+    def __init__(self, path: Path, keep_below: int) -> None:
+        self.path = path
+        rows = []
+        if path.exists():  # on resume, drop rows from iterations that the checkpoint does not contain
+            rows = [r for r in (json.loads(l) for l in path.read_text().splitlines() if l.strip())
+                    if r.get("iter", -1) < keep_below]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
+
+    def add(self, static: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.pending.append((static, {k: v.detach() for k, v in tensors.items()}))
+
+    def flush(self) -> dict[str, float]:
+        if not self.pending:
+            return {}
+        flat = [v.float().reshape(()) for _, t in self.pending for v in t.values()]
+        values = iter(torch.stack(flat).tolist() if flat else [])
+        rows = [{**static, **{k: next(values) for k in t}} for static, t in self.pending]
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.pending = []
+        return rows[-1]
+
+    def event(self, row: dict[str, Any]) -> None:
+        self.flush()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _teacher_and_data(cfg: TrainConfig, teacher: nn.Module | None, device: str):
+    """The frozen teacher, the evaluation set and the input geometry the generator must produce."""
+    if teacher is None:
+        teacher = load_model(cfg.teacher, checkpoint=cfg.checkpoint)
+    recorded: DatasetInfo | None = dataset_info(teacher)
+    name = cfg.dataset or (recorded.name if recorded else "fashion-mnist")
+    test_set = load_dataset(name, "test", cfg.data_dir, image_size=recorded.image_size if recorded else None)
+    if recorded is not None and recorded.name == test_set.info.name:
+        test_set.info.mean, test_set.info.std = recorded.mean, recorded.std
+    channels = input_channels(teacher)
+    if channels is not None and channels != test_set.info.in_channels:
+        raise UserError(f"teacher expects {channels}-channel images but {name} has {test_set.info.in_channels}")
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, test_set
+
+
+def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: bool = False,
+                 quiet: bool = False) -> Result:
+    """Run (or resume) one zero-shot quantization job and write its run directory."""
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    state_path = out / "state.pt"
+    state = None
+    if resume and state_path.exists():
+        state = read_checkpoint(state_path)
+        saved = json.loads((out / "config.json").read_text())
+        if {k: v for k, v in saved.items() if k != "device"} != {k: v for k, v in _jsonable(cfg).items() if k != "device"}:
+            raise UserError(f"{out} was started with another configuration; resume with the same arguments "
+                            f"or choose another --out")
+    elif (out / "result.json").exists() or state_path.exists():
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    torch.manual_seed(cfg.seed)
+    teacher, test_set = _teacher_and_data(cfg, teacher, device)
+    info = test_set.info
+    qmodel = quantize_model(teacher, cfg=cfg.quant()).to(device)
+    for p in qmodel.parameters():
+        p.requires_grad_(True)
+    qmodel.eval()  # BN uses the teacher's running statistics throughout; its affine parameters still train
+    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device)
+    source = create_source(cfg.generator, ctx, cfg.options)
+    loss_fn = create_loss(cfg.method, cfg.options).to(device)
+    layers = loss_fn.feature_layers(teacher)
+    t_tap, q_tap = FeatureTap(teacher, layers), FeatureTap(qmodel, layers)
+    q_params = [p for p in qmodel.parameters() if p.requires_grad]
+    q_opt = torch.optim.SGD(q_params, lr=cfg.lr_q, momentum=cfg.momentum, nesterov=True,
+                            weight_decay=cfg.weight_decay)
+    g_params = list(source.parameters())
+    g_opt = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=cfg.g_betas) if source.online and g_params else None
+    rng = torch.Generator().manual_seed(cfg.seed)
+    start, wall_before, bad_total = 0, 0.0, 0
+    if state is not None:
+        qmodel.load_state_dict(state["qmodel"])
+        source.load_state_dict(state["source"])
+        q_opt.load_state_dict(state["q_opt"])
+        if g_opt is not None:
+            g_opt.load_state_dict(state["g_opt"])
+        rng.set_state(state["rng"])
+        start, wall_before, bad_total = state["step"], state["wall_s"], state["bad_total"]
+        if not quiet:
+            print(f"resuming {out} at iteration {start}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(_jsonable(cfg), out / "config.json")
+    metrics = Metrics(out / "metrics.jsonl", keep_below=start)
+    total = cfg.epochs * cfg.iters_per_epoch
+    t0 = time.time()
+
+    def checkpoint(step: int) -> None:
+        metrics.flush()
+        save_torch({"step": step, "qmodel": qmodel.state_dict(), "source": source.state_dict(),
+                    "q_opt": q_opt.state_dict(), "g_opt": g_opt.state_dict() if g_opt else None,
+                    "rng": rng.get_state(), "wall_s": wall_before + time.time() - t0, "bad_total": bad_total},
+                    state_path)
+
+    bad_run = 0
+    bar = tqdm(range(start, total), total=total, initial=start, disable=quiet, desc="quantize", dynamic_ncols=True)
+    with _Stop() as stop:
+        for step in bar:
+            epoch, it = divmod(step, cfg.iters_per_epoch)
+            warm = epoch < cfg.warmup_epochs
+            if it == 0 or step == start:
+                factor = _lr_factor(cfg, epoch)
+                for g in q_opt.param_groups:
+                    g["lr"] = cfg.lr_q * factor
+                if g_opt is not None:
+                    for g in g_opt.param_groups:
+                        g["lr"] = cfg.lr_g * factor
+                observe_ranges(qmodel, warm)
+            terms = _iteration(cfg, device, source, teacher, qmodel, loss_fn, t_tap, q_tap, g_opt, q_opt, q_params,
+                               rng, warm)
+            skipped = terms.pop("_skipped", None)
+            if skipped is not None:
+                if skipped:
+                    bad_run += 1
+                    bad_total += 1
+                    if bad_run >= cfg.max_bad_steps:
+                        metrics.flush()
+                        raise UserError(f"the Q-model loss or gradient was NaN/Inf for {bad_run} iterations in a row "
+                                        f"(iteration {step}): lower --lr-q (now {cfg.lr_q}); the last good "
+                                        f"checkpoint is {state_path}")
+                else:
+                    bad_run = 0
+            metrics.add({"iter": step, "epoch": epoch, "lr_q": q_opt.param_groups[0]["lr"], "warmup": warm},
+                        {k: v for k, v in terms.items()})
+            if (step + 1) % cfg.log_every == 0:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.flush().items() if k in ("loss_q", "loss_g")})
+            done_epoch = (step + 1) % cfg.iters_per_epoch == 0
+            if warm and done_epoch and epoch + 1 == cfg.warmup_epochs:
+                observe_ranges(qmodel, False)
+            if cfg.eval_every and done_epoch and (epoch + 1) % cfg.eval_every == 0 and step + 1 < total:
+                acc = evaluate(qmodel, test_set, device=device, limit=cfg.eval_limit)
+                metrics.event({"iter": step, "epoch": epoch, "eval_q_top1": acc["top1"]})
+                qmodel.eval()
+            if (step + 1) % cfg.ckpt_every == 0 or stop.signum is not None:
+                checkpoint(step + 1)
+            if stop.signum is not None:
+                bar.close()
+                raise UserError(f"stopped by signal {stop.signum} at iteration {step + 1}; continue with --resume")
+    bar.close()
+    observe_ranges(qmodel, False)
+    metrics.flush()
+    wall = wall_before + time.time() - t0
+    fp = evaluate(teacher, test_set, device=device, limit=cfg.eval_limit)
+    q = evaluate(qmodel, test_set, device=device, limit=cfg.eval_limit)
+    save_checkpoint(qmodel.cpu(), out / "student.pt", info, {"top1": q["top1"], "top5": q["top5"]},
+                    quant=asdict(cfg.quant()))
+    qmodel.to(device)
+    summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
+               "wbits": cfg.wbits, "abits": cfg.abits, "generator": cfg.generator, "method": cfg.method,
+               "preset": cfg.preset, "iterations": total, "wall_s": wall, "seed": cfg.seed, "device": device,
+               "torch": str(torch.__version__), "skipped_steps": bad_total,
+               "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(qmodel)]}
+    save_json(summary, out / "result.json")
+    state_path.unlink(missing_ok=True)
+    t_tap.remove()
+    q_tap.remove()
+    return Result(fp["top1"], q["top1"], out, qmodel, summary)
+
+
+def _iteration(cfg: TrainConfig, device: str, source, teacher: nn.Module, qmodel: nn.Module, loss_fn,
+               t_tap: FeatureTap, q_tap: FeatureTap, g_opt, q_opt, q_params, rng: torch.Generator,
+               warm: bool) -> dict[str, Any]:
+    terms: dict[str, Any] = {}
+    with autocast(device, cfg.precision):
+        x, y = source.sample(cfg.batch_size, rng)
+        t_logits = teacher(x)
+        if g_opt is not None:
+            g_loss, g_terms = source.generator_loss(x, y, t_logits, qmodel)
+            g_opt.zero_grad(set_to_none=True)
+            g_loss.backward(inputs=list(source.parameters()))
+            g_opt.step()
+            terms.update(g_terms, loss_g=g_loss)
+        x, t_logits = x.detach(), t_logits.detach()
+        t_feats = t_tap.take(detach=True)
+        if warm:  # the Q model only calibrates its activation ranges
+            with torch.no_grad():
+                qmodel(x)
+            q_tap.take()
+            return terms
+        q_logits = qmodel(x)
+        loss, q_terms = loss_fn(TransferInputs(t_logits, q_logits, y, x, t_feats, q_tap.take()))
+    q_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in q_params if p.grad is not None])
+    skipped = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one sync: the guard must know now
+    if not skipped:
+        q_opt.step()
+    terms.update(q_terms, loss_q=loss.detach(), grad_norm=grad_norm, _skipped=skipped)
+    return terms
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def quantize(teacher: str | nn.Module = "resnet20_fmnist", wbits: int = 4, abits: int = 4, generator: str = "gdfq",
+             method: str = "kd", preset: str = "quick", resume: bool = False, quiet: bool = False,
+             **overrides: Any) -> Result:
+    """Python entry point: `zsq.quantize(teacher, wbits=4, abits=4, generator="adadfq", method="kd")`.
+
+    `teacher` is a name/path (as for `zsq.load_model`) or any `nn.Module` classifier (then pass `dataset=`).
+    """
+    module = teacher if isinstance(teacher, nn.Module) else None
+    name = "module" if module is not None else str(teacher)
+    cfg = resolve_config(preset, generator, method, teacher=name, wbits=wbits, abits=abits, **overrides)
+    return quantize_run(cfg, teacher=module, resume=resume, quiet=quiet)
