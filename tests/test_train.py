@@ -45,7 +45,7 @@ def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     assert ev.returncode == 0, ev.stderr
     assert json.loads((tmp_path / "e.json").read_text())["top1"] == pytest.approx(result["q_top1"])
     again = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), *TINY, "--out", str(out))
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
 
 
 @pytest.mark.parametrize("generator", list_sources())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -209,23 +208,50 @@ def _teacher_and_data(cfg: TrainConfig, teacher: nn.Module | None, device: str):
     return teacher, test_set
 
 
-def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: bool = False,
-                 quiet: bool = False) -> Result:
-    """Run (or resume) one zero-shot quantization job and write its run directory."""
-    device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-    state_path = out / "state.pt"
-    state = None
-    if resume and state_path.exists():
-        state = read_checkpoint(state_path)
-        saved = json.loads((out / "config.json").read_text())
-        if {k: v for k, v in saved.items() if k != "device"} != {k: v for k, v in _jsonable(cfg).items() if k != "device"}:
-            raise UserError(f"{out} was started with another configuration; resume with the same arguments "
-                            f"or choose another --out")
-    elif (out / "result.json").exists() or state_path.exists():
-        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+@dataclass
+class Job:
+    """Everything one run trains or reads; `state_dict` is what a resume checkpoint holds."""
+
+    cfg: TrainConfig
+    device: str
+    out: Path
+    teacher: nn.Module
+    qmodel: nn.Module
+    test_set: Any
+    source: Any
+    loss_fn: Any
+    t_tap: FeatureTap
+    q_tap: FeatureTap
+    q_params: list[torch.Tensor]
+    q_opt: torch.optim.Optimizer
+    g_opt: torch.optim.Optimizer | None
+    rng: torch.Generator
+    step: int = 0
+    wall_s: float = 0.0
+    bad_total: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "qmodel": self.qmodel.state_dict(), "source": self.source.state_dict(),
+                "q_opt": self.q_opt.state_dict(), "g_opt": self.g_opt.state_dict() if self.g_opt else None,
+                "rng": self.rng.get_state(), "wall_s": self.wall_s, "bad_total": self.bad_total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.qmodel.load_state_dict(state["qmodel"])
+        self.source.load_state_dict(state["source"])
+        self.q_opt.load_state_dict(state["q_opt"])
+        if self.g_opt is not None:
+            self.g_opt.load_state_dict(state["g_opt"])
+        self.rng.set_state(state["rng"])
+        self.step, self.wall_s, self.bad_total = state["step"], state["wall_s"], state["bad_total"]
+
+    def close(self) -> None:
+        """Remove every hook this run put on the teacher and the Q model (the teacher may be the user's)."""
+        self.t_tap.remove()
+        self.q_tap.remove()
+        self.source.close()
+
+
+def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str) -> Job:
     torch.manual_seed(cfg.seed)
     teacher, test_set = _teacher_and_data(cfg, teacher, device)
     info = test_set.info
@@ -233,105 +259,134 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
     for p in qmodel.parameters():
         p.requires_grad_(True)
     qmodel.eval()  # BN uses the teacher's running statistics throughout; its affine parameters still train
-    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device)
-    source = create_source(cfg.generator, ctx, cfg.options)
+    source = create_source(cfg.generator, SourceContext(teacher, info.num_classes, info.in_channels, info.image_size,
+                                                        device), cfg.options)
     loss_fn = create_loss(cfg.method, cfg.options).to(device)
     layers = loss_fn.feature_layers(teacher)
-    t_tap, q_tap = FeatureTap(teacher, layers), FeatureTap(qmodel, layers)
-    q_params = [p for p in qmodel.parameters() if p.requires_grad]
+    q_params = list(qmodel.parameters())
     q_opt = torch.optim.SGD(q_params, lr=cfg.lr_q, momentum=cfg.momentum, nesterov=True,
                             weight_decay=cfg.weight_decay)
     g_params = list(source.parameters())
     g_opt = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=cfg.g_betas) if source.online and g_params else None
-    rng = torch.Generator().manual_seed(cfg.seed)
-    start, wall_before, bad_total = 0, 0.0, 0
-    if state is not None:
-        qmodel.load_state_dict(state["qmodel"])
-        source.load_state_dict(state["source"])
-        q_opt.load_state_dict(state["q_opt"])
-        if g_opt is not None:
-            g_opt.load_state_dict(state["g_opt"])
-        rng.set_state(state["rng"])
-        start, wall_before, bad_total = state["step"], state["wall_s"], state["bad_total"]
-        if not quiet:
-            print(f"resuming {out} at iteration {start}")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(_jsonable(cfg), out / "config.json")
-    metrics = Metrics(out / "metrics.jsonl", keep_below=start)
+    return Job(cfg, device, Path(cfg.out), teacher, qmodel, test_set, source, loss_fn, FeatureTap(teacher, layers),
+               FeatureTap(qmodel, layers), q_params, q_opt, g_opt, torch.Generator().manual_seed(cfg.seed))
+
+
+def _open_run(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """The resume state of the run in cfg.out, or None for a fresh run; refuses to overwrite a run."""
+    out = Path(cfg.out)
+    if (out / "result.json").exists():
+        raise UserError(f"{out} already holds a finished run (result.json): choose another --out")
+    if not (out / "state.pt").exists():
+        return None
+    if not resume:
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    saved = json.loads((out / "config.json").read_text())
+    if {k: v for k, v in saved.items() if k != "device"} != {k: v for k, v in _jsonable(cfg).items() if k != "device"}:
+        raise UserError(f"{out} was started with another configuration; resume with the same arguments "
+                        f"or choose another --out")
+    return read_checkpoint(out / "state.pt")
+
+
+def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: bool = False,
+                 quiet: bool = False) -> Result:
+    """Run (or resume) one zero-shot quantization job and write its run directory."""
+    device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    state = _open_run(cfg, resume)
+    job = _build(cfg, teacher, device)
+    try:
+        if state is not None:
+            job.load_state_dict(state)
+            if not quiet:
+                print(f"resuming {job.out} at iteration {job.step}")
+        else:
+            job.out.mkdir(parents=True, exist_ok=True)
+            save_json(_jsonable(cfg), job.out / "config.json")
+        _loop(job, quiet)
+        return _finish(job)
+    finally:
+        job.close()
+
+
+def _set_epoch(job: Job, epoch: int) -> None:
+    cfg = job.cfg
+    factor = _lr_factor(cfg, epoch)
+    for g in job.q_opt.param_groups:
+        g["lr"] = cfg.lr_q * factor
+    for g in job.g_opt.param_groups if job.g_opt is not None else ():
+        g["lr"] = cfg.lr_g * factor
+    observe_ranges(job.qmodel, epoch < cfg.warmup_epochs)
+
+
+def _loop(job: Job, quiet: bool) -> None:
+    cfg, state_path = job.cfg, job.out / "state.pt"
+    metrics = Metrics(job.out / "metrics.jsonl", keep_below=job.step)
     total = cfg.epochs * cfg.iters_per_epoch
-    t0 = time.time()
+    t0, wall_before, bad_run = time.time(), job.wall_s, 0
 
-    def checkpoint(step: int) -> None:
+    def checkpoint() -> None:
         metrics.flush()
-        save_torch({"step": step, "qmodel": qmodel.state_dict(), "source": source.state_dict(),
-                    "q_opt": q_opt.state_dict(), "g_opt": g_opt.state_dict() if g_opt else None,
-                    "rng": rng.get_state(), "wall_s": wall_before + time.time() - t0, "bad_total": bad_total},
-                    state_path)
+        job.wall_s = wall_before + time.time() - t0
+        save_torch(job.state_dict(), state_path)
 
-    bad_run = 0
-    bar = tqdm(range(start, total), total=total, initial=start, disable=quiet, desc="quantize", dynamic_ncols=True)
+    bar = tqdm(range(job.step, total), total=total, initial=job.step, disable=quiet, desc="quantize",
+               dynamic_ncols=True)
     with _Stop() as stop:
         for step in bar:
             epoch, it = divmod(step, cfg.iters_per_epoch)
             warm = epoch < cfg.warmup_epochs
-            if it == 0 or step == start:
-                factor = _lr_factor(cfg, epoch)
-                for g in q_opt.param_groups:
-                    g["lr"] = cfg.lr_q * factor
-                if g_opt is not None:
-                    for g in g_opt.param_groups:
-                        g["lr"] = cfg.lr_g * factor
-                observe_ranges(qmodel, warm)
-            terms = _iteration(cfg, device, source, teacher, qmodel, loss_fn, t_tap, q_tap, g_opt, q_opt, q_params,
-                               rng, warm)
+            if it == 0 or step == job.step:
+                _set_epoch(job, epoch)
+            terms = _iteration(cfg, job.device, job.source, job.teacher, job.qmodel, job.loss_fn, job.t_tap,
+                               job.q_tap, job.g_opt, job.q_opt, job.q_params, job.rng, warm)
             skipped = terms.pop("_skipped", None)
             if skipped is not None:
-                if skipped:
-                    bad_run += 1
-                    bad_total += 1
-                    if bad_run >= cfg.max_bad_steps:
-                        metrics.flush()
-                        raise UserError(f"the Q-model loss or gradient was NaN/Inf for {bad_run} iterations in a row "
-                                        f"(iteration {step}): lower --lr-q (now {cfg.lr_q}); the last good "
-                                        f"checkpoint is {state_path}")
-                else:
-                    bad_run = 0
-            metrics.add({"iter": step, "epoch": epoch, "lr_q": q_opt.param_groups[0]["lr"], "warmup": warm},
-                        {k: v for k, v in terms.items()})
-            if (step + 1) % cfg.log_every == 0:
+                bad_run = bad_run + 1 if skipped else 0
+                job.bad_total += int(skipped)
+                if bad_run >= cfg.max_bad_steps:
+                    metrics.flush()
+                    raise UserError(f"the Q-model loss or gradient was NaN/Inf for {bad_run} iterations in a row "
+                                    f"(iteration {step}): lower --lr-q (now {cfg.lr_q}); the last good checkpoint "
+                                    f"is {state_path}")
+            metrics.add({"iter": step, "epoch": epoch, "lr_q": job.q_opt.param_groups[0]["lr"], "warmup": warm},
+                        terms)
+            job.step = step + 1
+            if job.step % cfg.log_every == 0:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.flush().items() if k in ("loss_q", "loss_g")})
-            done_epoch = (step + 1) % cfg.iters_per_epoch == 0
-            if warm and done_epoch and epoch + 1 == cfg.warmup_epochs:
-                observe_ranges(qmodel, False)
-            if cfg.eval_every and done_epoch and (epoch + 1) % cfg.eval_every == 0 and step + 1 < total:
-                acc = evaluate(qmodel, test_set, device=device, limit=cfg.eval_limit)
+            end_of_epoch = job.step % cfg.iters_per_epoch == 0
+            if end_of_epoch and epoch + 1 == cfg.warmup_epochs:
+                observe_ranges(job.qmodel, False)
+            if cfg.eval_every and end_of_epoch and (epoch + 1) % cfg.eval_every == 0 and job.step < total:
+                acc = evaluate(job.qmodel, job.test_set, device=job.device, limit=cfg.eval_limit)
                 metrics.event({"iter": step, "epoch": epoch, "eval_q_top1": acc["top1"]})
-                qmodel.eval()
-            if (step + 1) % cfg.ckpt_every == 0 or stop.signum is not None:
-                checkpoint(step + 1)
+            if job.step % cfg.ckpt_every == 0 or stop.signum is not None:
+                checkpoint()
             if stop.signum is not None:
                 bar.close()
-                raise UserError(f"stopped by signal {stop.signum} at iteration {step + 1}; continue with --resume")
+                raise UserError(f"stopped by signal {stop.signum} at iteration {job.step}; continue with --resume")
     bar.close()
-    observe_ranges(qmodel, False)
     metrics.flush()
-    wall = wall_before + time.time() - t0
-    fp = evaluate(teacher, test_set, device=device, limit=cfg.eval_limit)
-    q = evaluate(qmodel, test_set, device=device, limit=cfg.eval_limit)
-    save_checkpoint(qmodel.cpu(), out / "student.pt", info, {"top1": q["top1"], "top5": q["top5"]},
+    job.wall_s = wall_before + time.time() - t0
+
+
+def _finish(job: Job) -> Result:
+    cfg, out = job.cfg, job.out
+    observe_ranges(job.qmodel, False)
+    fp = evaluate(job.teacher, job.test_set, device=job.device, limit=cfg.eval_limit)
+    q = evaluate(job.qmodel, job.test_set, device=job.device, limit=cfg.eval_limit)
+    save_checkpoint(job.qmodel.cpu(), out / "student.pt", job.test_set.info, {"top1": q["top1"], "top5": q["top5"]},
                     quant=asdict(cfg.quant()))
-    qmodel.to(device)
+    job.qmodel.to(job.device)
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
                "wbits": cfg.wbits, "abits": cfg.abits, "generator": cfg.generator, "method": cfg.method,
-               "preset": cfg.preset, "iterations": total, "wall_s": wall, "seed": cfg.seed, "device": device,
-               "torch": str(torch.__version__), "skipped_steps": bad_total,
-               "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(qmodel)]}
+               "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.seed,
+               "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.bad_total,
+               "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)]}
     save_json(summary, out / "result.json")
-    state_path.unlink(missing_ok=True)
-    t_tap.remove()
-    q_tap.remove()
-    return Result(fp["top1"], q["top1"], out, qmodel, summary)
+    (out / "state.pt").unlink(missing_ok=True)
+    return Result(fp["top1"], q["top1"], out, job.qmodel, summary)
 
 
 def _iteration(cfg: TrainConfig, device: str, source, teacher: nn.Module, qmodel: nn.Module, loss_fn,

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SOURCES, DataSource, SourceContext
-from .bns import BNStatistics
-from .generator import ConditionalGenerator
+from .base import SOURCES, SourceContext
+from .generator import GeneratorSource
 
 
 @dataclass
@@ -44,16 +43,10 @@ def band_loss(t_logits: torch.Tensor, q_logits: torch.Tensor, lambda_l: float, l
     return F.relu(lambda_l - hn).mean() + F.relu(hn - lambda_u).mean()
 
 
-class AdaDFQSource(DataSource):
+class AdaDFQSource(GeneratorSource):
     def __init__(self, ctx: SourceContext, opts: AdaDFQOptions) -> None:
-        super().__init__()
+        super().__init__(ctx, opts.latent_dim)
         self.opts = opts
-        self.generator = ConditionalGenerator(ctx.num_classes, ctx.in_channels, ctx.image_size, opts.latent_dim)
-        self.bns = BNStatistics(ctx.teacher)
-        self.device = ctx.device
-
-    def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.generator.sample(batch_size, rng, self.device)
 
     def generator_loss(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
                        qmodel: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -38,6 +38,9 @@ class DataSource(nn.Module):
         """The generator's loss on its own batch (online sources only), after the teacher forward on `x`."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Remove any hook the source put on the teacher."""
+
 
 SOURCES: Registry[Callable[[SourceContext, object], DataSource]] = Registry("data source")
 

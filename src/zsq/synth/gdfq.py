@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SOURCES, DataSource, SourceContext
-from .bns import BNStatistics
-from .generator import ConditionalGenerator
+from .base import SOURCES, SourceContext
+from .generator import GeneratorSource
 
 
 @dataclass
@@ -18,18 +17,12 @@ class GDFQOptions:
     latent_dim: int = field(default=100, metadata={"help": "generator latent size"})
 
 
-class GDFQSource(DataSource):
+class GDFQSource(GeneratorSource):
     """L_G = CE(T(G(z, y)), y) + bns_weight · BNS."""
 
     def __init__(self, ctx: SourceContext, opts: GDFQOptions) -> None:
-        super().__init__()
+        super().__init__(ctx, opts.latent_dim)
         self.opts = opts
-        self.generator = ConditionalGenerator(ctx.num_classes, ctx.in_channels, ctx.image_size, opts.latent_dim)
-        self.bns = BNStatistics(ctx.teacher)
-        self.device = ctx.device
-
-    def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.generator.sample(batch_size, rng, self.device)
 
     def generator_loss(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
                        qmodel: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .base import DataSource, SourceContext
+from .bns import BNStatistics
 
 
 def upsample_stages(image_size: int) -> int:
@@ -56,3 +57,20 @@ class ConditionalGenerator(nn.Module):
         z = torch.randn(batch_size, self.latent_dim, generator=generator).to(device)
         y = torch.randint(0, self.num_classes, (batch_size,), generator=generator).to(device)
         return self(z, y), y
+
+
+class GeneratorSource(DataSource):
+    """An online source: a conditional generator trained alongside the Q model, with BN-statistics hooks on the
+    teacher. Subclasses define `generator_loss`."""
+
+    def __init__(self, ctx: SourceContext, latent_dim: int) -> None:
+        super().__init__()
+        self.generator = ConditionalGenerator(ctx.num_classes, ctx.in_channels, ctx.image_size, latent_dim)
+        self.bns = BNStatistics(ctx.teacher)
+        self.device = ctx.device
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.generator.sample(batch_size, rng, self.device)
+
+    def close(self) -> None:
+        self.bns.remove()
