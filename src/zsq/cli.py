@@ -5,19 +5,20 @@ A `UserError` (bad input the user can fix) prints one line and exits with code 2
 from __future__ import annotations
 
 import argparse
-import sys
 import dataclasses
+import sys
 from dataclasses import fields
 from typing import Callable, Sequence
 
 from . import __version__
 from .data import list_datasets
+from .distill import LOSSES, list_methods
 from .errors import UserError
 from .evaluate import run_eval
 from .io import save_json
 from .models import list_models, shipped_models
-from .distill import LOSSES, list_methods
 from .presets import PRESETS
+from .quant import check_bits
 from .synth import SOURCES, list_sources
 from .teacher import TeacherConfig, train_teacher
 from .train import TrainConfig, quantize_run, resolve_config
@@ -26,10 +27,9 @@ from .train import TrainConfig, quantize_run, resolve_config
 def _bits(text: str) -> int:
     try:
         k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer in 2..8 or 32, got '{text}'") from None
-    if not (2 <= k <= 8 or k == 32):
-        raise argparse.ArgumentTypeError(f"bits must be in 2..8 (or 32 for full precision), got {k}")
+        check_bits(k, "bits")
+    except (ValueError, UserError):
+        raise argparse.ArgumentTypeError(f"bits must be in 2..8 (or 32 for full precision), got '{text}'") from None
     return k
 
 

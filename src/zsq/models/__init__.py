@@ -1,6 +1,12 @@
 """Architectures (a registry, `create_model`) and `load_model` for checkpoints of any supported layout."""
 from . import resnet  # noqa: F401  (registers the architectures)
-from .checkpoint import dataset_info, load_model, read_checkpoint, save_checkpoint, shipped_models
+from .checkpoint import (
+           dataset_info,
+           load_model,
+           read_checkpoint,
+           save_checkpoint,
+           shipped_models,
+)
 from .registry import create_model, list_models, register_model
 
 __all__ = ["create_model", "dataset_info", "list_models", "load_model", "read_checkpoint", "register_model",

@@ -16,13 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SOURCES, SourceContext
-from .generator import GeneratorSource
+from .generator import GeneratorOptions, GeneratorSource
 
 
 @dataclass
-class AdaDFQOptions:
+class AdaDFQOptions(GeneratorOptions):
     bns_weight: float = field(default=1.0, metadata={"help": "weight of the BN-statistics loss (GDFQ 0.1, AdaDFQ γ = 1)"})
-    latent_dim: int = field(default=100, metadata={"help": "generator latent size"})
     alpha_ds: float = field(default=0.2, metadata={"help": "AdaDFQ weight of the disagreement CE"})
     alpha_as: float = field(default=0.1, metadata={"help": "AdaDFQ weight of the agreement CE"})
     lambda_l: float = field(default=0.1, metadata={"help": "AdaDFQ lower edge of the entropy band"})
@@ -45,7 +44,7 @@ def band_loss(t_logits: torch.Tensor, q_logits: torch.Tensor, lambda_l: float, l
 
 class AdaDFQSource(GeneratorSource):
     def __init__(self, ctx: SourceContext, opts: AdaDFQOptions) -> None:
-        super().__init__(ctx, opts.latent_dim)
+        super().__init__(ctx, opts)
         self.opts = opts
 
     def generator_loss(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,

@@ -8,20 +8,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SOURCES, SourceContext
-from .generator import GeneratorSource
+from .generator import GeneratorOptions, GeneratorSource
 
 
 @dataclass
-class GDFQOptions:
+class GDFQOptions(GeneratorOptions):
     bns_weight: float = field(default=0.1, metadata={"help": "weight of the BN-statistics loss (GDFQ 0.1, AdaDFQ γ = 1)"})
-    latent_dim: int = field(default=100, metadata={"help": "generator latent size"})
 
 
 class GDFQSource(GeneratorSource):
     """L_G = CE(T(G(z, y)), y) + bns_weight · BNS."""
 
     def __init__(self, ctx: SourceContext, opts: GDFQOptions) -> None:
-        super().__init__(ctx, opts.latent_dim)
+        super().__init__(ctx, opts)
         self.opts = opts
 
     def generator_loss(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,

@@ -1,6 +1,8 @@
 """The label-conditional generator of GDFQ/AdaDFQ (spec gdfq_adadfq.md §1), sized from the teacher's input."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -59,13 +61,20 @@ class ConditionalGenerator(nn.Module):
         return self(z, y), y
 
 
+@dataclass
+class GeneratorOptions:
+    latent_dim: int = field(default=100, metadata={"help": "generator latent size"})
+    gen_width: int = field(default=128, metadata={"help": "generator channels (the papers: 128)"})
+
+
 class GeneratorSource(DataSource):
     """An online source: a conditional generator trained alongside the Q model, with BN-statistics hooks on the
     teacher. Subclasses define `generator_loss`."""
 
-    def __init__(self, ctx: SourceContext, latent_dim: int) -> None:
+    def __init__(self, ctx: SourceContext, opts: GeneratorOptions) -> None:
         super().__init__()
-        self.generator = ConditionalGenerator(ctx.num_classes, ctx.in_channels, ctx.image_size, latent_dim)
+        self.generator = ConditionalGenerator(ctx.num_classes, ctx.in_channels, ctx.image_size, opts.latent_dim,
+                                              opts.gen_width)
         self.bns = BNStatistics(ctx.teacher)
         self.device = ctx.device
 
