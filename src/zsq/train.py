@@ -256,7 +256,7 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str) -> Job:
     teacher, test_set = _teacher_and_data(cfg, teacher, device)
     info = test_set.info
     qmodel = quantize_model(teacher, cfg=cfg.quant()).to(device)
-    if device.startswith("cuda"):  # convolutions run faster in NHWC on tensor cores; on CPU it does not pay here
+    if device.startswith("cuda"):  # NHWC feeds the tensor cores; the CPU path keeps the default layout
         teacher.to(memory_format=torch.channels_last)
         qmodel.to(memory_format=torch.channels_last)
     for p in qmodel.parameters():
