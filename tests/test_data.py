@@ -6,6 +6,7 @@ import gzip
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from zsq.data import FASHION_MNIST_DIR, FMNIST_MEAN, FMNIST_STD, augment, batches, load_dataset, normalize, read_idx
 from zsq.errors import UserError
@@ -85,6 +86,11 @@ def test_imagefolder(imagefolder_dir):
     assert ds.labels.tolist() == [0, 0, 1, 1, 2, 2]
     x, y = next(batches(ds, 4))
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8
+    grey = imagefolder_dir / "grey"
+    (grey / "a").mkdir(parents=True)
+    Image.fromarray(np.full((9, 9), 77, np.uint8)).save(grey / "a" / "g.png")
+    g = load_dataset("imagefolder", "test", grey, image_size=8)
+    assert g.info.in_channels == 1 and g.take(torch.tensor([0])).shape == (1, 1, 8, 8)
     empty = imagefolder_dir / "empty"
     (empty / "a").mkdir(parents=True)
     with pytest.raises(UserError, match="no images"):
@@ -92,8 +98,6 @@ def test_imagefolder(imagefolder_dir):
 
 
 def test_imagefolder_centre_crop_values(tmp_path):
-    from PIL import Image
-
     arr = np.zeros((8, 16, 3), np.uint8)
     arr[:, 6:10] = 200  # a centre band: resize to 18×9 (short side 8·8/7), crop columns 5..12 → crop columns ~2..5
     (tmp_path / "a").mkdir()

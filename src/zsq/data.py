@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
 from .registry import Registry
@@ -177,8 +178,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _decode(path: Path, info: DatasetInfo) -> torch.Tensor:
     """Decode, resize the short side to size·8/7 (256 for 224) and centre-crop to size×size, as uint8 CHW."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im = im.convert("L" if info.in_channels == 1 else "RGB")
@@ -195,6 +194,14 @@ def _decode(path: Path, info: DatasetInfo) -> torch.Tensor:
         raise UserError(f"cannot decode image {path}: {e}") from None
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def _mode(path: Path) -> str:
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"cannot decode image {path}: {e}") from None
 
 
 @DATASETS.register("imagefolder")
@@ -215,8 +222,7 @@ def imagefolder(data_dir: Path | None, split: str, image_size: int | None) -> Im
     if not files:
         raise UserError(f"no images found in {root}: expected {root}/<class>/*.png or *.jpg")
     size = image_size or 224
-    first = _decode(files[0], DatasetInfo("imagefolder", len(classes), 3, size, (), ()))
-    in_ch = 1 if first.shape[0] == 1 else 3
+    in_ch = 1 if _mode(files[0]) in ("1", "L", "I", "I;16", "F") else 3  # the first image decides: grey or colour
     mean, std = ((0.5,), (0.5,)) if in_ch == 1 else (IMAGENET_MEAN, IMAGENET_STD)
     info = DatasetInfo("imagefolder", len(classes), in_ch, size, mean, std, classes)
     return ImageSet(info, torch.tensor(labels, dtype=torch.int64), files=files)
