@@ -8,12 +8,24 @@ from torch import nn
 from .fake import fake_quantize, per_channel_range
 
 
-class QuantConv2d(nn.Conv2d):
-    """Conv2d whose weight is fake-quantized per output channel at every forward; the FP weight is the trainable
-    shadow copy and the bias stays FP."""
+class _QuantWeight:
+    """Per-output-channel fake quantization of `self.weight`, recomputed from the current FP weights at every
+    forward (the FP weight is the trainable shadow copy; the bias stays FP)."""
 
+    weight: torch.Tensor
     wbits: int
     ste: str
+
+    def quantized_weight(self) -> torch.Tensor:
+        lo, hi = per_channel_range(self.weight)
+        return fake_quantize(self.weight, lo, hi, self.wbits, self.ste)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, wbits={self.wbits}"
+
+
+class QuantConv2d(_QuantWeight, nn.Conv2d):
+    """Conv2d with a per-output-channel fake-quantized weight."""
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, wbits: int, ste: str = "identity") -> "QuantConv2d":
@@ -30,22 +42,12 @@ class QuantConv2d(nn.Conv2d):
         conv.load_state_dict(self.state_dict())
         return conv
 
-    def quantized_weight(self) -> torch.Tensor:
-        lo, hi = per_channel_range(self.weight)
-        return fake_quantize(self.weight, lo, hi, self.wbits, self.ste)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, wbits={self.wbits}"
 
-
-class QuantLinear(nn.Linear):
-    """Linear with per-output-row fake-quantized weight; FP bias."""
-
-    wbits: int
-    ste: str
+class QuantLinear(_QuantWeight, nn.Linear):
+    """Linear with a per-output-row fake-quantized weight."""
 
     @classmethod
     def from_float(cls, linear: nn.Linear, wbits: int, ste: str = "identity") -> "QuantLinear":
@@ -60,15 +62,8 @@ class QuantLinear(nn.Linear):
         linear.load_state_dict(self.state_dict())
         return linear
 
-    def quantized_weight(self) -> torch.Tensor:
-        lo, hi = per_channel_range(self.weight)
-        return fake_quantize(self.weight, lo, hi, self.wbits, self.ste)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, wbits={self.wbits}"
 
 
 class ActQuantizer(nn.Module):
