@@ -83,7 +83,7 @@ def dataset_info(model: nn.Module) -> DatasetInfo | None:
 
 def load_model(name_or_path: str | Path, checkpoint: str | Path | None = None, num_classes: int | None = None,
                in_channels: int | None = None) -> nn.Module:
-    """A ready FP model in eval mode.
+    """A ready model in eval mode: FP, or fake-quantized when the checkpoint is a zsq student (`student.pt`).
 
     `name_or_path`: a shipped teacher (`resnet20_fmnist`), a registered architecture (`resnet20`, random
     weights unless `checkpoint` is given), or a checkpoint file. Checkpoints may be zsq's own format, a bare
