@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,7 +22,7 @@ from zsq.distill import FeatureTap, create_loss
 from zsq.models import create_model
 from zsq.quant import calibrate, gaussian_inputs, observe_ranges, quantize_model
 from zsq.synth import SourceContext, create_source
-from zsq.train import _iteration, resolve_config
+from zsq.train import Job, _iteration, resolve_config
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -51,8 +52,9 @@ def measure(generator: str, method: str, batch_size: int, repeats: int) -> dict:
     q_opt = torch.optim.SGD(q_params, lr=1e-4, momentum=0.9, nesterov=True)
     g_opt = torch.optim.Adam(source.parameters(), lr=1e-3)
     rng = torch.Generator().manual_seed(0)
-    full = timed(lambda: _iteration(cfg, "cpu", source, teacher, qmodel, loss_fn, t_tap, q_tap, g_opt, q_opt, q_params,
-                                    rng, False), repeats)
+    job = Job(cfg, "cpu", Path("unused"), teacher, qmodel, None, source, loss_fn, t_tap, q_tap, q_params, q_opt, g_opt,
+              rng)
+    full = timed(lambda: _iteration(job, False), repeats)
 
     def gen_pass():
         x, _ = source.sample(batch_size, rng)

@@ -344,8 +344,7 @@ def _loop(job: Job, quiet: bool) -> None:
             warm = epoch < cfg.warmup_epochs
             if it == 0 or step == job.step:
                 _set_epoch(job, epoch)
-            terms = _iteration(cfg, job.device, job.source, job.teacher, job.qmodel, job.loss_fn, job.t_tap,
-                               job.q_tap, job.g_opt, job.q_opt, job.q_params, job.rng, warm)
+            terms = _iteration(job, warm)
             skipped = terms.pop("_skipped", None)
             if skipped is not None:
                 bad_run = bad_run + 1 if skipped else 0
@@ -394,34 +393,34 @@ def _finish(job: Job) -> Result:
     return Result(fp["top1"], q["top1"], out, job.qmodel, summary)
 
 
-def _iteration(cfg: TrainConfig, device: str, source, teacher: nn.Module, qmodel: nn.Module, loss_fn,
-               t_tap: FeatureTap, q_tap: FeatureTap, g_opt, q_opt, q_params, rng: torch.Generator,
-               warm: bool) -> dict[str, Any]:
+def _iteration(job: Job, warm: bool) -> dict[str, Any]:
+    """One generator step (online sources) and, after warm-up, one Q-model step; returns the loss terms."""
+    cfg, source, qmodel = job.cfg, job.source, job.qmodel
     terms: dict[str, Any] = {}
-    with autocast(device, cfg.precision):
-        x, y = source.sample(cfg.batch_size, rng)
-        t_logits = teacher(x)
-        if g_opt is not None:
+    with autocast(job.device, cfg.precision):
+        x, y = source.sample(cfg.batch_size, job.rng)
+        t_logits = job.teacher(x)
+        if job.g_opt is not None:
             g_loss, g_terms = source.generator_loss(x, y, t_logits, qmodel)
-            g_opt.zero_grad(set_to_none=True)
+            job.g_opt.zero_grad(set_to_none=True)
             g_loss.backward(inputs=list(source.parameters()))
-            g_opt.step()
+            job.g_opt.step()
             terms.update(g_terms, loss_g=g_loss)
         x, t_logits = x.detach(), t_logits.detach()
-        t_feats = t_tap.take(detach=True)
+        t_feats = job.t_tap.take(detach=True)
         if warm:  # the Q model only calibrates its activation ranges
             with torch.no_grad():
                 qmodel(x)
-            q_tap.take()
+            job.q_tap.take()
             return terms
         q_logits = qmodel(x)
-        loss, q_terms = loss_fn(TransferInputs(t_logits, q_logits, y, x, t_feats, q_tap.take()))
-    q_opt.zero_grad(set_to_none=True)
+        loss, q_terms = job.loss_fn(TransferInputs(t_logits, q_logits, y, x, t_feats, job.q_tap.take()))
+    job.q_opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in q_params if p.grad is not None])
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in job.q_params if p.grad is not None])
     skipped = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one sync: the guard must know now
     if not skipped:
-        q_opt.step()
+        job.q_opt.step()
     terms.update(q_terms, loss_q=loss.detach(), grad_norm=grad_norm, _skipped=skipped)
     return terms
 
