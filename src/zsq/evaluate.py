@@ -41,6 +41,20 @@ def input_channels(model: nn.Module) -> int | None:
     return first.in_channels if isinstance(first, nn.Conv2d) else None
 
 
+def eval_set_for(model: nn.Module, dataset: str | None = None, data_dir: str | None = None) -> ImageSet:
+    """The real test set to judge `model` on: `dataset`, else the one its checkpoint recorded (else
+    Fashion-MNIST), normalised as the model was trained, with its input channels checked."""
+    recorded = dataset_info(model)
+    name = dataset or (recorded.name if recorded else "fashion-mnist")
+    ds = load_dataset(name, "test", data_dir, image_size=recorded.image_size if recorded else None)
+    if recorded is not None and recorded.name == ds.info.name:
+        ds.info.mean, ds.info.std = recorded.mean, recorded.std
+    expected = input_channels(model)
+    if expected is not None and expected != ds.info.in_channels:
+        raise UserError(f"model expects {expected}-channel images but {ds.info.name} has {ds.info.in_channels}")
+    return ds
+
+
 def run_eval(model: str, checkpoint: str | None = None, dataset: str | None = None, data_dir: str | None = None,
              wbits: int = 32, abits: int = 32, first_last: str = "same", batch_size: int = 500,
              limit: int | None = None, device: str = "auto", calib_batches: int = 4, seed: int = 0) -> dict:
@@ -48,14 +62,7 @@ def run_eval(model: str, checkpoint: str | None = None, dataset: str | None = No
     baseline), and evaluate it on a real test set. Returns the JSON-ready result."""
     device = resolve_device(device)
     net = load_model(model, checkpoint=checkpoint)
-    recorded = dataset_info(net)
-    name = dataset or (recorded.name if recorded else "fashion-mnist")
-    ds = load_dataset(name, "test", data_dir, image_size=recorded.image_size if recorded else None)
-    if recorded is not None and recorded.name == ds.info.name:
-        ds.info.mean, ds.info.std = recorded.mean, recorded.std  # the normalisation the model was trained with
-    expected = input_channels(net)
-    if expected is not None and expected != ds.info.in_channels:
-        raise UserError(f"model expects {expected}-channel images but {ds.info.name} has {ds.info.in_channels}")
+    ds = eval_set_for(net, dataset, data_dir)
     quant = None
     net = net.to(device)
     trained = getattr(net, "zsq_quant", None)

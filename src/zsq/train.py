@@ -21,13 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import DatasetInfo, load_dataset
 from .device import autocast, resolve_device
 from .distill import LOSSES, FeatureTap, TransferInputs, create_loss
 from .errors import UserError
-from .evaluate import evaluate, input_channels
+from .evaluate import evaluate, eval_set_for
 from .io import save_json, save_torch
-from .models import dataset_info, load_model, read_checkpoint, save_checkpoint
+from .models import load_model, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
 from .quant import QuantConfig, act_quantizers, observe_ranges, quantize_model
 from .synth import SOURCES, SourceContext, create_source
@@ -71,8 +70,7 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)  # plug-in options of the generator and the method
 
     def __post_init__(self) -> None:
-        QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last, act_momentum=self.act_momentum,
-                    ste=self.ste)  # validates the quantizer fields
+        self.quant()  # validates the quantizer fields
         SOURCES.get(self.generator)
         LOSSES.get(self.method)
         for name in ("epochs", "iters_per_epoch", "batch_size", "ckpt_every", "log_every", "max_bad_steps"):
@@ -194,14 +192,7 @@ def _teacher_and_data(cfg: TrainConfig, teacher: nn.Module | None, device: str):
     """The frozen teacher, the evaluation set and the input geometry the generator must produce."""
     if teacher is None:
         teacher = load_model(cfg.teacher, checkpoint=cfg.checkpoint)
-    recorded: DatasetInfo | None = dataset_info(teacher)
-    name = cfg.dataset or (recorded.name if recorded else "fashion-mnist")
-    test_set = load_dataset(name, "test", cfg.data_dir, image_size=recorded.image_size if recorded else None)
-    if recorded is not None and recorded.name == test_set.info.name:
-        test_set.info.mean, test_set.info.std = recorded.mean, recorded.std
-    channels = input_channels(teacher)
-    if channels is not None and channels != test_set.info.in_channels:
-        raise UserError(f"teacher expects {channels}-channel images but {name} has {test_set.info.in_channels}")
+    test_set = eval_set_for(teacher, cfg.dataset, cfg.data_dir)
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
