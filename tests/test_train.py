@@ -72,6 +72,8 @@ def test_presets_and_overrides():
     assert (paper.epochs, paper.iters_per_epoch, paper.batch_size, paper.milestones) == (400, 200, 16, [100, 200, 300])
     assert resolve_config("paper", "gdfq", "gdfq").options == {"kd_reduction": "elementwise"}
     assert resolve_config("paper", "gdfq", "kd").batch_size == 200
+    akt = resolve_config("paper", "adadfq", "akt-channel")  # AKT's own budget, over the data source's
+    assert (akt.epochs, akt.milestones, akt.batch_size) == (200, [100], 200)
     quick = resolve_config("quick", "gdfq", "kd", batch_size=32, epochs=None, kd_temperature=4.0)
     assert quick.batch_size == 32 and quick.epochs == resolve_config("quick").epochs
     assert quick.options == {"kd_temperature": 4.0}

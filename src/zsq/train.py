@@ -258,7 +258,8 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str) -> Job:
     if device.startswith("cuda"):
         source.to(memory_format=torch.channels_last)
     loss_fn = create_loss(cfg.method, cfg.options).to(device)
-    layers = loss_fn.feature_layers(teacher)
+    layers = loss_fn.feature_layers(teacher, torch.zeros(2, info.in_channels, info.image_size, info.image_size,
+                                                         device=device))
     q_params = list(qmodel.parameters())
     q_opt = torch.optim.SGD(q_params, lr=cfg.lr_q, momentum=cfg.momentum, nesterov=True,
                             weight_decay=cfg.weight_decay)

@@ -26,8 +26,9 @@ class TransferInputs:
 
 
 class TransferLoss(nn.Module):
-    def feature_layers(self, model: nn.Module) -> list[str]:
-        """Names of the modules whose outputs this loss reads (the same names in teacher and Q model)."""
+    def feature_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        """Names of the modules whose outputs this loss reads (the same names in teacher and Q model); `example`
+        is an input batch of the right geometry, for losses that find their maps by probing the model."""
         return []
 
     def forward(self, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,232 @@
+"""AKT: refined feature distillation (spatial + channel attention) on top of any logit transfer loss.
+
+Each chosen feature map is reduced to two attention vectors per sample (where the energy is in the image, and in
+which channels); the student matches the teacher's by a temperature-softened KL. The KLs are tiny (1e-7..1e-5 per
+map at τ=8), so λ is of order 10⁵ per map: the default reproduces the official code's effective weight
+(lam 1000 × batch 200 × summed maps), see ../shared/specs/akt.md §2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .base import LOSSES, TransferInputs, TransferLoss
+from .logits import GDFQLossOptions
+
+PARTS = ("spatial", "channel")
+OFFICIAL_MAP_WEIGHT = 2e5  # the official lam 1000 × its summed batch of 200, per map, in batch-mean terms
+
+
+def spatial_attention(f: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] → [B,H·W]: channel mean of f², L2-normalised per sample (Eq. 6)."""
+    return F.normalize(f.float().pow(2).mean(1).flatten(1), dim=1, eps=1e-12)
+
+
+def channel_attention(f: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] → [B,C]: softmax over channels of the spatial mean of f² (Eq. 7)."""
+    return f.float().pow(2).mean((2, 3)).softmax(1)
+
+
+ATTENTIONS = {"spatial": spatial_attention, "channel": channel_attention}
+
+
+def attention_kl(u: torch.Tensor, v: torch.Tensor, tau: float, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(u/τ) ‖ softmax(v/τ)) summed over the vector; batch mean or, as the official code, batch sum."""
+    logp, logq = F.log_softmax(u / tau, 1), F.log_softmax(v / tau, 1)
+    kl = (logp.exp() * (logp - logq)).sum(1)
+    if reduction == "batchmean":
+        return kl.mean()
+    if reduction == "sum":
+        return kl.sum()
+    raise UserError(f"rfd reduction must be batchmean or sum, got '{reduction}'")
+
+
+Maps = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]  # feature maps in order, or by module name
+
+
+def _pairs(teacher_feats: Maps, student_feats: Maps) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(teacher_feats, Mapping):
+        return [(teacher_feats[k], student_feats[k]) for k in teacher_feats]
+    return list(zip(teacher_feats, student_feats, strict=True))  # unequal counts raise
+
+
+def rfd_terms(teacher_feats: Maps, student_feats: Maps, tau: float = 8.0, parts: Sequence[str] = PARTS,
+              reduction: str = "batchmean") -> dict[str, torch.Tensor]:
+    """Per attention part, the KL averaged over the N maps (unweighted): the pieces `rfd_loss` adds up."""
+    pairs = _pairs(teacher_feats, student_feats)
+    if not pairs:
+        raise ValueError("rfd needs at least one pair of feature maps")
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {tuple(parts)}")
+    out = {}
+    for part in parts:
+        att = ATTENTIONS[part]
+        out[part] = sum(attention_kl(att(t.detach()), att(s), tau, reduction) for t, s in pairs) / len(pairs)
+    return out
+
+
+def rfd_loss(teacher_feats: Maps, student_feats: Maps, lam: float = 1.0, tau: float = 8.0,
+             parts: Sequence[str] = PARTS, reduction: str = "batchmean") -> torch.Tensor:
+    """Eq. 8: (λ/N) Σₙ [KL(Aᵀ_sp ‖ Aˢ_sp) + KL(Aᵀ_ch ‖ Aˢ_ch)] over N matched maps (lists, or dicts by name).
+    The teacher maps are detached: the loss only moves the student."""
+    return lam * sum(rfd_terms(teacher_feats, student_feats, tau, parts, reduction).values())
+
+
+# ---- which maps: found on any nn.Module by one probing forward pass ----------------------------------------
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _finish_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(name, module, output shape) of every submodule called exactly once, in the order their forwards end."""
+    calls: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    count: dict[str, int] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: tuple, output: object) -> None:
+            count[name] = count.get(name, 0) + 1
+            if isinstance(output, torch.Tensor):
+                calls.append((name, module, tuple(output.shape)))
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return [c for c in calls if count[c[0]] == 1]
+
+
+def find_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The module that finishes last at each spatial resolution before global pooling, in forward order: for a
+    ResNet the stages (`layer1`, `layer2`, ...), for a plain CNN the last module before each down-sampling.
+    An ImageNet-style stem counts as its own resolution."""
+    last: dict[tuple[int, int], str] = {}
+    for name, _, shape in _finish_order(model, example):
+        if len(shape) == 4 and shape[2] * shape[3] > 1:
+            last.pop(shape[2:], None)  # re-insert so that dict order follows the latest finish
+            last[shape[2:]] = name
+    return list(last.values())
+
+
+def find_units(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Every residual unit: the outermost non-container modules that hold a convolution (a ResNet's blocks)."""
+    names = []
+    for name, module, shape in _finish_order(model, example):
+        parents = [model.get_submodule(".".join(name.split(".")[:i])) for i in range(1, name.count(".") + 1)]
+        outermost = all(isinstance(p, _CONTAINERS) for p in parents)
+        has_conv = any(isinstance(m, nn.Conv2d) for m in module.modules())
+        if (len(shape) == 4 and outermost and not isinstance(module, _CONTAINERS) and has_conv
+                and any(True for _ in module.children())):
+            names.append(name)
+    return names
+
+
+def resolve_layers(model: nn.Module, example: torch.Tensor, layers: str) -> list[str]:
+    """`stages`, `units`, or comma-separated module names (checked against the model)."""
+    if layers == "stages":
+        found = find_stages(model, example)
+    elif layers == "units":
+        found = find_units(model, example)
+    else:
+        found = [n.strip() for n in layers.split(",") if n.strip()]
+        modules = dict(model.named_modules())
+        missing = [n for n in found if n not in modules]
+        if missing:
+            raise UserError(f"--akt-layers: no module named {', '.join(missing)} in {type(model).__name__} "
+                            f"(stages here: {', '.join(find_stages(model, example))})")
+    if not found:
+        raise UserError(f"--akt-layers {layers}: no such feature maps in {type(model).__name__}; name the modules "
+                        f"explicitly, e.g. --akt-layers {','.join(find_stages(model, example)) or 'features'}")
+    return found
+
+
+# ---- the transfer loss ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AKTOptions(GDFQLossOptions):
+    akt_alpha: float = field(default=0.5, metadata={"help": "weight α of the logit part: α·KD + (1−α)·RFD (convex)"})
+    akt_lambda: float | None = field(default=None, metadata={
+        "help": f"λ of Eq. 8 (batch-mean KLs); default {OFFICIAL_MAP_WEIGHT:.0e}·N maps, the official code's weight"})
+    akt_tau: float = field(default=8.0, metadata={"help": "temperature of the attention KLs"})
+    akt_combine: str = field(default="convex", metadata={
+        "help": "convex: α·KD + (1−α)·RFD (paper Eq. 9); sum: KD + RFD (official code)"})
+    akt_layers: str = field(default="stages", metadata={
+        "help": "stages (last block per resolution, paper), units (every residual block, official code) or "
+                "comma-separated module names"})
+    akt_base: str = field(default="kd", metadata={"help": "logit loss under AKT: kd, gdfq or adadfq"})
+    akt_reduction: str = field(default="batchmean", metadata={
+        "help": "batchmean, or sum over the batch as the official code (λ then scales with the batch)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.akt_alpha <= 1:
+            raise UserError(f"akt-alpha must be in [0, 1], got {self.akt_alpha}")
+        if self.akt_lambda is not None and self.akt_lambda < 0:
+            raise UserError(f"akt-lambda must be ≥ 0, got {self.akt_lambda}")
+        if self.akt_tau <= 0:
+            raise UserError(f"akt-tau must be > 0, got {self.akt_tau}")
+        if self.akt_combine not in ("convex", "sum"):
+            raise UserError(f"akt-combine must be convex or sum, got '{self.akt_combine}'")
+        if self.akt_base not in ("kd", "gdfq", "adadfq"):
+            raise UserError(f"akt-base must be kd, gdfq or adadfq, got '{self.akt_base}'")
+        if self.akt_reduction not in ("batchmean", "sum"):
+            raise UserError(f"akt-reduction must be batchmean or sum, got '{self.akt_reduction}'")
+
+
+class AKTLoss(TransferLoss):
+    """α·L_base + (1−α)·L_RFD (or their plain sum); logs the base terms, each attention KL and the weighted RFD."""
+
+    def __init__(self, opts: AKTOptions, parts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.opts, self.parts = opts, parts
+        base_cls = LOSSES.options_class(opts.akt_base)
+        self.base = LOSSES.get(opts.akt_base)(base_cls(**{f.name: getattr(opts, f.name) for f in fields(base_cls)}))
+        self.layers: list[str] = []
+
+    def feature_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        self.layers = resolve_layers(model, example, self.opts.akt_layers)
+        return self.layers
+
+    @property
+    def lam(self) -> float:
+        if self.opts.akt_lambda is not None:
+            return self.opts.akt_lambda
+        return OFFICIAL_MAP_WEIGHT * max(len(self.layers), 1)
+
+    def forward(self, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        base, terms = self.base(inp)
+        kls = rfd_terms([inp.t_feats[n] for n in self.layers], [inp.q_feats[n] for n in self.layers],
+                        self.opts.akt_tau, self.parts, self.opts.akt_reduction)
+        rfd = self.lam * sum(kls.values())
+        a = self.opts.akt_alpha if self.opts.akt_combine == "convex" else None
+        loss = base + rfd if a is None else a * base + (1 - a) * rfd
+        return loss, {**terms, "base": base, **kls, "rfd": rfd}
+
+
+@LOSSES.register("akt", options=AKTOptions)
+def akt(opts: AKTOptions) -> AKTLoss:
+    return AKTLoss(opts, ("spatial", "channel"))
+
+
+@LOSSES.register("akt-spatial", options=AKTOptions)
+def akt_spatial(opts: AKTOptions) -> AKTLoss:
+    return AKTLoss(opts, ("spatial",))
+
+
+@LOSSES.register("akt-channel", options=AKTOptions)
+def akt_channel(opts: AKTOptions) -> AKTLoss:
+    return AKTLoss(opts, ("channel",))
