@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 import subprocess
@@ -24,6 +25,14 @@ def _class_images(rng: np.random.Generator, labels: np.ndarray, shape: tuple[int
     """Images whose mean brightness encodes the class, so a tiny model can learn something."""
     base = (labels.astype(np.float64) * 25 + 10).reshape(-1, *([1] * len(shape)))
     return np.clip(base + rng.normal(0, 20, (len(labels), *shape)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def synth_cache(tmp_path_factory) -> Path:
+    """Offline synthetic sets built by tests go to a temporary cache, never the user's ~/.cache/zsq."""
+    path = tmp_path_factory.mktemp("zsq-cache")
+    os.environ["ZSQ_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

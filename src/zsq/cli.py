@@ -14,12 +14,14 @@ from . import __version__
 from .data import list_datasets
 from .distill import LOSSES, list_methods
 from .errors import UserError
-from .evaluate import run_eval
+from .device import resolve_device
+from .evaluate import eval_set_for, run_eval
 from .io import save_json
-from .models import list_models, shipped_models
-from .presets import PRESETS
+from .models import list_models, load_model, shipped_models
+from .presets import PRESETS, preset_values
 from .quant import check_bits
 from .synth import SOURCES, list_sources
+from .synth.pixels import PIXEL_SOURCES, build_set
 from .teacher import TeacherConfig, train_teacher
 from .train import TrainConfig, quantize_run, resolve_config
 
@@ -146,6 +148,46 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+SYNTH_FLAGS = {"images": "synth_images", "batch_size": "synth_batch", "iters": "synth_iters", "lr": "synth_lr",
+               "patience": "synth_patience", "hard_weight": "hard_weight", "hard_gamma": "hard_gamma",
+               "seed": "synth_seed"}
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    teacher = load_model(args.teacher, checkpoint=args.checkpoint)
+    info = eval_set_for(teacher, args.dataset, args.data_dir).info
+    options = {**preset_values(args.preset, args.source, "kd"),
+               **{field: getattr(args, flag) for flag, field in SYNTH_FLAGS.items() if getattr(args, flag) is not None}}
+    out = build_set(teacher, args.source, args.out, info.num_classes, (info.in_channels, info.image_size,
+                    info.image_size), resolve_device(args.device), options, args.quiet)
+    print(f"{args.out}: {out['images']} {args.source} images, final synthesis loss {out['final_loss'][-1]:.4g}")
+    return 0
+
+
+def _add_synth(sub) -> None:
+    s = sub.add_parser("synth", help="optimise an offline synthetic set (HAST, ZeroQ) for a teacher and save it",
+                       description="Writes images, labels, the recipe and a hash of the teacher's weights; "
+                                   "`zsq quantize --generator hast --synth-data FILE` trains on it.")
+    s.add_argument("--teacher", default="resnet20_fmnist", help="shipped teacher, architecture or checkpoint path")
+    s.add_argument("--checkpoint", help="weights for an architecture name")
+    s.add_argument("--source", default="hast", choices=list(PIXEL_SOURCES))
+    s.add_argument("--preset", default="quick", choices=list(PRESETS), help="synthesis budget (paper: 5,120 × 1,000)")
+    s.add_argument("--dataset", choices=list_datasets(), help="input geometry, when the checkpoint did not record it")
+    s.add_argument("--data-dir")
+    s.add_argument("--images", type=_positive, help="number of images (default: preset)")
+    s.add_argument("--batch-size", type=_positive, help="images optimised together (default 256)")
+    s.add_argument("--iters", type=_positive, help="Adam steps per batch (default: preset)")
+    s.add_argument("--lr", type=float, help="Adam learning rate on the pixels (default 0.5)")
+    s.add_argument("--patience", type=_positive, help="plateau steps before the LR drops (default 50)")
+    s.add_argument("--hard-weight", type=float, help="β of the hardness-weighted CE (hast 10, zeroq 0)")
+    s.add_argument("--hard-gamma", type=float, help="γ of the hardness weight (default 2)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--out", required=True, help="file to write (.pt)")
+    s.set_defaults(func=_cmd_synth)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zsq", description="Zero-shot quantization: a low-bit model from a trained FP model, no data.")
     p.add_argument("--version", action="version", version=f"zsq {__version__}")
@@ -195,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the result as JSON here")
     e.set_defaults(func=_cmd_eval)
     _add_quantize(sub)
+    _add_synth(sub)
     return p
 
 

@@ -6,6 +6,7 @@ as a list of files decoded per batch. Augmentation and normalisation run batched
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +253,26 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None, pad: int 
     out = padded[bidx, cidx, rows, cols]
     flip = (torch.rand(b, generator=generator) < 0.5).to(dev)[:, None, None, None]
     return torch.where(flip, out.flip(3), out)
+
+
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator | None = None,
+                        scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        flip: bool = True) -> torch.Tensor:
+    """Per-sample random-resized crop (area fraction in `scale`, aspect ratio in `ratio`) resampled to the input
+    size, with random horizontal flip: one affine grid for the whole batch, bilinear. A crop side that would
+    exceed the image is clipped to it (torchvision retries instead; the distribution differs only there)."""
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(*scale, generator=generator)
+    log_r = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    w = (area * log_r.exp()).sqrt().clamp(max=1.0)  # crop size as a fraction of the image side
+    h = (area / log_r.exp()).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - w)  # centre, in [-1, 1] grid coordinates
+    cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
+    sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def batches(ds: ImageSet, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,

@@ -215,20 +215,24 @@ class Job:
     q_tap: FeatureTap
     q_params: list[torch.Tensor]
     q_opt: torch.optim.Optimizer
-    g_opt: torch.optim.Optimizer | None
+    g_opt: torch.optim.Optimizer | None  # of the online source, or of the warm-up generator
     rng: torch.Generator
+    warm_source: Any = None  # offline sources: the GDFQ generator whose images calibrate ranges during warm-up
     step: int = 0
     wall_s: float = 0.0
     bad_total: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "qmodel": self.qmodel.state_dict(), "source": self.source.state_dict(),
+                "warm_source": self.warm_source.state_dict() if self.warm_source is not None else None,
                 "q_opt": self.q_opt.state_dict(), "g_opt": self.g_opt.state_dict() if self.g_opt else None,
                 "rng": self.rng.get_state(), "wall_s": self.wall_s, "bad_total": self.bad_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.qmodel.load_state_dict(state["qmodel"])
         self.source.load_state_dict(state["source"])
+        if self.warm_source is not None:
+            self.warm_source.load_state_dict(state["warm_source"])
         self.q_opt.load_state_dict(state["q_opt"])
         if self.g_opt is not None:
             self.g_opt.load_state_dict(state["g_opt"])
@@ -240,9 +244,18 @@ class Job:
         self.t_tap.remove()
         self.q_tap.remove()
         self.source.close()
+        self.end_warmup()
+
+    def end_warmup(self) -> None:
+        """Offline sources discard the warm-up generator: its BN hooks would slow every later teacher forward."""
+        if self.warm_source is not None:
+            self.warm_source.close()
+
+    def batch_source(self, warm: bool) -> Any:
+        return self.warm_source if warm and self.warm_source is not None else self.source
 
 
-def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str) -> Job:
+def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool = False) -> Job:
     torch.manual_seed(cfg.seed)
     teacher, test_set = _teacher_and_data(cfg, teacher, device)
     info = test_set.info
@@ -253,20 +266,27 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str) -> Job:
     for p in qmodel.parameters():
         p.requires_grad_(True)
     qmodel.eval()  # BN uses the teacher's running statistics throughout; its affine parameters still train
-    source = create_source(cfg.generator, SourceContext(teacher, info.num_classes, info.in_channels, info.image_size,
-                                                        device), cfg.options)
+    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet)
+    source = create_source(cfg.generator, ctx, cfg.options)
+    # hast.md §1b: an offline set is not what the ranges should see first; a GDFQ generator, trained during the
+    # warm-up epochs and then discarded, provides the calibration images.
+    warm_source = create_source("gdfq", ctx) if not source.online and cfg.warmup_epochs > 0 else None
     if device.startswith("cuda"):
         source.to(memory_format=torch.channels_last)
+        if warm_source is not None:
+            warm_source.to(memory_format=torch.channels_last)
     loss_fn = create_loss(cfg.method, cfg.options).to(device)
     layers = loss_fn.feature_layers(teacher, torch.zeros(2, info.in_channels, info.image_size, info.image_size,
                                                          device=device))
     q_params = list(qmodel.parameters())
     q_opt = torch.optim.SGD(q_params, lr=cfg.lr_q, momentum=cfg.momentum, nesterov=True,
                             weight_decay=cfg.weight_decay)
-    g_params = list(source.parameters())
-    g_opt = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=cfg.g_betas) if source.online and g_params else None
+    trained_source = source if source.online else warm_source
+    g_params = list(trained_source.parameters()) if trained_source is not None else []
+    g_opt = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=cfg.g_betas) if g_params else None
     return Job(cfg, device, Path(cfg.out), teacher, qmodel, test_set, source, loss_fn, FeatureTap(teacher, layers),
-               FeatureTap(qmodel, layers), q_params, q_opt, g_opt, torch.Generator().manual_seed(cfg.seed))
+               FeatureTap(qmodel, layers), q_params, q_opt, g_opt, torch.Generator().manual_seed(cfg.seed),
+               warm_source)
 
 
 def _open_run(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
@@ -292,7 +312,7 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     state = _open_run(cfg, resume)
-    job = _build(cfg, teacher, device)
+    job = _build(cfg, teacher, device, quiet)
     try:
         if state is not None:
             job.load_state_dict(state)
@@ -315,6 +335,8 @@ def _set_epoch(job: Job, epoch: int) -> None:
     for g in job.g_opt.param_groups if job.g_opt is not None else ():
         g["lr"] = cfg.lr_g * factor
     observe_ranges(job.qmodel, epoch < cfg.warmup_epochs)
+    if epoch >= cfg.warmup_epochs:
+        job.end_warmup()
 
 
 def _loop(job: Job, quiet: bool) -> None:
@@ -379,6 +401,7 @@ def _finish(job: Job) -> Result:
                "wbits": cfg.wbits, "abits": cfg.abits, "generator": cfg.generator, "method": cfg.method,
                "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.seed,
                "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.bad_total,
+               **job.source.describe(),
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)]}
     save_json(summary, out / "result.json")
     (out / "state.pt").unlink(missing_ok=True)
@@ -387,12 +410,12 @@ def _finish(job: Job) -> Result:
 
 def _iteration(job: Job, warm: bool) -> dict[str, Any]:
     """One generator step (online sources) and, after warm-up, one Q-model step; returns the loss terms."""
-    cfg, source, qmodel = job.cfg, job.source, job.qmodel
+    cfg, source, qmodel = job.cfg, job.batch_source(warm), job.qmodel
     terms: dict[str, Any] = {}
     with autocast(job.device, cfg.precision):
         x, y = source.sample(cfg.batch_size, job.rng)
         t_logits = job.teacher(x)
-        if job.g_opt is not None:
+        if source.online and job.g_opt is not None:
             g_loss, g_terms = source.generator_loss(x, y, t_logits, qmodel)
             job.g_opt.zero_grad(set_to_none=True)
             g_loss.backward(inputs=list(source.parameters()))

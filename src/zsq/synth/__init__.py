@@ -1,5 +1,5 @@
-"""Synthetic data sources (a registry): online generators now, offline cached sets plug in the same way."""
-from . import adadfq, gdfq  # noqa: F401  (registers the sources)
+"""Synthetic data sources (a registry): online generators (gdfq, adadfq) and offline cached sets (hast, zeroq)."""
+from . import adadfq, gdfq, pixels  # noqa: F401  (registers the sources)
 from .base import SOURCES, DataSource, SourceContext, create_source, list_sources
 from .bns import BNStatistics
 from .generator import ConditionalGenerator

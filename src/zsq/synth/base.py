@@ -25,6 +25,7 @@ class SourceContext:
     in_channels: int
     image_size: int
     device: str
+    quiet: bool = False  # no progress bar for sources that do long work up front (offline synthesis)
 
 
 class DataSource(nn.Module):
@@ -40,6 +41,10 @@ class DataSource(nn.Module):
 
     def close(self) -> None:
         """Remove any hook the source put on the teacher."""
+
+    def describe(self) -> dict[str, object]:
+        """Facts about the source for result.json (e.g. which stored set an offline source used)."""
+        return {}
 
 
 SOURCES: Registry[Callable[[SourceContext, object], DataSource]] = Registry("data source")

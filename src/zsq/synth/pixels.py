@@ -1,0 +1,200 @@
+"""Offline synthetic sets: pixels optimised once against the frozen teacher, cached, then sampled with augmentation.
+
+`hast` (Li et al., CVPR 2023): BN-statistics matching + a hardness-weighted CE, β·mean((1−p_y)^γ·CE), so that
+images the teacher finds hard weigh more; `zeroq` is the same optimisation with β = 0 (BN statistics only).
+Each batch of images is a leaf tensor optimised by Adam with plateau decay (hast.md §1a). The set is keyed by
+its synthesis options and a hash of the teacher's weights, so `zsq quantize` reuses a cached set only when both
+match, and `zsq synth` writes the same file format for later use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..data import random_resized_crop
+from ..errors import UserError
+from ..io import save_torch
+from ..models import read_checkpoint
+from .base import SOURCES, DataSource, SourceContext
+from .bns import BNStatistics
+
+FORMAT = "synthetic"
+PIXEL_SOURCES = ("hast", "zeroq")
+
+
+def hardness_ce(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """mean_i (1 − p_i)^γ · CE_i with p_i the softmax probability of the label; the weight is not detached, as in
+    the HAST code, so the gradient also pushes through it."""
+    logp = F.log_softmax(logits.float(), 1).gather(1, labels[:, None]).squeeze(1)
+    return ((1 - logp.exp()).pow(gamma) * -logp).mean()
+
+
+@dataclass
+class PixelOptions:
+    synth_images: int = field(default=5120, metadata={"help": "synthetic images to optimise (HAST: 5,120)"})
+    synth_batch: int = field(default=256, metadata={"help": "images optimised together"})
+    synth_iters: int = field(default=1000, metadata={"help": "Adam steps per synthesis batch"})
+    synth_lr: float = field(default=0.5, metadata={"help": "Adam learning rate on the pixels"})
+    synth_patience: int = field(default=50, metadata={"help": "plateau steps before the pixel LR drops ×0.1"})
+    hard_weight: float = field(default=10.0, metadata={"help": "β of the hardness-weighted CE (0: BN statistics only)"})
+    hard_gamma: float = field(default=2.0, metadata={"help": "γ of the hardness weight (1 − p_y)^γ"})
+    synth_seed: int = field(default=0, metadata={"help": "seed of the synthesis (initial pixels and labels)"})
+    synth_data: str | None = field(default=None, metadata={
+        "help": "a set written by `zsq synth`; default: the cache (ZSQ_CACHE, else ~/.cache/zsq)"})
+
+    def __post_init__(self) -> None:
+        for name in ("synth_images", "synth_batch", "synth_iters", "synth_patience"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.synth_lr <= 0 or self.hard_weight < 0 or self.hard_gamma < 0:
+            raise UserError("synth-lr must be > 0, hard-weight and hard-gamma ≥ 0")
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that determine the images (not where they are stored)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "synth_data"}
+
+
+@dataclass
+class ZeroQOptions(PixelOptions):
+    hard_weight: float = field(default=0.0, metadata={"help": "β of the hardness-weighted CE (0: BN statistics only)"})
+
+
+def teacher_hash(model: nn.Module) -> str:
+    """SHA-256 over the teacher's state_dict (names, shapes, dtypes, values): which teacher a set was made from."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def synthesize(teacher: nn.Module, opts: PixelOptions, num_classes: int, shape: tuple[int, int, int], device: str,
+               quiet: bool = False) -> dict[str, Any]:
+    """Optimise `opts.synth_images` images batch by batch; returns images (float, the teacher's input space),
+    labels and the final loss of each batch."""
+    g = torch.Generator().manual_seed(opts.synth_seed)
+    bns = BNStatistics(teacher)
+    images, labels, finals = [], [], []
+    sizes = [min(opts.synth_batch, opts.synth_images - i) for i in range(0, opts.synth_images, opts.synth_batch)]
+    bar = tqdm(total=len(sizes) * opts.synth_iters, desc="synthesize", disable=quiet, dynamic_ncols=True)
+    try:
+        for n in sizes:
+            x = torch.randn(n, *shape, generator=g).to(device).requires_grad_(True)
+            y = torch.randint(0, num_classes, (n,), generator=g).to(device)
+            opt = torch.optim.Adam([x], lr=opts.synth_lr)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=opts.synth_patience, min_lr=1e-4)
+            for _ in range(opts.synth_iters):
+                logits = teacher(x)
+                loss = bns.loss() + opts.hard_weight * hardness_ce(logits, y, opts.hard_gamma)
+                opt.zero_grad(set_to_none=True)
+                loss.backward(inputs=[x])
+                opt.step()
+                plateau.step(loss.item())
+                bar.update()
+            images.append(x.detach().cpu())
+            labels.append(y.cpu())
+            finals.append(loss.item())
+            bar.set_postfix(loss=f"{finals[-1]:.3g}")
+    finally:
+        bar.close()
+        bns.remove()
+    return {"images": torch.cat(images), "labels": torch.cat(labels), "final_loss": finals}
+
+
+def write_set(path: str | Path, data: dict[str, Any], source: str, opts: PixelOptions, thash: str) -> Path:
+    return save_torch({"zsq": FORMAT, "version": 1, "source": source, "recipe": json.dumps(opts.recipe()),
+                       "teacher_sha256": thash, "images": data["images"], "labels": data["labels"],
+                       "final_loss": torch.tensor(data["final_loss"])}, path)
+
+
+def read_set(path: str | Path) -> dict[str, Any]:
+    obj = read_checkpoint(path)
+    if not isinstance(obj, dict) or obj.get("zsq") != FORMAT:
+        raise UserError(f"{path} is not a synthetic set written by `zsq synth`")
+    return obj
+
+
+def cache_path(source: str, opts: PixelOptions, thash: str) -> Path:
+    root = Path(os.environ.get("ZSQ_CACHE", Path.home() / ".cache" / "zsq")) / "synth"
+    key = hashlib.sha256(json.dumps([source, opts.recipe(), thash], sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"{source}-{key}.pt"
+
+
+def load_or_build(source: str, ctx: SourceContext, opts: PixelOptions) -> tuple[dict[str, Any], Path, bool]:
+    """The set for this teacher and recipe: `synth_data` if given (it must match), else the cache, else built and
+    cached. Returns (set, path, built)."""
+    thash = teacher_hash(ctx.teacher)
+    if opts.synth_data:
+        data = read_set(opts.synth_data)
+        if data["teacher_sha256"] != thash:
+            raise UserError(f"{opts.synth_data} was synthesized from another teacher; run `zsq synth` for this one")
+        return data, Path(opts.synth_data), False
+    path = cache_path(source, opts, thash)
+    if path.is_file():
+        data = read_set(path)
+        if data["teacher_sha256"] == thash and json.loads(data["recipe"]) == opts.recipe():
+            return data, path, False
+    shape = (ctx.in_channels, ctx.image_size, ctx.image_size)
+    built = synthesize(ctx.teacher, opts, ctx.num_classes, shape, ctx.device, ctx.quiet)
+    write_set(path, built, source, opts, thash)
+    return read_set(path), path, True
+
+
+class OfflineSource(DataSource):
+    """Draws batches from a stored set, with per-sample random-resized crop (scale 0.5–1) and flip (hast.md §3).
+    The images are plain attributes, not buffers: a resume checkpoint does not copy them."""
+
+    online = False
+
+    def __init__(self, ctx: SourceContext, name: str, opts: PixelOptions) -> None:
+        super().__init__()
+        data, self.path, self.built = load_or_build(name, ctx, opts)
+        self.images = data["images"].to(ctx.device)
+        self.labels = data["labels"].to(ctx.device)
+        if self.images.shape[1:] != (ctx.in_channels, ctx.image_size, ctx.image_size):
+            raise UserError(f"{self.path} holds images of shape {tuple(self.images.shape[1:])}; the teacher takes "
+                            f"{(ctx.in_channels, ctx.image_size, ctx.image_size)}")
+
+    def describe(self) -> dict[str, object]:
+        return {"synthetic_set": str(self.path), "synthetic_set_built": self.built, "synthetic_images": len(self.labels)}
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.images), (batch_size,), generator=rng).to(self.images.device)
+        return random_resized_crop(self.images[idx], rng), self.labels[idx]
+
+
+@SOURCES.register("hast", options=PixelOptions)
+def hast(ctx: SourceContext, opts: PixelOptions) -> OfflineSource:
+    return OfflineSource(ctx, "hast", opts)
+
+
+@SOURCES.register("zeroq", options=ZeroQOptions)
+def zeroq(ctx: SourceContext, opts: ZeroQOptions) -> OfflineSource:
+    return OfflineSource(ctx, "zeroq", opts)
+
+
+def build_set(teacher: nn.Module, source: str, out: str | Path, num_classes: int, shape: tuple[int, int, int],
+              device: str, options: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+    """`zsq synth`: optimise a set for `teacher` with the source's options and write it to `out`."""
+    if source not in PIXEL_SOURCES:
+        raise UserError(f"zsq synth makes offline sets: choose --source {' or '.join(PIXEL_SOURCES)}, not '{source}'")
+    opts = SOURCES.build_options(source, options)
+    if opts.synth_data:
+        raise UserError("--synth-data names an existing set; zsq synth writes a new one to --out")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    data = synthesize(teacher.to(device).eval(), opts, num_classes, shape, device, quiet)
+    write_set(out, data, source, opts, teacher_hash(teacher))
+    return {"out": str(out), "source": source, "images": len(data["labels"]), "recipe": opts.recipe(),
+            "final_loss": data["final_loss"]}
+
