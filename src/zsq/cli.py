@@ -90,6 +90,7 @@ def _float_pair(text: str) -> tuple[float, float]:
 
 
 QUANTIZE_HELP = {
+    "promote": "ε of HAST's FGSM difficulty promotion, with any method (0 = off; the hast presets: 0.01)",
     "teacher": "shipped teacher, architecture (with --checkpoint) or checkpoint path",
     "generator": "data source", "method": "transfer loss", "preset": "recipe: paper budget or quick CPU budget",
     "wbits": "weight bits (2..8; 32 = FP)", "abits": "activation bits (2..8; 32 = FP)",

@@ -34,6 +34,7 @@ PAPER_BY_METHOD: dict[str, dict[str, Any]] = {
     "akt": AKT_PAPER,
     "akt-spatial": AKT_PAPER,
     "akt-channel": AKT_PAPER,
+    "hast": {"promote": 0.01},  # FGSM ε of the HAST code (hast.md §2.6)
 }
 
 # CPU budget for ResNet-20 on Fashion-MNIST: 600 iterations at batch 64, the first 100 generator-only warm-up,
@@ -57,12 +58,14 @@ QUICK_BY_SOURCE: dict[str, dict[str, Any]] = {
     "zeroq": {"synth_images": 512, "synth_iters": 100},
 }
 
+QUICK_BY_METHOD: dict[str, dict[str, Any]] = {"hast": {"promote": 0.01}}
+
 PRESETS = ("paper", "quick")
 
 
 def preset_values(preset: str, source: str, method: str) -> dict[str, Any]:
     if preset == "quick":
-        return {**QUICK, **QUICK_BY_SOURCE.get(source, {})}
+        return {**QUICK, **QUICK_BY_SOURCE.get(source, {}), **QUICK_BY_METHOD.get(method, {})}
     if preset == "paper":
         return {**PAPER_COMMON, **PAPER_BY_SOURCE.get(source, {}), **PAPER_BY_METHOD.get(method, {})}
     raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .device import autocast, resolve_device
-from .distill import LOSSES, FeatureTap, TransferInputs, create_loss
+from .distill import LOSSES, FeatureTap, TransferInputs, create_loss, fgsm_promote
 from .errors import UserError
 from .evaluate import evaluate, eval_set_for
 from .io import save_json, save_torch
@@ -66,6 +66,7 @@ class TrainConfig:
     ckpt_every: int = 100  # iterations between resume checkpoints
     log_every: int = 10  # iterations between metrics flushes (one device sync each)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    promote: float = 0.0  # ε of HAST's FGSM difficulty promotion (0 = off): each batch also trains perturbed
     out: str = "runs/run"  # resolve_config names it after generator, method, bits, preset and seed
     options: dict[str, Any] = field(default_factory=dict)  # plug-in options of the generator and the method
 
@@ -80,6 +81,8 @@ class TrainConfig:
             raise UserError(f"warmup-epochs must be in [0, epochs), got {self.warmup_epochs} of {self.epochs}")
         if self.lr_q <= 0 or self.lr_g <= 0:
             raise UserError("learning rates must be > 0")
+        if self.promote < 0:
+            raise UserError(f"promote (FGSM ε) must be ≥ 0, got {self.promote}")
         self.milestones = sorted(int(m) for m in self.milestones)
         self.g_betas = tuple(self.g_betas)
 
@@ -428,8 +431,14 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
                 qmodel(x)
             job.q_tap.take()
             return terms
+        if cfg.promote > 0:
+            x.requires_grad_(True)
         q_logits = qmodel(x)
         loss, q_terms = job.loss_fn(TransferInputs(t_logits, q_logits, y, x, t_feats, job.q_tap.take()))
+        if cfg.promote > 0:
+            adv = _promoted_loss(job, x, y, loss)
+            q_terms = {**q_terms, "loss_clean": loss, "loss_promoted": adv}
+            loss = loss + adv
     job.q_opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in job.q_params if p.grad is not None])
@@ -438,6 +447,18 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
         job.q_opt.step()
     terms.update(q_terms, loss_q=loss.detach(), grad_norm=grad_norm, _skipped=skipped)
     return terms
+
+
+def _promoted_loss(job: Job, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor) -> torch.Tensor:
+    """HAST's sample-difficulty promotion: the batch moved by ε·sign(∇ₓ loss), i.e. made harder for the Q model,
+    and the transfer loss on it. The direction follows the Q path only; the HAST code also let it flow through
+    the teacher, whose outputs it never detached (hast.md §5.4), a side effect rather than the method."""
+    x_adv = fgsm_promote(x, clean_loss, job.cfg.promote)
+    with torch.no_grad():
+        t_logits = job.teacher(x_adv)
+    t_feats = job.t_tap.take(detach=True)
+    loss, _ = job.loss_fn(TransferInputs(t_logits, job.qmodel(x_adv), y, x_adv, t_feats, job.q_tap.take()))
+    return loss
 
 
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def attention_kl(u: torch.Tensor, v: torch.Tensor, tau: float, reduction: str = 
 Maps = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]  # feature maps in order, or by module name
 
 
-def _pairs(teacher_feats: Maps, student_feats: Maps) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def match_maps(teacher_feats: Maps, student_feats: Maps) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(teacher_feats, Mapping):
         return [(teacher_feats[k], student_feats[k]) for k in teacher_feats]
     return list(zip(teacher_feats, student_feats, strict=True))  # unequal counts raise
@@ -58,7 +58,7 @@ def _pairs(teacher_feats: Maps, student_feats: Maps) -> list[tuple[torch.Tensor,
 def rfd_terms(teacher_feats: Maps, student_feats: Maps, tau: float = 8.0, parts: Sequence[str] = PARTS,
               reduction: str = "batchmean") -> dict[str, torch.Tensor]:
     """Per attention part, the KL averaged over the N maps (unweighted): the pieces `rfd_loss` adds up."""
-    pairs = _pairs(teacher_feats, student_feats)
+    pairs = match_maps(teacher_feats, student_feats)
     if not pairs:
         raise ValueError("rfd needs at least one pair of feature maps")
     unknown = set(parts) - set(PARTS)
@@ -134,8 +134,9 @@ def find_units(model: nn.Module, example: torch.Tensor) -> list[str]:
     return names
 
 
-def resolve_layers(model: nn.Module, example: torch.Tensor, layers: str) -> list[str]:
-    """`stages`, `units`, or comma-separated module names (checked against the model)."""
+def resolve_layers(model: nn.Module, example: torch.Tensor, layers: str, flag: str = "--akt-layers") -> list[str]:
+    """`stages`, `units`, or comma-separated module names (checked against the model); `flag` names the option in
+    error messages."""
     if layers == "stages":
         found = find_stages(model, example)
     elif layers == "units":
@@ -145,11 +146,11 @@ def resolve_layers(model: nn.Module, example: torch.Tensor, layers: str) -> list
         modules = dict(model.named_modules())
         missing = [n for n in found if n not in modules]
         if missing:
-            raise UserError(f"--akt-layers: no module named {', '.join(missing)} in {type(model).__name__} "
+            raise UserError(f"{flag}: no module named {', '.join(missing)} in {type(model).__name__} "
                             f"(stages here: {', '.join(find_stages(model, example))})")
     if not found:
-        raise UserError(f"--akt-layers {layers}: no such feature maps in {type(model).__name__}; name the modules "
-                        f"explicitly, e.g. --akt-layers {','.join(find_stages(model, example)) or 'features'}")
+        raise UserError(f"{flag} {layers}: no such feature maps in {type(model).__name__}; name the modules "
+                        f"explicitly, e.g. {flag} {','.join(find_stages(model, example)) or 'features'}")
     return found
 
 

@@ -1,4 +1,5 @@
-"""Offline synthetic sets (HAST, ZeroQ): hardness-weighted CE by hand, synthesis, cache keys, batched crops, CLI."""
+"""HAST: hardness-weighted CE by hand, pixel synthesis, cache keys, batched crops, `zsq synth`, the hast loss and
+the FGSM promotion pass."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from zsq.data import random_resized_crop
+from zsq.distill import TransferInputs, create_loss, fa_loss, fgsm_promote, l2_channel_attention
 from zsq.errors import UserError
 from zsq.synth import SourceContext, create_source
 from zsq.synth.pixels import PixelOptions, cache_path, hardness_ce, read_set, synthesize, teacher_hash
@@ -111,3 +113,45 @@ def test_synth_cli_writes_a_set_quantize_can_use(tmp_path, fmnist_dir):
     assert all("loss_g" not in r and "loss_q" in r for r in rows if not r["warmup"])
     bad = run_cli("synth", "--source", "gdfq", "--out", str(tmp_path / "x.pt"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_hast_loss_by_hand():
+    # one map, one sample: channel f² means [2.5, 4.5] (teacher) and [0.5, 1.0] (student), each L2-normalised
+    t = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])
+    s = torch.tensor([[[[0.0, 1.0]], [[1.0, 1.0]]]])
+    at = [2.5 / math.hypot(2.5, 4.5), 4.5 / math.hypot(2.5, 4.5)]
+    aq = [0.5 / math.hypot(0.5, 1.0), 1.0 / math.hypot(0.5, 1.0)]
+    fa = ((at[0] - aq[0]) ** 2 + (at[1] - aq[1]) ** 2) / 2
+    assert l2_channel_attention(t)[0].tolist() == pytest.approx(at)
+    assert fa_loss([t, t], [s, s]).item() == pytest.approx(2 * fa, rel=1e-5)  # summed over maps
+    loss_fn = create_loss("hast", {"hast_layers": "a", "kd_temperature": 2.0})
+    loss_fn.layers = ["a"]
+    zt, zq = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    loss, terms = loss_fn(TransferInputs(zt, zq, torch.tensor([0]), t, {"a": t}, {"a": s}))
+    kd = 4 * sum(p * math.log(p / 0.5) for p in (1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(0.5))))
+    assert terms["kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert loss.item() == pytest.approx(20 * kd + 1000 * fa, rel=1e-5)
+
+
+def test_fgsm_promotion_moves_each_pixel_by_eps_uphill():
+    x = torch.randn(4, 1, 5, 5, requires_grad=True)
+    w = torch.randn(1, 5, 5)
+    loss = (x * w).sum()
+    x_adv = fgsm_promote(x, loss, 0.01)
+    assert (x_adv - x).abs().max().item() == pytest.approx(0.01, rel=1e-5)
+    assert torch.equal(torch.sign(x_adv - x), torch.sign(w).expand_as(x))  # the direction that raises the loss
+    assert not x_adv.requires_grad
+    loss.backward()  # the clean graph is still usable
+
+
+def test_promote_works_with_any_loss(tiny_teacher, fmnist_dir, tmp_path):
+    import zsq
+    r = zsq.quantize(str(tiny_teacher), generator="gdfq", method="kd", promote=0.01, data_dir=str(fmnist_dir),
+                     epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=4, eval_limit=20,
+                     out=str(tmp_path / "p"), quiet=True)
+    rows = [json.loads(l) for l in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in rows if not row["warmup"]]
+    assert trained and all(row["loss_q"] == pytest.approx(row["loss_clean"] + row["loss_promoted"], rel=1e-5)
+                           for row in trained)
+    with pytest.raises(UserError, match="promote"):
+        zsq.quantize(str(tiny_teacher), promote=-1.0, out=str(tmp_path / "bad"))
