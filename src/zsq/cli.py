@@ -17,7 +17,7 @@ from .errors import UserError
 from .device import resolve_device
 from .evaluate import eval_set_for, run_eval
 from .io import save_json
-from .models import list_models, load_model, shipped_models
+from .models import dataset_info, list_models, load_model, shipped_models
 from .presets import PRESETS, preset_values
 from .quant import check_bits
 from .synth import SOURCES, list_sources
@@ -156,7 +156,9 @@ SYNTH_FLAGS = {"images": "synth_images", "batch_size": "synth_batch", "iters": "
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     teacher = load_model(args.teacher, checkpoint=args.checkpoint)
-    info = eval_set_for(teacher, args.dataset, args.data_dir).info
+    recorded = dataset_info(teacher)
+    info = (recorded if recorded is not None and args.dataset in (None, recorded.name)
+            else eval_set_for(teacher, args.dataset, args.data_dir).info)
     options = {**preset_values(args.preset, args.source, "kd"),
                **{field: getattr(args, flag) for flag, field in SYNTH_FLAGS.items() if getattr(args, flag) is not None}}
     out = build_set(teacher, args.source, args.out, info.num_classes, (info.in_channels, info.image_size,

@@ -35,6 +35,8 @@ PAPER_BY_METHOD: dict[str, dict[str, Any]] = {
     "akt-spatial": AKT_PAPER,
     "akt-channel": AKT_PAPER,
     "hast": {"promote": 0.01},  # FGSM ε of the HAST code (hast.md §2.6)
+    "synq": {"promote": 0.01},  # SynQ keeps HAST's promotion (synq.md §5); its CIFAR budget is not published
+    "akt+synq": {"promote": 0.01},
 }
 
 # CPU budget for ResNet-20 on Fashion-MNIST: 600 iterations at batch 64, the first 100 generator-only warm-up,
@@ -60,7 +62,18 @@ QUICK_BY_SOURCE: dict[str, dict[str, Any]] = {
 
 # The hast loss is 20·T²·KD + 1000·FA, with Q-model gradient norms in the thousands: its code's lr_q 1e-5 is
 # kept, since 1e-3 and 1e-4 diverged within 50 steps at W3A3 (seed 0).
-QUICK_BY_METHOD: dict[str, dict[str, Any]] = {"hast": {"promote": 0.01, "lr_q": 1e-5}}
+# AKT's official λ (2e5 per map) with the quick lr_q 1e-3 diverged at W3A3 (NaN at step 124, README "AKT's
+# scale"); λ 1e4 gives the RFD and KD gradients about equal norms at the start (benchmarks/akt_scale.py).
+AKT_QUICK: dict[str, Any] = {"akt_lambda": 1e4}
+QUICK_BY_METHOD: dict[str, dict[str, Any]] = {
+    "hast": {"promote": 0.01, "lr_q": 1e-5},
+    "synq": {"promote": 0.01, "lr_q": 1e-5},  # the same 20·T²·KD scale as hast
+    # λ 2e5: RFD over KD as in the quick akt (1e4 against a KD weight of 1; synq weighs KD by 20)
+    "akt+synq": {"promote": 0.01, "lr_q": 1e-5, "akt_lambda": 2e5},
+    "akt": AKT_QUICK,
+    "akt-spatial": AKT_QUICK,
+    "akt-channel": AKT_QUICK,
+}
 
 PRESETS = ("paper", "quick")
 

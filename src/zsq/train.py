@@ -281,14 +281,14 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool
     loss_fn = create_loss(cfg.method, cfg.options).to(device)
     layers = loss_fn.feature_layers(teacher, torch.zeros(2, info.in_channels, info.image_size, info.image_size,
                                                          device=device))
-    q_params = list(qmodel.parameters())
+    q_params = [p for p in qmodel.parameters() if p.requires_grad]
     q_opt = torch.optim.SGD(q_params, lr=cfg.lr_q, momentum=cfg.momentum, nesterov=True,
                             weight_decay=cfg.weight_decay)
     trained_source = source if source.online else warm_source
     g_params = list(trained_source.parameters()) if trained_source is not None else []
     g_opt = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=cfg.g_betas) if g_params else None
-    return Job(cfg, device, Path(cfg.out), teacher, qmodel, test_set, source, loss_fn, FeatureTap(teacher, layers),
-               FeatureTap(qmodel, layers), q_params, q_opt, g_opt, torch.Generator().manual_seed(cfg.seed),
+    return Job(cfg, device, Path(cfg.out), teacher, qmodel, test_set, source, loss_fn,
+               FeatureTap(teacher, layers, loss_fn.teacher_grad_layers), FeatureTap(qmodel, layers), q_params, q_opt, g_opt, torch.Generator().manual_seed(cfg.seed),
                warm_source)
 
 
@@ -413,34 +413,42 @@ def _finish(job: Job) -> Result:
 
 def _iteration(job: Job, warm: bool) -> dict[str, Any]:
     """One generator step (online sources) and, after warm-up, one Q-model step; returns the loss terms."""
-    cfg, source, qmodel = job.cfg, job.batch_source(warm), job.qmodel
+    cfg, source, qmodel, loss_fn = job.cfg, job.batch_source(warm), job.qmodel, job.loss_fn
     terms: dict[str, Any] = {}
     with autocast(job.device, cfg.precision):
         x, y = source.sample(cfg.batch_size, job.rng)
-        t_logits = job.teacher(x)
+        t_logits = None
         if source.online and job.g_opt is not None:
+            t_logits = job.teacher(x)
             g_loss, g_terms = source.generator_loss(x, y, t_logits, qmodel)
             job.g_opt.zero_grad(set_to_none=True)
             g_loss.backward(inputs=list(source.parameters()))
             job.g_opt.step()
             terms.update(g_terms, loss_g=g_loss)
-        x, t_logits = x.detach(), t_logits.detach()
-        t_feats = job.t_tap.take(detach=True)
+        x = x.detach()
         if warm:  # the Q model only calibrates its activation ranges
             with torch.no_grad():
                 qmodel(x)
+            job.t_tap.take()
             job.q_tap.take()
             return terms
-        if cfg.promote > 0:
-            x.requires_grad_(True)
+        seen = loss_fn.prepare(x)
+        grad_layers = loss_fn.teacher_grad_layers
+        if t_logits is None or seen is not x or grad_layers:  # else the generator step's pass serves
+            job.t_tap.take()
+            with torch.set_grad_enabled(bool(grad_layers)), job.t_tap.cutting():
+                t_logits = job.teacher(seen)
+        t_feats = job.t_tap.take(detach=True)
+        t_logits = t_logits if grad_layers else t_logits.detach()
+        x = seen.requires_grad_(True) if cfg.promote > 0 else seen
         q_logits = qmodel(x)
-        loss, q_terms = job.loss_fn(TransferInputs(t_logits, q_logits, y, x, t_feats, job.q_tap.take()))
+        loss, q_terms = loss_fn(TransferInputs(t_logits, q_logits, y, x, t_feats, job.q_tap.take()))
         if cfg.promote > 0:
             adv = _promoted_loss(job, x, y, loss)
             q_terms = {**q_terms, "loss_clean": loss, "loss_promoted": adv}
             loss = loss + adv
     job.q_opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward(inputs=job.q_params)  # not into x, which requires grad when --promote is on
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in job.q_params if p.grad is not None])
     skipped = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one sync: the guard must know now
     if not skipped:
@@ -457,7 +465,8 @@ def _promoted_loss(job: Job, x: torch.Tensor, y: torch.Tensor, clean_loss: torch
     with torch.no_grad():
         t_logits = job.teacher(x_adv)
     t_feats = job.t_tap.take(detach=True)
-    loss, _ = job.loss_fn(TransferInputs(t_logits, job.qmodel(x_adv), y, x_adv, t_feats, job.q_tap.take()))
+    loss, _ = job.loss_fn(TransferInputs(t_logits, job.qmodel(x_adv), y, x_adv, t_feats, job.q_tap.take(),
+                                         promoted=True))
     return loss
 
 

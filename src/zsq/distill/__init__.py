@@ -1,5 +1,5 @@
 """Transfer losses (a registry, chosen by `--method`), computed from both models' logits and features."""
-from . import akt, hast, logits  # noqa: F401  (register the losses)
+from . import akt, hast, logits, synq  # noqa: F401  (register the losses)
 from .base import (
     LOSSES,
     FeatureTap,
@@ -11,7 +11,8 @@ from .base import (
 from .akt import channel_attention, find_stages, find_units, rfd_loss, spatial_attention
 from .hast import fa_loss, fgsm_promote, l2_channel_attention
 from .logits import kd_loss
+from .synq import find_cam_layer, grad_cam, low_pass, lowpass_mask, selective_ce
 
 __all__ = ["LOSSES", "FeatureTap", "TransferInputs", "TransferLoss", "channel_attention", "create_loss", "fa_loss",
-           "fgsm_promote", "find_stages", "find_units", "kd_loss", "l2_channel_attention", "list_methods", "rfd_loss",
-           "spatial_attention"]
+           "fgsm_promote", "find_cam_layer", "find_stages", "find_units", "grad_cam", "kd_loss", "l2_channel_attention",
+           "list_methods", "low_pass", "lowpass_mask", "rfd_loss", "selective_ce", "spatial_attention"]

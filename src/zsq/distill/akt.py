@@ -158,34 +158,46 @@ def resolve_layers(model: nn.Module, example: torch.Tensor, layers: str, flag: s
 
 
 @dataclass
-class AKTOptions(GDFQLossOptions):
-    akt_alpha: float = field(default=0.5, metadata={"help": "weight α of the logit part: α·KD + (1−α)·RFD (convex)"})
+class RFDOptions:
+    """The refined feature distillation's own options, shared by `akt` and `akt+synq`."""
+
     akt_lambda: float | None = field(default=None, metadata={
         "help": f"λ of Eq. 8 (batch-mean KLs); default {OFFICIAL_MAP_WEIGHT:.0e}·N maps, the official code's weight"})
     akt_tau: float = field(default=8.0, metadata={"help": "temperature of the attention KLs"})
-    akt_combine: str = field(default="convex", metadata={
-        "help": "convex: α·KD + (1−α)·RFD (paper Eq. 9); sum: KD + RFD (official code)"})
     akt_layers: str = field(default="stages", metadata={
         "help": "stages (last block per resolution, paper), units (every residual block, official code) or "
                 "comma-separated module names"})
-    akt_base: str = field(default="kd", metadata={"help": "logit loss under AKT: kd, gdfq or adadfq"})
     akt_reduction: str = field(default="batchmean", metadata={
         "help": "batchmean, or sum over the batch as the official code (λ then scales with the batch)"})
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.akt_alpha <= 1:
-            raise UserError(f"akt-alpha must be in [0, 1], got {self.akt_alpha}")
+    def check_rfd(self) -> None:
         if self.akt_lambda is not None and self.akt_lambda < 0:
             raise UserError(f"akt-lambda must be ≥ 0, got {self.akt_lambda}")
         if self.akt_tau <= 0:
             raise UserError(f"akt-tau must be > 0, got {self.akt_tau}")
+        if self.akt_reduction not in ("batchmean", "sum"):
+            raise UserError(f"akt-reduction must be batchmean or sum, got '{self.akt_reduction}'")
+
+    def rfd_weight(self, n_maps: int) -> float:
+        return self.akt_lambda if self.akt_lambda is not None else OFFICIAL_MAP_WEIGHT * max(n_maps, 1)
+
+
+@dataclass
+class AKTOptions(GDFQLossOptions, RFDOptions):
+    akt_alpha: float = field(default=0.5, metadata={"help": "weight α of the logit part: α·KD + (1−α)·RFD (convex)"})
+    akt_combine: str = field(default="convex", metadata={
+        "help": "convex: α·KD + (1−α)·RFD (paper Eq. 9); sum: KD + RFD (official code)"})
+    akt_base: str = field(default="kd", metadata={"help": "logit loss under AKT: kd, gdfq or adadfq"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_rfd()
+        if not 0 <= self.akt_alpha <= 1:
+            raise UserError(f"akt-alpha must be in [0, 1], got {self.akt_alpha}")
         if self.akt_combine not in ("convex", "sum"):
             raise UserError(f"akt-combine must be convex or sum, got '{self.akt_combine}'")
         if self.akt_base not in ("kd", "gdfq", "adadfq"):
             raise UserError(f"akt-base must be kd, gdfq or adadfq, got '{self.akt_base}'")
-        if self.akt_reduction not in ("batchmean", "sum"):
-            raise UserError(f"akt-reduction must be batchmean or sum, got '{self.akt_reduction}'")
 
 
 class AKTLoss(TransferLoss):
@@ -204,9 +216,7 @@ class AKTLoss(TransferLoss):
 
     @property
     def lam(self) -> float:
-        if self.opts.akt_lambda is not None:
-            return self.opts.akt_lambda
-        return OFFICIAL_MAP_WEIGHT * max(len(self.layers), 1)
+        return self.opts.rfd_weight(len(self.layers))
 
     def forward(self, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         base, terms = self.base(inp)

@@ -38,16 +38,26 @@ def fgsm_promote(x: torch.Tensor, loss: torch.Tensor, eps: float) -> torch.Tenso
 
 
 @dataclass
-class HASTLossOptions(KDOptions):
-    hast_kd_weight: float = field(default=20.0, metadata={"help": "multiplier of T²·KD in the hast loss (code: 20)"})
+class WeightedKDOptions(KDOptions):
+    hast_kd_weight: float = field(default=20.0, metadata={
+        "help": "multiplier of T²·KD in the hast and synq losses (code: 20)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hast_kd_weight < 0:
+            raise UserError(f"hast-kd-weight must be ≥ 0, got {self.hast_kd_weight}")
+
+
+@dataclass
+class HASTLossOptions(WeightedKDOptions):
     hast_fa_weight: float = field(default=1000.0, metadata={"help": "λ of the channel-attention alignment (code: 1000)"})
     hast_layers: str = field(default="units", metadata={
         "help": "maps aligned by the hast loss: units (every residual block), stages, or module names"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.hast_kd_weight < 0 or self.hast_fa_weight < 0:
-            raise UserError("hast-kd-weight and hast-fa-weight must be ≥ 0")
+        if self.hast_fa_weight < 0:
+            raise UserError(f"hast-fa-weight must be ≥ 0, got {self.hast_fa_weight}")
 
 
 class HASTLoss(TransferLoss):
