@@ -83,7 +83,7 @@ def rfd_loss(teacher_feats: Maps, student_feats: Maps, lam: float = 1.0, tau: fl
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _finish_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+def finish_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """(name, module, output shape) of every submodule called exactly once, in the order their forwards end."""
     calls: list[tuple[str, nn.Module, tuple[int, ...]]] = []
     count: dict[str, int] = {}
@@ -114,7 +114,7 @@ def find_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
     ResNet the stages (`layer1`, `layer2`, ...), for a plain CNN the last module before each down-sampling.
     An ImageNet-style stem counts as its own resolution."""
     last: dict[tuple[int, int], str] = {}
-    for name, _, shape in _finish_order(model, example):
+    for name, _, shape in finish_order(model, example):
         if len(shape) == 4 and shape[2] * shape[3] > 1:
             last.pop(shape[2:], None)  # re-insert so that dict order follows the latest finish
             last[shape[2:]] = name
@@ -124,7 +124,7 @@ def find_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
 def find_units(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Every residual unit: the outermost non-container modules that hold a convolution (a ResNet's blocks)."""
     names = []
-    for name, module, shape in _finish_order(model, example):
+    for name, module, shape in finish_order(model, example):
         parents = [model.get_submodule(".".join(name.split(".")[:i])) for i in range(1, name.count(".") + 1)]
         outermost = all(isinstance(p, _CONTAINERS) for p in parents)
         has_conv = any(isinstance(m, nn.Conv2d) for m in module.modules())

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .akt import RFDOptions, _finish_order, resolve_layers, rfd_terms
+from .akt import RFDOptions, finish_order, resolve_layers, rfd_terms
 from .base import LOSSES, TransferInputs, TransferLoss
 from .hast import HASTLossOptions, WeightedKDOptions, fa_loss
 from .logits import kd_loss
@@ -53,7 +53,7 @@ def find_cam_layer(model: nn.Module, example: torch.Tensor) -> str:
     """The last convolution to run whose output is still spatial (> 1×1): Grad-CAM's usual layer. A classifier
     written as a 1×1 conv after pooling (MobileNetV2) is skipped, where the official code's last-conv rule gives
     a 1×1 map and so a CAM loss of 0."""
-    convs = [name for name, module, shape in _finish_order(model, example)
+    convs = [name for name, module, shape in finish_order(model, example)
              if isinstance(module, nn.Conv2d) and len(shape) == 4 and shape[2] * shape[3] > 1]
     if not convs:
         raise UserError(f"no spatial convolution in {type(model).__name__} for Grad-CAM; name one with --cam-layer")
