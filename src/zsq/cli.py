@@ -16,6 +16,8 @@ from .distill import LOSSES, list_methods
 from .errors import UserError
 from .device import resolve_device
 from .evaluate import eval_set_for, run_eval
+from .export import format_report
+from .export.run import FORMATS, export_run
 from .io import save_json
 from .models import dataset_info, list_models, load_model, shipped_models
 from .presets import PRESETS, preset_values
@@ -191,6 +193,24 @@ def _add_synth(sub) -> None:
     s.set_defaults(func=_cmd_synth)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    result = export_run(args.run, args.format, args.out, args.report)
+    print(format_report(result))
+    print(f"{result['out']}: round trip max |Δlogit| {result['roundtrip_max_abs_logit_diff']:.2e} on 64 N(0,1) inputs")
+    return 0
+
+
+def _add_export(sub) -> None:
+    x = sub.add_parser("export", help="write a trained Q model as real low-bit integers, with a size report",
+                       description="packed: every quantized weight as k-bit codes packed at k bits, with per-channel "
+                                   "scales and zero points (zsq.export.load_packed rebuilds the model).")
+    x.add_argument("run", help="a run directory of zsq quantize, or its student.pt")
+    x.add_argument("--format", default="packed", choices=list(FORMATS))
+    x.add_argument("--out", required=True, help="file to write (e.g. model.zsq)")
+    x.add_argument("--report", help="size report JSON (default: OUT.json)")
+    x.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zsq", description="Zero-shot quantization: a low-bit model from a trained FP model, no data.")
     p.add_argument("--version", action="version", version=f"zsq {__version__}")
@@ -241,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
     _add_quantize(sub)
     _add_synth(sub)
+    _add_export(sub)
     return p
 
 
