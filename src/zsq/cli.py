@@ -196,16 +196,23 @@ def _add_synth(sub) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     result = export_run(args.run, args.format, args.out, args.report)
     print(format_report(result))
-    print(f"{result['out']}: round trip max |Δlogit| {result['roundtrip_max_abs_logit_diff']:.2e} on 64 N(0,1) inputs")
+    if args.format == "packed":
+        print(f"{result['out']}: round trip max |Δlogit| {result['roundtrip_max_abs_logit_diff']:.2e} on 64 inputs")
+    else:
+        print(f"{result['out']}: onnxruntime vs PyTorch on 64 images: max |Δlogit| "
+              f"{result['ort_max_abs_logit_diff_rel']:.2e} of the logit range, top-1 agreement "
+              f"{100 * result['ort_top1_agreement']:.1f} %")
     return 0
 
 
 def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write a trained Q model as real low-bit integers, with a size report",
                        description="packed: every quantized weight as k-bit codes packed at k bits, with per-channel "
-                                   "scales and zero points (zsq.export.load_packed rebuilds the model).")
+                                   "scales and zero points (zsq.export.load_packed rebuilds the model). onnx: a QDQ "
+                                   "graph (integer weights, Q/DQ activation ranges, BN folded, input in [0, 1]), "
+                                   "checked with onnxruntime; needs pip install 'zsq[export]'.")
     x.add_argument("run", help="a run directory of zsq quantize, or its student.pt")
-    x.add_argument("--format", default="packed", choices=list(FORMATS))
+    x.add_argument("--format", default="onnx", choices=list(FORMATS))
     x.add_argument("--out", required=True, help="file to write (e.g. model.zsq)")
     x.add_argument("--report", help="size report JSON (default: OUT.json)")
     x.set_defaults(func=_cmd_export)

@@ -25,6 +25,10 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def save_bytes(data: bytes, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def save_torch(obj: Any, path: str | Path) -> Path:
     return _atomic(path, lambda tmp: torch.save(obj, tmp))
 

@@ -1,6 +1,8 @@
-"""`zsq export`: a trained run (or a student checkpoint) → a low-bit file, checked by a round trip, and its sizes."""
+"""`zsq export`: a trained run (or a student checkpoint) → a low-bit file (packed or ONNX QDQ), checked against
+the Q model, and its sizes."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +12,11 @@ from ..errors import UserError
 from ..evaluate import input_channels
 from ..io import save_json
 from ..models import dataset_info, load_model
+from .onnx_qdq import save_onnx
 from .packed import load_packed, quantized_layers, save_packed
 from .report import size_report
 
-FORMATS = ("packed",)
+FORMATS = ("onnx", "packed")
 
 
 def _student(run: str | Path) -> torch.nn.Module:
@@ -37,14 +40,49 @@ def roundtrip_error(model: torch.nn.Module, rebuilt: torch.nn.Module, n: int = 6
     return float((model(x) - rebuilt(x)).abs().max())
 
 
+def onnx_metadata(model: torch.nn.Module, info: Any) -> dict[str, str]:
+    quant = getattr(model, "zsq_quant", {}) or {}
+    return {"zsq_wbits": str(quant.get("wbits")), "zsq_abits": str(quant.get("abits")),
+            "zsq_first_last": str(quant.get("first_last")), "dataset": info.name,
+            "classes": json.dumps(list(info.classes)), "mean": json.dumps(list(info.mean)),
+            "std": json.dumps(list(info.std)),
+            "input": f"image: float32 N×{info.in_channels}×{info.image_size}×{info.image_size} in [0, 1]"}
+
+
+def onnx_check(model: torch.nn.Module, path: Path, info: Any, n: int = 64, seed: int = 0) -> dict[str, float]:
+    """onnxruntime against the PyTorch fake-quant model on `n` uniform [0, 1] images: the largest logit
+    difference relative to the logit range, and the share of equal top-1 predictions."""
+    import onnxruntime as ort
+
+    x = torch.rand(n, info.in_channels, info.image_size, info.image_size, generator=torch.Generator().manual_seed(seed))
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        ref = model((x - mean) / std)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])
+    span = float(ref.max() - ref.min()) or 1.0
+    return {"ort_max_abs_logit_diff_rel": float((out - ref).abs().max()) / span,
+            "ort_top1_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean())}
+
+
 def export_run(run: str | Path, fmt: str, out: str | Path, report: str | Path | None = None) -> dict[str, Any]:
-    """Write the export and `report` (default OUT.json): sizes, per-layer bits and the round-trip error."""
+    """Write the export and `report` (default OUT.json): sizes, per-layer bits and the check against the Q model
+    (packed: round-trip logit error; onnx: onnxruntime against PyTorch)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     model = _student(run).eval()
-    out = save_packed(model, out)
+    if fmt == "packed":
+        out = save_packed(model, out)
+        check = {"roundtrip_max_abs_logit_diff": roundtrip_error(model, load_packed(out))}
+    else:
+        info = dataset_info(model)
+        if info is None:
+            raise UserError(f"{run} records no dataset: the ONNX graph needs its normalisation and input size")
+        out = save_onnx(model, out, info.image_size, info.in_channels, info.mean, info.std,
+                        onnx_metadata(model, info))
+        check = onnx_check(model, out, info)
     result = size_report(model, {fmt: out})
-    result.update(format=fmt, out=str(out), source=str(run),
-                  roundtrip_max_abs_logit_diff=roundtrip_error(model, load_packed(out)))
+    result.update(format=fmt, out=str(out), source=str(run), **check)
     save_json(result, report or Path(f"{out}.json"))
     return result
