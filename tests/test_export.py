@@ -57,7 +57,6 @@ def test_round_trip_resnet20(tmp_path, wbits):
     a, b = pack_model(q), pack_model(rebuilt)
     assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["zeros"], b["zeros"])  # the same integers
     torch.testing.assert_close(a["scales"], b["scales"], atol=0, rtol=1e-6)
-    assert a["zeros"].dtype == torch.uint8  # every ResNet-20 channel straddles 0 here
 
 
 def test_round_trip_custom_cnn_needs_its_module(tmp_path):
@@ -155,6 +154,23 @@ def test_onnx_other_architectures():
     with pytest.raises(UserError, match="Upsample"):
         build_onnx(_quantized(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Upsample(scale_factor=2),
                                             nn.Flatten()), 4, (1, 8, 8)), 8, 1, (0.0,), (1.0,), {})
+
+
+def test_channels_that_do_not_straddle_zero(tmp_path):
+    q = _quantized(create_model("resnet20", in_channels=1), 3, (1, 32, 32))
+    with torch.no_grad():
+        q.conv1.weight[0] = q.conv1.weight[0].abs() + 0.1  # all positive: a small negative Z
+        q.layer1[0].conv1.weight[1] = -q.layer1[0].conv1.weight[1].abs() - 50.0  # all far below 0: Z ≫ 2ᵏ
+    rel, agree, proto = _ort_vs_torch(q, (1, 32, 32), n=16)
+    assert rel <= 1e-3 and agree == 1.0
+    layers = json.loads({p.key: p.value for p in proto.metadata_props}["layers"])
+    assert layers["conv1"]["container"] == "INT4" and layers["layer1.0.conv1"]["container"] not in ("UINT4", "INT4")
+    assert layers["layer1.0.conv2"]["container"] == "UINT4"
+    assert pack_model(q)["zeros"].dtype == torch.int32
+    rebuilt = load_packed(save_packed(q, tmp_path / "m.zsq"))
+    with torch.no_grad():
+        x = torch.randn(4, 1, 32, 32)
+        torch.testing.assert_close(rebuilt(x), q(x), atol=1e-4, rtol=1e-5)
 
 
 def test_bn_folds_into_the_per_channel_scale():

@@ -4,8 +4,9 @@ frozen activation ranges, BatchNorm folded, the dataset normalisation inside the
 The graph is written node by node from a torch.fx trace whose leaves are the modules `quantize_model` knows
 (Conv2d, Linear, BatchNorm2d, the activations and their quantizers, pooling, flatten, ResNet's option-A shortcut),
 so each becomes exactly the standard ONNX pattern and anything else is refused by name rather than exported wrong.
-- Weights of k ≤ 4 bits are UINT4 initializers (two per byte, opset 21), 5..8 bits UINT8; a layer with a channel
-  whose zero point falls outside [0, 2ᵏ) (a range that does not straddle 0) stores q − Z as INT32 instead.
+- Weights are stored as their codes q ∈ [0, 2ᵏ) in the smallest integer type that also holds every zero point:
+  UINT4 (two per byte, opset 21) for k ≤ 4 when each channel's range straddles 0, INT4 when a small one does not
+  (Z < 0), then UINT8, INT8, 16 bits; only when no type holds a zero point, q − Z as INT32.
 - A BatchNorm that follows a convolution folds into it: the per-channel scale becomes S·γ/σ and the bias
   (b − μ)·γ/σ + β, so the integers do not change.
 - An activation quantizer is Clip to its representable range, QuantizeLinear (UINT8), DequantizeLinear: the same
@@ -54,6 +55,19 @@ def weight_codes(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scale, zero = quant_params(*per_channel_range(w), layer.wbits)
     codes = quantize_int(w, scale, zero, layer.wbits)
     return codes.numpy().astype(np.int64), scale.flatten().numpy(), zero.flatten().numpy().astype(np.int64)
+
+
+CONTAINERS = (("UINT4", 0, 15), ("INT4", -8, 7), ("UINT8", 0, 255), ("INT8", -128, 127), ("UINT16", 0, 65535),
+              ("INT16", -32768, 32767))
+
+
+def smallest_container(bits: int, zero: np.ndarray) -> str | None:
+    """The smallest ONNX integer type that holds the codes [0, 2ᵏ) and every zero point; None when none does (a
+    channel whose range lies far from 0)."""
+    for name, lo, hi in CONTAINERS:
+        if lo <= 0 and 2**bits - 1 <= hi and lo <= zero.min() and zero.max() <= hi:
+            return name
+    return None
 
 
 def fold_bn(scale: np.ndarray, bias: np.ndarray | None, bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
@@ -115,12 +129,12 @@ class _Graph:
         k = layer.wbits
         if bn is not None:
             scale, bias = fold_bn(scale.astype(np.float64), bias, bn)
-        if zero.min() >= 0 and zero.max() < 2**k:
-            onnx_type, container = (self.TP.UINT4, "UINT4") if k <= 4 else (self.TP.UINT8, "UINT8")
-            q, z = codes, zero
+        container = smallest_container(k, zero)
+        if container is None:
+            container, q, z = "INT32", codes - zero.reshape((-1,) + (1,) * (codes.ndim - 1)), np.zeros_like(zero)
         else:
-            onnx_type, container = self.TP.INT32, "INT32"
-            q, z = codes - zero.reshape((-1,) + (1,) * (codes.ndim - 1)), np.zeros_like(zero)
+            q, z = codes, zero
+        onnx_type = getattr(self.TP, container)
         self.layer_info[name] = {"bits": k, "container": container}
         w = self.node("DequantizeLinear", [self.int_const(f"{name}.weight_q", q, onnx_type),
                                            self.const(f"{name}.scale", scale.astype(np.float32)),
