@@ -27,6 +27,10 @@ SYNQ_PARTS = ("lpf", "cam", "selce")
 CAM_EPS = 1e-8  # min-max normalisation of a flat map gives 0, not 0/0
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # ---- low-pass filter (§2, Eq. 4) --------------------------------------------------------------------------------
 
 
@@ -42,7 +46,7 @@ def low_pass(x: torch.Tensor, d0: float) -> torch.Tensor:
     channels at once. Shifting the mask instead of the spectrum is the same product, one permutation cheaper."""
     h, w = x.shape[-2:]
     mask = torch.fft.ifftshift(lowpass_mask(h, w, d0, x.device))
-    out = torch.fft.ifft2(torch.fft.fft2(x.to(torch.promote_types(x.dtype, torch.float32))) * mask).real
+    out = torch.fft.ifft2(torch.fft.fft2(_at_least_fp32(x)) * mask).real
     return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).to(x.dtype)
 
 
@@ -73,7 +77,7 @@ def cam_weights(acts: torch.Tensor, grads: torch.Tensor, kind: str = "gradcam") 
     gradcam: the spatial mean of the gradient. gradcampp: Σ_hw α·ReLU(g) with α = g²/(2g² + Σ_hw A·g³) (zero
     denominators → 1). Grad-CAM++ weighs exp(score)·g; exp(score) is a positive per-sample factor that the min-max
     normalisation removes, and dropping it avoids the overflow to Inf at large logits."""
-    a, g = acts.detach().float(), grads.float()
+    a, g = _at_least_fp32(acts.detach()), _at_least_fp32(grads)
     if kind == "gradcam":
         return g.mean((2, 3))
     if kind == "gradcampp":
@@ -87,7 +91,7 @@ def cam_weights(acts: torch.Tensor, grads: torch.Tensor, kind: str = "gradcam") 
 def saliency(acts: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """ReLU(Σ_k w_k A_k), bilinearly upsampled to the input size and min-max normalised per sample: [B,1,H,W].
     Differentiable in `acts`; `weights` are constants."""
-    s = F.relu((weights[:, :, None, None] * acts.float()).sum(1, keepdim=True))
+    s = F.relu((weights[:, :, None, None] * _at_least_fp32(acts)).sum(1, keepdim=True))
     s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
     lo = s.amin((2, 3), keepdim=True)
     hi = s.amax((2, 3), keepdim=True)
