@@ -93,6 +93,9 @@ def _float_pair(text: str) -> tuple[float, float]:
 
 QUANTIZE_HELP = {
     "promote": "ε of HAST's FGSM difficulty promotion, with any method (0 = off; the hast presets: 0.01)",
+    "track_curvature": "every N trained iterations, log Hutchinson's Hessian trace of the transfer loss on fixed "
+                       "synthetic batches (hessian_trace, hessian_trace_se in metrics.jsonl; 0 = off)",
+    "curvature_samples": "Rademacher vectors per Hessian-trace estimate (default 16)",
     "teacher": "shipped teacher, architecture (with --checkpoint) or checkpoint path",
     "generator": "data source", "method": "transfer loss", "preset": "recipe: paper budget or quick CPU budget",
     "wbits": "weight bits (2..8; 32 = FP)", "abits": "activation bits (2..8; 32 = FP)",

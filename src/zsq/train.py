@@ -26,10 +26,14 @@ from .distill import LOSSES, FeatureTap, TransferInputs, create_loss, fgsm_promo
 from .errors import UserError
 from .evaluate import evaluate, eval_set_for
 from .io import save_json, save_torch
+from .analysis import hessian_trace
 from .models import load_model, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
 from .quant import QuantConfig, act_quantizers, observe_ranges, quantize_model
 from .synth import SOURCES, SourceContext, create_source
+
+
+CURVATURE_BATCHES = 2  # fixed batches each Hessian-trace estimate averages over
 
 
 @dataclass
@@ -67,6 +71,8 @@ class TrainConfig:
     log_every: int = 10  # iterations between metrics flushes (one device sync each)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     promote: float = 0.0  # ε of HAST's FGSM difficulty promotion (0 = off): each batch also trains perturbed
+    track_curvature: int = 0  # iterations between Hessian-trace estimates after warm-up (0 = off)
+    curvature_samples: int = 16  # Hutchinson vectors per estimate
     out: str = "runs/run"  # resolve_config names it after generator, method, bits, preset and seed
     options: dict[str, Any] = field(default_factory=dict)  # plug-in options of the generator and the method
 
@@ -83,6 +89,8 @@ class TrainConfig:
             raise UserError("learning rates must be > 0")
         if self.promote < 0:
             raise UserError(f"promote (FGSM ε) must be ≥ 0, got {self.promote}")
+        if self.track_curvature < 0 or self.curvature_samples < 1:
+            raise UserError("track-curvature must be ≥ 0 and curvature-samples ≥ 1")
         self.milestones = sorted(int(m) for m in self.milestones)
         self.g_betas = tuple(self.g_betas)
 
@@ -221,6 +229,7 @@ class Job:
     g_opt: torch.optim.Optimizer | None  # of the online source, or of the warm-up generator
     rng: torch.Generator
     warm_source: Any = None  # offline sources: the GDFQ generator whose images calibrate ranges during warm-up
+    curv_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # fixed batches of --track-curvature
     step: int = 0
     wall_s: float = 0.0
     bad_total: int = 0
@@ -229,7 +238,8 @@ class Job:
         return {"step": self.step, "qmodel": self.qmodel.state_dict(), "source": self.source.state_dict(),
                 "warm_source": self.warm_source.state_dict() if self.warm_source is not None else None,
                 "q_opt": self.q_opt.state_dict(), "g_opt": self.g_opt.state_dict() if self.g_opt else None,
-                "rng": self.rng.get_state(), "wall_s": self.wall_s, "bad_total": self.bad_total}
+                "rng": self.rng.get_state(), "wall_s": self.wall_s, "bad_total": self.bad_total,
+                "curv_batches": self.curv_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.qmodel.load_state_dict(state["qmodel"])
@@ -241,6 +251,7 @@ class Job:
             self.g_opt.load_state_dict(state["g_opt"])
         self.rng.set_state(state["rng"])
         self.step, self.wall_s, self.bad_total = state["step"], state["wall_s"], state["bad_total"]
+        self.curv_batches = state.get("curv_batches")
 
     def close(self) -> None:
         """Remove every hook this run put on the teacher and the Q model (the teacher may be the user's)."""
@@ -362,6 +373,9 @@ def _loop(job: Job, quiet: bool) -> None:
             if it == 0 or step == job.step:
                 _set_epoch(job, epoch)
             terms = _iteration(job, warm)
+            trained = step - cfg.warmup_epochs * cfg.iters_per_epoch
+            if cfg.track_curvature and not warm and trained % cfg.track_curvature == 0:
+                terms.update(_curvature(job))
             skipped = terms.pop("_skipped", None)
             if skipped is not None:
                 bad_run = bad_run + 1 if skipped else 0
@@ -433,16 +447,12 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
             job.q_tap.take()
             return terms
         seen = loss_fn.prepare(x)
-        grad_layers = loss_fn.teacher_grad_layers
-        if t_logits is None or seen is not x or grad_layers:  # else the generator step's pass serves
-            job.t_tap.take()
-            with torch.set_grad_enabled(bool(grad_layers)), job.t_tap.cutting():
-                t_logits = job.teacher(seen)
+        if t_logits is None or seen is not x or loss_fn.teacher_grad_layers:  # else the generator pass serves
+            t_logits = _teacher_pass(job, seen)
+        t_logits = t_logits if loss_fn.teacher_grad_layers else t_logits.detach()
         t_feats = job.t_tap.take(detach=True)
-        t_logits = t_logits if grad_layers else t_logits.detach()
         x = seen.requires_grad_(True) if cfg.promote > 0 else seen
-        q_logits = qmodel(x)
-        loss, q_terms = loss_fn(TransferInputs(t_logits, q_logits, y, x, t_feats, job.q_tap.take()))
+        loss, q_terms = loss_fn(TransferInputs(t_logits, qmodel(x), y, x, t_feats, job.q_tap.take()))
         if cfg.promote > 0:
             adv = _promoted_loss(job, x, y, loss)
             q_terms = {**q_terms, "loss_clean": loss, "loss_promoted": adv}
@@ -455,6 +465,41 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
         job.q_opt.step()
     terms.update(q_terms, loss_q=loss.detach(), grad_norm=grad_norm, _skipped=skipped)
     return terms
+
+
+def _teacher_pass(job: Job, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits on a Q-step batch; its maps wait in t_tap. Without grad, unless the loss differentiates
+    the teacher (Grad-CAM), whose maps then become leaves."""
+    job.t_tap.take()
+    grad_layers = job.loss_fn.teacher_grad_layers
+    with torch.set_grad_enabled(bool(grad_layers)), job.t_tap.cutting():
+        return job.teacher(x)
+
+
+def _clean_loss(job: Job, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The transfer loss of the Q model on a prepared batch, without promotion: what the curvature is taken of."""
+    x, y = batch
+    with autocast(job.device, job.cfg.precision):
+        t_logits = _teacher_pass(job, x)
+        t_logits = t_logits if job.loss_fn.teacher_grad_layers else t_logits.detach()
+        t_feats = job.t_tap.take(detach=True)
+        loss, _ = job.loss_fn(TransferInputs(t_logits, job.qmodel(x), y, x, t_feats, job.q_tap.take()))
+    return loss
+
+
+def _curvature(job: Job) -> dict[str, torch.Tensor]:
+    """Hutchinson's trace of the Hessian of the clean transfer loss on the run's fixed batches, drawn once from
+    the data source at the first estimate (and kept in resume checkpoints)."""
+    cfg = job.cfg
+    if job.curv_batches is None:
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        with torch.no_grad(), autocast(job.device, cfg.precision):
+            job.curv_batches = [tuple(t.detach() for t in job.source.sample(cfg.batch_size, gen))
+                                for _ in range(CURVATURE_BATCHES)]
+    batches = [(job.loss_fn.prepare(x.float()), y) for x, y in job.curv_batches]
+    mean, se = hessian_trace(job.qmodel, lambda model, b: _clean_loss(job, b), batches, cfg.curvature_samples,
+                             seed=cfg.seed)
+    return {"hessian_trace": torch.tensor(mean), "hessian_trace_se": torch.tensor(se)}  # as the loss terms
 
 
 def _promoted_loss(job: Job, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor) -> torch.Tensor:
