@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
-from zsq.analysis import hessian_trace
+from zsq.analysis import group_runs, hessian_trace, read_runs
 from zsq.quant import calibrate
 from zsq.train import _build, _curvature, resolve_config
 
@@ -72,3 +73,37 @@ def test_quantize_tracks_curvature_and_keeps_its_batches_on_resume(tiny_teacher,
     assert _curvature(again)["hessian_trace"].item() == pytest.approx(first["hessian_trace"].item(), rel=1e-4)
     job.close()
     again.close()
+
+
+def _tiny_run(tiny_teacher, fmnist_dir, out, seed: int, *extra: str) -> None:
+    proc = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--method", "akt",
+                   "--epochs", "2", "--iters-per-epoch", "3", "--warmup-epochs", "1", "--batch-size", "8",
+                   "--eval-limit", "50", "--seed", str(seed), "--out", str(out), "--quiet", *extra)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_analyze_and_report(tiny_teacher, fmnist_dir, tmp_path):
+    runs = tmp_path / "runs"
+    _tiny_run(tiny_teacher, fmnist_dir, runs / "a0", 0, "--track-curvature", "1", "--curvature-samples", "2")
+    _tiny_run(tiny_teacher, fmnist_dir, runs / "a1", 1)
+    _tiny_run(tiny_teacher, fmnist_dir, runs / "b0", 0, "--lr-q", "0.01")
+    proc = run_cli("analyze", str(runs / "a0"), str(runs / "a1"), "--out", str(tmp_path / "plots"))
+    assert proc.returncode == 0, proc.stderr
+    names = {"curves.png", "samples_gdfq.png", "attention_a0.png", "attention_a1.png"}
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == names
+    with Image.open(tmp_path / "plots" / "curves.png") as im:  # 3 panels a row, 5 × 3.4 inches each at 100 dpi
+        assert im.size[0] == 1500 and im.size[1] % 340 == 0 and im.size[1] > 340
+    with Image.open(tmp_path / "plots" / "samples_gdfq.png") as im:
+        assert im.size == (1120, 300)  # 16 images: 2 rows of 8
+    proc = run_cli("report", str(runs), "--out", str(tmp_path / "report.md"), "--plots",
+                   str(tmp_path / "plots" / "curves.png"))
+    assert proc.returncode == 0, proc.stderr
+    groups = group_runs(read_runs([runs]))
+    assert [[r["seed"] for r in g["runs"]] for g in groups] == [[0, 1], [0]]
+    accs = [json.loads((runs / d / "result.json").read_text())["q_top1"] for d in ("a0", "a1")]
+    assert groups[0]["mean"] == pytest.approx(sum(accs) / 2)
+    assert groups[1]["changes"]["lr_q"] == 0.01 and "lr_q" not in groups[0]["changes"]  # set beyond the preset
+    text = (tmp_path / "report.md").read_text()
+    assert "lr_q=0.01" in text and "](plots/curves.png)" in text and (tmp_path / "report.html").exists()
+    bad = run_cli("report", str(tmp_path / "none"), "--out", str(tmp_path / "r.md"))
+    assert bad.returncode == 2 and "no finished run" in bad.stderr

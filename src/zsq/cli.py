@@ -11,6 +11,7 @@ from dataclasses import fields
 from typing import Callable, Sequence
 
 from . import __version__
+from .analysis import analyze, write_report
 from .data import list_datasets
 from .distill import LOSSES, list_methods
 from .errors import UserError
@@ -221,6 +222,35 @@ def _add_export(sub) -> None:
     x.set_defaults(func=_cmd_export)
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    for path in analyze(args.runs, args.out, args.attention_runs):
+        print(path)
+    return 0
+
+
+def _add_analyze(sub) -> None:
+    a = sub.add_parser("analyze", help="PNG plots of finished runs: curves overlaid, attention maps, samples")
+    a.add_argument("runs", nargs="+", help="run directories, or folders holding them")
+    a.add_argument("--out", required=True, help="folder for the PNG files")
+    a.add_argument("--attention-runs", type=int, default=4, help="runs to draw attention maps for (first N)")
+    a.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    out = write_report(args.runs, args.out, args.plots or [])
+    print(f"{out['markdown']}, {out['html']}: {len(out['groups'])} configurations, "
+          f"{sum(len(g['runs']) for g in out['groups'])} runs")
+    return 0
+
+
+def _add_report(sub) -> None:
+    r = sub.add_parser("report", help="one table of finished runs, seeds grouped as mean ± std (markdown and HTML)")
+    r.add_argument("runs", nargs="+", help="run directories, or folders holding them")
+    r.add_argument("--out", required=True, help="markdown file; the HTML goes beside it")
+    r.add_argument("--plots", nargs="*", help="PNG files to embed (e.g. from zsq analyze)")
+    r.set_defaults(func=_cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zsq", description="Zero-shot quantization: a low-bit model from a trained FP model, no data.")
     p.add_argument("--version", action="version", version=f"zsq {__version__}")
@@ -272,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_synth(sub)
     _add_export(sub)
+    _add_report(sub)
+    _add_analyze(sub)
     return p
 
 

@@ -34,6 +34,7 @@ from .synth import SOURCES, SourceContext, create_source
 
 
 CURVATURE_BATCHES = 2  # fixed batches each Hessian-trace estimate averages over
+SAMPLES_SAVED = 32  # synthetic images kept in each run directory
 
 
 @dataclass
@@ -420,6 +421,9 @@ def _finish(job: Job) -> Result:
                "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.bad_total,
                **job.source.describe(),
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)]}
+    with torch.no_grad(), autocast(job.device, cfg.precision):  # what the data source made, for zsq analyze
+        x, y = job.source.sample(SAMPLES_SAVED, torch.Generator().manual_seed(cfg.seed))
+    save_torch({"images": x.float().cpu(), "labels": y.cpu(), "source": cfg.generator}, out / "samples.pt")
     save_json(summary, out / "result.json")
     (out / "state.pt").unlink(missing_ok=True)
     return Result(fp["top1"], q["top1"], out, job.qmodel, summary)
