@@ -59,6 +59,15 @@ def test_round_trip_resnet20(tmp_path, wbits):
     torch.testing.assert_close(a["scales"], b["scales"], atol=0, rtol=1e-6)
 
 
+def test_round_trip_resnet18(tmp_path):
+    q = _quantized(create_model("resnet18", in_channels=3, num_classes=10), 4, (3, 64, 64))
+    rebuilt = load_packed(save_packed(q, tmp_path / "r18.zsq"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), q(x), atol=1e-4, rtol=1e-5)
+    assert size_report(q)["weight_compression"] > 7.5  # 4-bit codes + per-channel scale and zero point
+
+
 def test_round_trip_custom_cnn_needs_its_module(tmp_path):
     def cnn() -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
