@@ -29,7 +29,10 @@ def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     proc = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--wbits", "4",
                    "--abits", "4", "--generator", "gdfq", "--method", "gdfq", *TINY, "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "result.json", "student.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "result.json", "samples.pt",
+                                                     "student.pt"]
+    samples = torch.load(out / "samples.pt", weights_only=True)  # what zsq analyze draws
+    assert samples["images"].shape[1:] == (1, 32, 32) and len(samples["labels"]) == 32 and samples["source"] == "gdfq"
     result = json.loads((out / "result.json").read_text())
     for key in ("fp_top1", "q_top1", "wbits", "abits", "generator", "method", "preset", "iterations", "wall_s",
                 "seed", "device", "torch"):
