@@ -11,7 +11,7 @@ from dataclasses import fields
 from typing import Callable, Sequence
 
 from . import __version__
-from .analysis import analyze, write_report
+from .analysis import write_report
 from .data import list_datasets
 from .distill import LOSSES, list_methods
 from .errors import UserError
@@ -223,6 +223,8 @@ def _add_export(sub) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis.plots import analyze  # matplotlib only for this command
+
     for path in analyze(args.runs, args.out, args.attention_runs):
         print(path)
     return 0

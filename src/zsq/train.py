@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .analysis.curvature import hessian_trace
 from .device import autocast, resolve_device
 from .distill import LOSSES, FeatureTap, TransferInputs, create_loss, fgsm_promote
 from .errors import UserError
 from .evaluate import evaluate, eval_set_for
 from .io import save_json, save_torch
-from .analysis import hessian_trace
 from .models import load_model, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
 from .quant import QuantConfig, act_quantizers, observe_ranges, quantize_model
@@ -300,8 +300,8 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool
     g_params = list(trained_source.parameters()) if trained_source is not None else []
     g_opt = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=cfg.g_betas) if g_params else None
     return Job(cfg, device, Path(cfg.out), teacher, qmodel, test_set, source, loss_fn,
-               FeatureTap(teacher, layers, loss_fn.teacher_grad_layers), FeatureTap(qmodel, layers), q_params, q_opt, g_opt, torch.Generator().manual_seed(cfg.seed),
-               warm_source)
+               FeatureTap(teacher, layers, loss_fn.teacher_grad_layers), FeatureTap(qmodel, layers), q_params, q_opt,
+               g_opt, torch.Generator().manual_seed(cfg.seed), warm_source)
 
 
 def _open_run(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
@@ -451,12 +451,9 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
             job.q_tap.take()
             return terms
         seen = loss_fn.prepare(x)
-        if t_logits is None or seen is not x or loss_fn.teacher_grad_layers:  # else the generator pass serves
-            t_logits = _teacher_pass(job, seen)
-        t_logits = t_logits if loss_fn.teacher_grad_layers else t_logits.detach()
-        t_feats = job.t_tap.take(detach=True)
+        generator_pass = t_logits if seen is x else None  # the teacher already saw this very batch
         x = seen.requires_grad_(True) if cfg.promote > 0 else seen
-        loss, q_terms = loss_fn(TransferInputs(t_logits, qmodel(x), y, x, t_feats, job.q_tap.take()))
+        loss, q_terms = loss_fn(_transfer_inputs(job, x, y, generator_pass))
         if cfg.promote > 0:
             adv = _promoted_loss(job, x, y, loss)
             q_terms = {**q_terms, "loss_clean": loss, "loss_promoted": adv}
@@ -471,23 +468,25 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
     return terms
 
 
-def _teacher_pass(job: Job, x: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits on a Q-step batch; its maps wait in t_tap. Without grad, unless the loss differentiates
-    the teacher (Grad-CAM), whose maps then become leaves."""
-    job.t_tap.take()
+def _transfer_inputs(job: Job, x: torch.Tensor, y: torch.Tensor,
+                     t_logits: torch.Tensor | None = None) -> TransferInputs:
+    """Both models on a prepared Q-step batch. `t_logits`: the generator step's teacher pass on the same batch
+    (its maps wait in t_tap), reused unless the loss differentiates the teacher. A new teacher pass runs without
+    grad, or, for Grad-CAM, with the maps in `teacher_grad_layers` made leaves; never back into x."""
     grad_layers = job.loss_fn.teacher_grad_layers
-    with torch.set_grad_enabled(bool(grad_layers)), job.t_tap.cutting():
-        return job.teacher(x)
+    if t_logits is None or grad_layers:
+        job.t_tap.take()
+        with torch.set_grad_enabled(bool(grad_layers)), job.t_tap.cutting():
+            t_logits = job.teacher(x.detach())
+    t_logits = t_logits if grad_layers else t_logits.detach()
+    t_feats = job.t_tap.take(detach=True)
+    return TransferInputs(t_logits, job.qmodel(x), y, x, t_feats, job.q_tap.take())
 
 
 def _clean_loss(job: Job, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The transfer loss of the Q model on a prepared batch, without promotion: what the curvature is taken of."""
-    x, y = batch
     with autocast(job.device, job.cfg.precision):
-        t_logits = _teacher_pass(job, x)
-        t_logits = t_logits if job.loss_fn.teacher_grad_layers else t_logits.detach()
-        t_feats = job.t_tap.take(detach=True)
-        loss, _ = job.loss_fn(TransferInputs(t_logits, job.qmodel(x), y, x, t_feats, job.q_tap.take()))
+        loss, _ = job.loss_fn(_transfer_inputs(job, *batch))
     return loss
 
 
