@@ -15,7 +15,8 @@ from torch import nn
 from zsq.data import DatasetInfo
 from zsq.errors import UserError
 from zsq.export import load_packed, pack_bits, pack_model, read_packed, save_packed, size_report, unpack_bits
-from zsq.export.onnx_qdq import build_onnx, fold_bn, weight_codes
+from zsq.export.onnx_qdq import build_onnx, fold_bn
+from zsq.export.packed import weight_codes
 from zsq.models import create_model, save_checkpoint
 from zsq.quant import calibrate, gaussian_inputs, quantize_model
 
@@ -191,7 +192,7 @@ def test_bn_folds_into_the_per_channel_scale():
         bn.bias.uniform_(-1, 1)
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.2, 3)
-    codes, scale, zero = weight_codes(conv)
+    codes, scale, zero = (t.numpy() for t in weight_codes(conv))
     f_scale, f_bias = fold_bn(scale.astype(np.float64), conv.bias.detach().numpy(), bn)
     x = torch.randn(4, 3, 8, 8)
     w = torch.from_numpy(f_scale).view(-1, 1, 1, 1) * (torch.from_numpy(codes).float()
@@ -199,7 +200,7 @@ def test_bn_folds_into_the_per_channel_scale():
     folded = nn.functional.conv2d(x, w) + torch.from_numpy(f_bias).view(1, -1, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(folded, bn(conv(x)), atol=1e-5, rtol=1e-5)
-    assert torch.equal(torch.from_numpy(weight_codes(conv)[0]), torch.from_numpy(codes))  # integers unchanged
+    assert torch.equal(weight_codes(conv)[0], torch.from_numpy(codes))  # integers unchanged
 
 
 def test_export_onnx_cli(tmp_path):

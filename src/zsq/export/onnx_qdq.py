@@ -28,7 +28,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UserError
 from ..io import save_bytes
 from ..models.resnet import PadShortcut
-from ..quant import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, per_channel_range, quant_params, quantize_int
+from ..quant import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, quant_params
+from .packed import weight_codes
 
 OPSET = 21
 LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, QuantAct, nn.MaxPool2d, nn.AvgPool2d,
@@ -47,14 +48,6 @@ def _onnx():
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, LEAVES) or super().is_leaf_module(m, qualname)
-
-
-def weight_codes(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(integer codes q, per-channel scale S, zero point Z) exactly as the fake quantizer computes them."""
-    w = layer.weight.detach().cpu().float()
-    scale, zero = quant_params(*per_channel_range(w), layer.wbits)
-    codes = quantize_int(w, scale, zero, layer.wbits)
-    return codes.numpy().astype(np.int64), scale.flatten().numpy(), zero.flatten().numpy().astype(np.int64)
 
 
 CONTAINERS = (("UINT4", 0, 15), ("INT4", -8, 7), ("UINT8", 0, 255), ("INT8", -128, 127), ("UINT16", 0, 65535),
@@ -125,7 +118,7 @@ class _Graph:
                 w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
             self.layer_info[name] = {"bits": 32, "container": "FLOAT"}
             return self.const(f"{name}.weight", w.astype(np.float32)), bias
-        codes, scale, zero = weight_codes(layer)
+        codes, scale, zero = (t.numpy() for t in weight_codes(layer))
         k = layer.wbits
         if bn is not None:
             scale, bias = fold_bn(scale.astype(np.float64), bias, bn)

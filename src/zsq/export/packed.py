@@ -50,6 +50,14 @@ def _smallest_int(z: torch.Tensor) -> torch.Tensor:
     return z.to(torch.uint8) if z.numel() and 0 <= z.min() and z.max() < 256 else z.to(torch.int32)
 
 
+def weight_codes(layer: QuantConv2d | QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(integer codes q, per-channel scale S, zero point Z) exactly as the fake quantizer computes them: the layer's
+    weight is S·(q − Z). Codes and zero points as int64, S as float32, one per output channel."""
+    w = layer.weight.detach().cpu().float()
+    scale, zero = quant_params(*per_channel_range(w), layer.wbits)
+    return quantize_int(w, scale, zero, layer.wbits).long(), scale.flatten(), zero.flatten().long()
+
+
 def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
 
@@ -64,15 +72,14 @@ def pack_model(model: nn.Module) -> dict[str, Any]:
     index, codes, scales, zeros = {}, [], [], []
     offsets = [0, 0]  # into the code bytes and the per-channel tensors
     for name, layer in layers.items():
-        w = layer.weight.detach().cpu().float()
-        scale, zero = quant_params(*per_channel_range(w), layer.wbits)
-        packed = pack_bits(quantize_int(w, scale, zero, layer.wbits), layer.wbits)
-        index[name] = {"bits": layer.wbits, "shape": list(w.shape), "code_offset": offsets[0],
+        q, scale, zero = weight_codes(layer)
+        packed = pack_bits(q, layer.wbits)
+        index[name] = {"bits": layer.wbits, "shape": list(q.shape), "code_offset": offsets[0],
                        "code_bytes": packed.numel(), "channel_offset": offsets[1]}
         codes.append(packed)
-        scales.append(scale.flatten())
-        zeros.append(zero.flatten())
-        offsets = [offsets[0] + packed.numel(), offsets[1] + w.shape[0]]
+        scales.append(scale)
+        zeros.append(zero)
+        offsets = [offsets[0] + packed.numel(), offsets[1] + q.shape[0]]
     weights = {f"{n}.weight" for n in layers}
     state, tensors = _flatten({k: v for k, v in model.state_dict().items() if k not in weights})
     info = getattr(model, "zsq_dataset", None)
