@@ -90,6 +90,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
                           timeout=timeout)
 
 
+TINY = ["--epochs", "2", "--iters-per-epoch", "3", "--warmup-epochs", "1", "--batch-size", "8"]
+
+
+def quantize_tiny(teacher: Path, data_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`zsq quantize` at the TINY budget (1 warm-up + 3 trained iterations, 50 test images), quietly."""
+    return run_cli("quantize", "--teacher", str(teacher), "--data-dir", str(data_dir), *TINY, "--eval-limit", "50",
+                   "--out", str(out), "--quiet", *extra)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(fmnist_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "t.pt"

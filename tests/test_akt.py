@@ -15,7 +15,7 @@ from zsq.distill.akt import OFFICIAL_MAP_WEIGHT, rfd_terms
 from zsq.errors import UserError
 from zsq.models import create_model
 
-from conftest import run_cli
+from conftest import quantize_tiny, run_cli
 
 
 def _map() -> torch.Tensor:
@@ -144,10 +144,8 @@ def test_akt_default_lambda_and_base_losses():
 
 def test_akt_run_logs_each_term(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "akt"
-    proc = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--generator", "gdfq",
-                   "--method", "akt", "--akt-layers", "units", "--akt-base", "gdfq", "--epochs", "2",
-                   "--iters-per-epoch", "3", "--warmup-epochs", "1", "--batch-size", "8", "--eval-limit", "50",
-                   "--out", str(out), "--quiet")
+    proc = quantize_tiny(tiny_teacher, fmnist_dir, out, "--generator", "gdfq", "--method", "akt", "--akt-layers",
+                         "units", "--akt-base", "gdfq")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if not r["warmup"]]

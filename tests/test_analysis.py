@@ -12,7 +12,7 @@ from zsq.analysis import group_runs, hessian_trace, read_runs
 from zsq.quant import calibrate
 from zsq.train import _build, _curvature, resolve_config
 
-from conftest import run_cli
+from conftest import quantize_tiny, run_cli
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian():
@@ -76,9 +76,7 @@ def test_quantize_tracks_curvature_and_keeps_its_batches_on_resume(tiny_teacher,
 
 
 def _tiny_run(tiny_teacher, fmnist_dir, out, seed: int, *extra: str) -> None:
-    proc = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--method", "akt",
-                   "--epochs", "2", "--iters-per-epoch", "3", "--warmup-epochs", "1", "--batch-size", "8",
-                   "--eval-limit", "50", "--seed", str(seed), "--out", str(out), "--quiet", *extra)
+    proc = quantize_tiny(tiny_teacher, fmnist_dir, out, "--method", "akt", "--seed", str(seed), *extra)
     assert proc.returncode == 0, proc.stderr
 
 

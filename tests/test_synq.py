@@ -15,7 +15,7 @@ from zsq.distill.synq import cam_weights, saliency
 from zsq.errors import UserError
 from zsq.models import create_model
 
-from conftest import run_cli
+from conftest import quantize_tiny, run_cli
 
 
 def test_lowpass_mask_formula():
@@ -190,10 +190,8 @@ def test_bad_synq_options():
 
 def test_synq_run_end_to_end(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "synq"
-    proc = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--generator", "gdfq",
-                   "--method", "synq", "--synq-d0", "6", "--cam-target", "pred", "--epochs", "2",
-                   "--iters-per-epoch", "3", "--warmup-epochs", "1", "--batch-size", "8", "--eval-limit", "50",
-                   "--out", str(out), "--quiet")
+    proc = quantize_tiny(tiny_teacher, fmnist_dir, out, "--generator", "gdfq", "--method", "synq", "--synq-d0", "6",
+                         "--cam-target", "pred")
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["promote"] == 0.01 and config["options"] == {"synq_d0": 6.0, "cam_target": "pred"}

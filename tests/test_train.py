@@ -19,10 +19,7 @@ from zsq.synth import list_sources
 from zsq.synth.pixels import PIXEL_SOURCES
 from zsq.train import resolve_config
 
-from conftest import run_cli
-
-TINY = ["--epochs", "2", "--iters-per-epoch", "3", "--warmup-epochs", "1", "--batch-size", "8"]
-
+from conftest import TINY, run_cli
 
 def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "run"
