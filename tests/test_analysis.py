@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 from zsq.analysis import group_runs, hessian_trace, read_runs
+from zsq.analysis.report import curve_stats
 from zsq.quant import calibrate
 from zsq.train import _build, _curvature, resolve_config
 
@@ -105,3 +106,21 @@ def test_analyze_and_report(tiny_teacher, fmnist_dir, tmp_path):
     assert "lr_q=0.01" in text and "](plots/curves.png)" in text and (tmp_path / "report.html").exists()
     bad = run_cli("report", str(tmp_path / "none"), "--out", str(tmp_path / "r.md"))
     assert bad.returncode == 2 and "no finished run" in bad.stderr
+
+
+def test_curve_stats_and_old_configs_group(tmp_path):
+    rows = [{"iter": 0, "warmup": True}, {"iter": 5, "grad_norm": 3.0, "hessian_trace": 10.0},
+            {"iter": 6, "grad_norm": float("nan")}, {"iter": 7, "grad_norm": 1.0}, {"iter": 8, "grad_norm": 8.0},
+            {"iter": 9, "hessian_trace": 4.0, "hessian_trace_se": 1.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert curve_stats(path) == {"grad_norm": {"median": 3.0, "max": 8.0}, "hessian_trace": {"mean": 7.0, "last": 4.0}}
+    base = {"teacher": "resnet20_fmnist", "wbits": 3, "abits": 3, "generator": "gdfq", "method": "gdfq",
+            "preset": "quick", "options": {}}
+    new = {**base, "seed": 1, "promote": 0.0}
+    old = {**base, "seed": 0}  # written before `promote` existed: it held the default then
+    other = {**base, "seed": 0, "promote": 0.01}
+    result = {"q_top1": 80.0, "fp_top1": 90.0, "wall_s": 60.0}
+    runs = [{"dir": f"r{i}", "config": c, "result": result} for i, c in enumerate((new, old, other))]
+    groups = group_runs(runs)
+    assert sorted([r["seed"] for r in g["runs"]] for g in groups) == [[0], [0, 1]]

@@ -7,8 +7,8 @@ from . import data, distill, models, synth  # noqa: F401
 from .data import list_datasets, load_dataset
 from .evaluate import evaluate
 from .models import create_model, list_models, load_model
+from .provenance import VERSION as __version__
 from .train import Result, TrainConfig, quantize
 
-__version__ = "0.1.0"
-__all__ = ["Result", "TrainConfig", "create_model", "evaluate", "list_datasets", "list_models", "load_dataset",
+__all__ = ["__version__", "Result", "TrainConfig", "create_model", "evaluate", "list_datasets", "list_models", "load_dataset",
            "load_model", "quantize"]

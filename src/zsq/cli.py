@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from dataclasses import fields
 from typing import Callable, Sequence
 
 from . import __version__
 from .analysis import write_report
+from .bench import load_grid
+from .bench.runner import run_grid
 from .data import list_datasets
 from .distill import LOSSES, list_methods
 from .errors import UserError
@@ -145,9 +148,23 @@ def _add_quantize(sub) -> None:
     q.set_defaults(func=_cmd_quantize, plugin_options=sorted(options))
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
+def _quantize_config(args: argparse.Namespace) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "plugin_options", "resume", "quiet")}
-    cfg = resolve_config(values.pop("preset"), values.pop("generator"), values.pop("method"), **values)
+    return resolve_config(values.pop("preset"), values.pop("generator"), values.pop("method"), **values)
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
+    return build_parser()
+
+
+def quantize_config(argv: list[str]) -> TrainConfig:
+    """The TrainConfig that `zsq quantize ARGV` would run (a bad flag or value raises UserError)."""
+    return _quantize_config(_parser().parse_args(["quantize", *argv]))
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    cfg = _quantize_config(args)
     result = quantize_run(cfg, resume=args.resume, quiet=args.quiet)
     s = result.summary
     print(f"{cfg.out}: W{s['wbits']}A{s['abits']} {s['generator']}+{s['method']} ({s['preset']}): "
@@ -239,18 +256,69 @@ def _add_analyze(sub) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    out = write_report(args.runs, args.out, args.plots or [])
-    print(f"{out['markdown']}, {out['html']}: {len(out['groups'])} configurations, "
-          f"{sum(len(g['runs']) for g in out['groups'])} runs")
+    if not args.runs and args.store is None:
+        raise UserError("report: give run directories, --store FOLDER, or both")
+    if args.out is None and args.readme is None:
+        raise UserError("report: give --out FILE.md, --readme README.md, or both")
+    out = write_report(args.runs, args.out, args.plots or [], args.store, args.readme)
+    written = ", ".join(out[k] for k in ("markdown", "html", "readme") if k in out)
+    print(f"{written}: {len(out['groups'])} configurations, {sum(len(g['runs']) for g in out['groups'])} runs"
+          f"{'; ' + out['note'] if out['note'] else ''}")
     return 0
 
 
 def _add_report(sub) -> None:
-    r = sub.add_parser("report", help="one table of finished runs, seeds grouped as mean ± std (markdown and HTML)")
-    r.add_argument("runs", nargs="+", help="run directories, or folders holding them")
-    r.add_argument("--out", required=True, help="markdown file; the HTML goes beside it")
+    r = sub.add_parser("report", help="one table of finished runs, seeds grouped as mean ± std (markdown and HTML)",
+                       description="Published numbers (quoted) appear beside ours where dataset, model, bits, "
+                                   "data source and method match.")
+    r.add_argument("runs", nargs="*", help="run directories, or folders holding them")
+    r.add_argument("--store", help="a zsq bench output folder (its results.db)")
+    r.add_argument("--out", help="markdown file; the HTML goes beside it")
+    r.add_argument("--readme", help="also rewrite this file's '<!-- zsq report: STORE-NAME -->' section")
     r.add_argument("--plots", nargs="*", help="PNG files to embed (e.g. from zsq analyze)")
     r.set_defaults(func=_cmd_report)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a zsq quantize flag without dashes), got '{text}'")
+    return key.strip(), value
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    grid = load_grid(args.grid, teacher=args.teacher, data_dir=args.data_dir, bits=args.bits, seeds=args.seeds,
+                     overrides={k: {"true": True, "false": False}.get(v.lower(), v) for k, v in args.set or []})
+    s = run_grid(grid, args.out, args.runs, args.jobs, args.quiet, args.dry_run, args.collect)
+    if args.dry_run:
+        return 0
+    print(f"{args.out}: {s.total} runs in {grid.name}: {len(s.finished_before)} finished before, {len(s.ran)} run "
+          f"now, {len(s.failed)} failed{f', {len(s.not_run)} not run (--collect)' if args.collect else ''}")
+    if s.failed:
+        raise UserError(f"{len(s.failed)} run(s) failed; first: {s.failed[0]}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench", help="run a grid file (bits × data sources × methods × seeds) into a results store",
+                       description="Each run is a `zsq quantize` process; finished runs are skipped and killed ones "
+                                   "resumed, so the same command continues a grid. Results: OUT/results.db "
+                                   "(read by zsq report --store OUT).")
+    b.add_argument("grid", help="grid file (TOML), e.g. benchmarks/grids/fmnist-quick.toml")
+    b.add_argument("--out", required=True, help="folder for results.db, logs/ and (default) runs/")
+    b.add_argument("--runs", help="folder of the run directories (default OUT/runs)")
+    b.add_argument("--jobs", type=_positive, default=1, help="runs in parallel (processes; the cores are shared)")
+    b.add_argument("--teacher", help="teacher for every run (a checkpoint path), instead of the grid's")
+    b.add_argument("--data-dir", help="dataset folder for every run")
+    b.add_argument("--bits", type=_int_list, help="only these bits (W = A), e.g. 3,4")
+    b.add_argument("--seeds", type=_int_list, help="only these seeds, e.g. 0")
+    b.add_argument("--set", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="a zsq quantize flag for every run, e.g. --set epochs=2 (repeatable)")
+    b.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    b.add_argument("--collect", action="store_true",
+                   help="store the runs already finished in the run folder, start none")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_export(sub)
     _add_report(sub)
+    _add_bench(sub)
     _add_analyze(sub)
     return p
 

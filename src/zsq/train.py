@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from .evaluate import evaluate, eval_set_for
 from .io import save_json, save_torch
 from .models import load_model, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
+from .provenance import code_version
 from .quant import QuantConfig, act_quantizers, observe_ranges, quantize_model
 from .synth import SOURCES, SourceContext, create_source
 
@@ -115,7 +116,7 @@ def resolve_config(preset: str = "quick", generator: str = "gdfq", method: str =
                              f"-{preset}-s{values.get('seed', 0)}")
     values.setdefault("options", {})
     options = {**values.pop("options"), **options}
-    allowed = _plugin_fields(generator, method)
+    allowed = plugin_fields(generator, method)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise UserError(f"option(s) {', '.join(unknown)} do not apply to generator '{generator}' with method "
@@ -123,7 +124,8 @@ def resolve_config(preset: str = "quick", generator: str = "gdfq", method: str =
     return TrainConfig(**values, options=options)
 
 
-def _plugin_fields(generator: str, method: str) -> set[str]:
+def plugin_fields(generator: str, method: str) -> set[str]:
+    """The option names that the data source `generator` and the transfer loss `method` take."""
     names: set[str] = set()
     for registry, name in ((SOURCES, generator), (LOSSES, method)):
         cls = registry.options_class(name)
@@ -169,10 +171,11 @@ class _Stop:
 
 class Metrics:
     """Per-iteration rows kept as device tensors and written to metrics.jsonl every `log_every` iterations, so
-    logging costs one sync per flush rather than one per scalar."""
+    logging costs one sync per flush rather than one per scalar. The last row of each flush gets the run's wall
+    time (`wall_s`, taken after that sync), from which iterations per second follow."""
 
-    def __init__(self, path: Path, keep_below: int) -> None:
-        self.path = path
+    def __init__(self, path: Path, keep_below: int, clock: Callable[[], float]) -> None:
+        self.path, self.clock = path, clock
         rows = []
         if path.exists():  # on resume, drop rows from iterations that the checkpoint does not contain
             rows = [r for r in (json.loads(l) for l in path.read_text().splitlines() if l.strip())
@@ -189,6 +192,7 @@ class Metrics:
         flat = [v.float().reshape(()) for _, t in self.pending for v in t.values()]
         values = iter(torch.stack(flat).tolist() if flat else [])
         rows = [{**static, **{k: next(values) for k in t}} for static, t in self.pending]
+        rows[-1]["wall_s"] = round(self.clock(), 3)
         with open(self.path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         self.pending = []
@@ -314,7 +318,7 @@ def _open_run(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
     if not resume:
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     saved = json.loads((out / "config.json").read_text())
-    if {k: v for k, v in saved.items() if k != "device"} != {k: v for k, v in _jsonable(cfg).items() if k != "device"}:
+    if {k: v for k, v in saved.items() if k != "device"} != {k: v for k, v in config_dict(cfg).items() if k != "device"}:
         raise UserError(f"{out} was started with another configuration; resume with the same arguments "
                         f"or choose another --out")
     return read_checkpoint(out / "state.pt")
@@ -335,7 +339,7 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
                 print(f"resuming {job.out} at iteration {job.step}")
         else:
             job.out.mkdir(parents=True, exist_ok=True)
-            save_json(_jsonable(cfg), job.out / "config.json")
+            save_json(config_dict(cfg), job.out / "config.json")
         _loop(job, quiet)
         return _finish(job)
     finally:
@@ -356,9 +360,9 @@ def _set_epoch(job: Job, epoch: int) -> None:
 
 def _loop(job: Job, quiet: bool) -> None:
     cfg, state_path = job.cfg, job.out / "state.pt"
-    metrics = Metrics(job.out / "metrics.jsonl", keep_below=job.step)
     total = cfg.epochs * cfg.iters_per_epoch
     t0, wall_before, bad_run = time.time(), job.wall_s, 0
+    metrics = Metrics(job.out / "metrics.jsonl", keep_below=job.step, clock=lambda: wall_before + time.time() - t0)
 
     def checkpoint() -> None:
         metrics.flush()
@@ -419,6 +423,8 @@ def _finish(job: Job) -> Result:
                "wbits": cfg.wbits, "abits": cfg.abits, "generator": cfg.generator, "method": cfg.method,
                "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.seed,
                "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.bad_total,
+               "dataset": job.test_set.info.name, "model": getattr(job.teacher, "zsq_arch", None) or
+               type(job.teacher).__name__, "code": code_version(),
                **job.source.describe(),
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)]}
     with torch.no_grad(), autocast(job.device, cfg.precision):  # what the data source made, for zsq analyze
@@ -518,7 +524,8 @@ def _promoted_loss(job: Job, x: torch.Tensor, y: torch.Tensor, clean_loss: torch
     return loss
 
 
-def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as config.json holds it (tuples become lists), so that configs compare by value."""
     return json.loads(json.dumps(asdict(cfg)))
 
 

@@ -47,7 +47,7 @@ def plot_curves(runs: list[dict[str, Any]], out_dir: Path, smooth: int = 20) -> 
     logged), each run a line; trained iterations only."""
     rows = {r["dir"]: [m for m in _metrics(r["dir"]) if m.get("warmup") is False] for r in runs}
     terms = sorted({k for ms in rows.values() for m in ms for k, v in m.items()
-                    if isinstance(v, float) and k not in ("lr_q", *CURVES) and not k.endswith("_se")})
+                    if isinstance(v, float) and k not in ("lr_q", "wall_s", *CURVES) and not k.endswith("_se")})
     keys = [k for k in CURVES if any(k in m for ms in rows.values() for m in ms)] + terms
     cols = min(3, len(keys))
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(5 * cols, 3.4 * math.ceil(len(keys) / cols)),

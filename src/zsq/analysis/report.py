@@ -1,13 +1,21 @@
-"""`zsq report`: every finished run in one table, seeds of the same configuration grouped as mean ± std."""
+"""`zsq report`: every finished run in one table, seeds of the same configuration grouped as mean ± std.
+
+Runs come from run directories or from a bench results store; where the setting matches a published one
+(dataset, model, bits, data source, method), the paper's number is quoted beside ours.
+"""
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
+import math
 import os
 import statistics
 from pathlib import Path
 from typing import Any
 
+from ..bench.published import published
+from ..bench.store import Store
 from ..errors import UserError
 from ..io import save_bytes
 
@@ -23,23 +31,61 @@ def read_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
         dirs = [path] if (path / "result.json").exists() else sorted(p.parent for p in path.glob("*/result.json"))
         for d in dirs:
             if (d / "config.json").exists():
-                runs.append({"dir": str(d), "config": json.loads((d / "config.json").read_text()),
-                             "result": json.loads((d / "result.json").read_text())})
+                result = json.loads((d / "result.json").read_text())
+                if (d / "metrics.jsonl").exists():
+                    result.update(curve_stats(d / "metrics.jsonl"))
+                runs.append({"dir": str(d), "config": json.loads((d / "config.json").read_text()), "result": result})
     if not runs:
         raise UserError(f"no finished run (a folder with result.json and config.json) in {', '.join(map(str, paths))}")
     return runs
 
 
+def curve_stats(metrics: Path) -> dict[str, dict[str, float]]:
+    """Summaries of a run's curves, comparable between runs: the Q model's finite global gradient norms over the
+    trained iterations (median, max: how stably a loss trains) and, with --track-curvature, the Hessian-trace
+    estimates (mean over training, last)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    norms = [r["grad_norm"] for r in rows if "grad_norm" in r and math.isfinite(r["grad_norm"])]
+    traces = [r["hessian_trace"] for r in rows if "hessian_trace" in r and math.isfinite(r["hessian_trace"])]
+    stats = {}
+    if norms:
+        stats["grad_norm"] = {"median": statistics.median(norms), "max": max(norms)}
+    if traces:
+        stats["hessian_trace"] = {"mean": statistics.mean(traces), "last": traces[-1]}
+    return stats
+
+
+def read_store(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The runs of a bench store (as read_runs gives them) and the names of every run its grids planned."""
+    store = Store(folder, create=False)
+    try:
+        rows, planned = store.rows(), store.planned()
+    finally:
+        store.close()
+    runs = [{"dir": r["dir"], "config": r["config"], "result": {**r["result"], "dataset": r["dataset"],
+                                                                  "model": r["model"]}} for r in rows]
+    return runs, planned
+
+
 def _changes(config: dict[str, Any]) -> dict[str, Any]:
     """What the run set beyond its preset (flags and plug-in options), for the group label."""
-    from ..train import _jsonable, resolve_config
+    from ..train import config_dict, resolve_config
 
-    base = json.loads(json.dumps(_jsonable(resolve_config(config["preset"], config["generator"], config["method"],
-                                                          teacher=config["teacher"]))))
+    base = config_dict(resolve_config(config["preset"], config["generator"], config["method"],
+                                      teacher=config["teacher"]))
     shown = BOOKKEEPING | {"options", "wbits", "abits", "generator", "method", "preset"}  # columns of their own
     own = {k: v for k, v in config.items() if k not in shown and base.get(k) != v}
     opts = {k: v for k, v in config.get("options", {}).items() if base["options"].get(k) != v}
     return {**own, **opts}
+
+
+def _defaults() -> dict[str, Any]:
+    """TrainConfig's defaults: a field missing from an older run's config.json held its default (it did not
+    exist yet), so it must not split that run from newer ones."""
+    from ..train import TrainConfig
+
+    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainConfig)
+                                  if f.default is not dataclasses.MISSING}))
 
 
 def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -47,58 +93,129 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Any]] = {}
     for run in runs:
         cfg, res = run["config"], run["result"]
-        key = json.dumps({k: v for k, v in cfg.items() if k not in BOOKKEEPING}, sort_keys=True)
+        key = json.dumps({k: v for k, v in {**_defaults(), **cfg}.items() if k not in BOOKKEEPING}, sort_keys=True)
+        quoted = published(res.get("dataset", ""), res.get("model", ""), cfg["wbits"], cfg["abits"],
+                           cfg["generator"], cfg["method"])
         g = groups.setdefault(key, {"bits": f"W{cfg['wbits']}A{cfg['abits']}", "generator": cfg["generator"],
                                     "method": cfg["method"], "preset": cfg["preset"], "changes": _changes(cfg),
-                                    "fp_top1": res["fp_top1"], "runs": []})
+                                    "fp_top1": res["fp_top1"], "published": quoted, "runs": []})
         g["runs"].append({"seed": cfg["seed"], "q_top1": res["q_top1"], "wall_min": res["wall_s"] / 60,
-                          "dir": run["dir"]})
+                          "dir": run["dir"], "grad_norm": res.get("grad_norm"),
+                          "hessian_trace": res.get("hessian_trace")})
     rows = []
     for g in groups.values():
         g["runs"].sort(key=lambda r: r["seed"])
         accs = [r["q_top1"] for r in g["runs"]]
+        norms = [r["grad_norm"] for r in g["runs"] if r["grad_norm"]]
         g.update(mean=statistics.mean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                 wall_min=statistics.mean(r["wall_min"] for r in g["runs"]))
+                 wall_min=statistics.mean(r["wall_min"] for r in g["runs"]),
+                 grad_norm=(statistics.median(n["median"] for n in norms), max(n["max"] for n in norms))
+                 if norms else None,
+                 hessian_trace=statistics.mean(r["hessian_trace"]["mean"] for r in g["runs"])
+                 if all(r["hessian_trace"] for r in g["runs"]) else None)
         rows.append(g)
     return sorted(rows, key=lambda g: (g["bits"], g["generator"], g["method"], len(g["changes"]),
                                        json.dumps(g["changes"])))
 
 
-HEADER = ["bits", "data + loss", "beyond the preset", "preset", "seeds", "q_top1 mean ± std", "per seed",
+HEADER = ["bits", "data + loss", "beyond the preset", "preset", "seeds", "q_top1 mean ± std (ours)", "per seed",
           "FP − mean", "wall (min)"]
+QUOTED = "published (quoted)"
+GRAD = "Q grad norm median / max"
+TRACE = "Hessian trace (mean over training)"
 
 
-def _cells(g: dict[str, Any]) -> list[str]:
+def _header(rows: list[dict[str, Any]]) -> list[str]:
+    return (HEADER + ([GRAD] if any(g["grad_norm"] for g in rows) else [])
+            + ([TRACE] if any(g["hessian_trace"] is not None for g in rows) else [])
+            + ([QUOTED] if any(g["published"] for g in rows) else []))
+
+
+def _cells(g: dict[str, Any], header: list[str]) -> list[str]:
     changes = ", ".join(f"{k}={v}" for k, v in g["changes"].items()) or "–"
-    return [g["bits"], f"{g['generator']}+{g['method']}", changes, g["preset"],
-            ",".join(str(r["seed"]) for r in g["runs"]),
-            f"{g['mean']:.2f} ± {g['std']:.2f}" if len(g["runs"]) > 1 else f"{g['mean']:.2f}",
-            " / ".join(f"{r['q_top1']:.2f}" for r in g["runs"]), f"{g['fp_top1'] - g['mean']:.2f}",
-            f"{g['wall_min']:.1f}"]
+    cells = [g["bits"], f"{g['generator']}+{g['method']}", changes, g["preset"],
+             ",".join(str(r["seed"]) for r in g["runs"]),
+             f"{g['mean']:.2f} ± {g['std']:.2f}" if len(g["runs"]) > 1 else f"{g['mean']:.2f}",
+             " / ".join(f"{r['q_top1']:.2f}" for r in g["runs"]), f"{g['fp_top1'] - g['mean']:.2f}",
+             f"{g['wall_min']:.1f}"]
+    if GRAD in header:
+        cells.append(f"{g['grad_norm'][0]:.3g} / {g['grad_norm'][1]:.3g}" if g["grad_norm"] else "–")
+    if TRACE in header:
+        cells.append(f"{g['hessian_trace']:.4g}" if g["hessian_trace"] is not None else "–")
+    if QUOTED in header:
+        p = g["published"]
+        cells.append(f"{p.top1:.2f} ({p.source})" if p else "–")
+    return cells
 
 
-def markdown(rows: list[dict[str, Any]], plots: list[Path]) -> str:
-    lines = ["# zsq report", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(_cells(g)) + " |" for g in rows]
-    lines += [""] + [f"![{p.stem}]({p})" for p in plots]
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    header = _header(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cells(g, header)) + " |" for g in rows]
     return "\n".join(lines) + "\n"
 
 
-def html_page(rows: list[dict[str, Any]], plots: list[Path]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(g)) + "</tr>" for g in rows)
+def _progress(planned: list[str] | None, rows: list[dict[str, Any]]) -> str:
+    if planned is None:
+        return ""
+    done = {Path(r["dir"]).name for g in rows for r in g["runs"]}
+    return f"{len(done & set(planned))} of the {len(planned)} planned runs finished."
+
+
+def markdown(rows: list[dict[str, Any]], plots: list[Path], note: str = "") -> str:
+    lines = ["# zsq report", "", *([note, ""] if note else []), table_markdown(rows)]
+    lines += [f"![{p.stem}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def html_page(rows: list[dict[str, Any]], plots: list[Path], note: str = "") -> str:
+    header = _header(rows)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(g, header))
+                   + "</tr>" for g in rows)
     images = "".join(f'<figure><img src="{html.escape(str(p))}"><figcaption>{html.escape(p.stem)}</figcaption>'
                      f"</figure>" for p in plots)
     return (f"<!doctype html><meta charset='utf-8'><title>zsq report</title><h1>zsq report</h1>"
-            f"<table border=1 cellspacing=0 cellpadding=4><tr>{head}</tr>{body}</table>{images}\n")
+            f"<p>{html.escape(note)}</p><table border=1 cellspacing=0 cellpadding=4><tr>{head}</tr>{body}</table>"
+            f"{images}\n")
 
 
-def write_report(paths: list[str | Path], out: str | Path, plots: list[str | Path] = ()) -> dict[str, Any]:
-    """Write OUT (markdown) and OUT with .html; plots (PNG files) are embedded by relative path."""
-    out = Path(out)
-    rows = group_runs(read_runs(paths))
-    rel = [Path(os.path.relpath(Path(p).resolve(), out.resolve().parent)) for p in plots]
-    save_bytes(markdown(rows, rel).encode(), out)
-    save_bytes(html_page(rows, rel).encode(), out.with_suffix(".html"))
-    return {"markdown": str(out), "html": str(out.with_suffix(".html")), "groups": rows}
+def write_report(paths: list[str | Path], out: str | Path | None, plots: list[str | Path] = (),
+                 store: str | Path | None = None, readme: str | Path | None = None) -> dict[str, Any]:
+    """Write OUT (markdown) and OUT with .html (plots embedded by relative path), from run directories and/or
+    a bench store; with `readme`, also replace the store's section of that file (see `update_readme`)."""
+    runs, planned = read_store(store) if store is not None else ([], None)
+    if paths:
+        runs += read_runs(paths)
+    if not runs:
+        raise UserError(f"no finished run in the store {store}")
+    rows = group_runs(runs)
+    note = _progress(planned, rows)
+    written: dict[str, Any] = {"groups": rows, "note": note}
+    if out is not None:
+        out = Path(out)
+        rel = [Path(os.path.relpath(Path(p).resolve(), out.resolve().parent)) for p in plots]
+        save_bytes(markdown(rows, rel, note).encode(), out)
+        save_bytes(html_page(rows, rel, note).encode(), out.with_suffix(".html"))
+        written.update(markdown=str(out), html=str(out.with_suffix(".html")))
+    if readme is not None:
+        if store is None:
+            raise UserError("--readme needs --store: a README section is named after its store")
+        written["readme"] = str(update_readme(readme, Path(store).name, (note + "\n\n" if note else "")
+                                              + table_markdown(rows)))
+    return written
+
+
+def update_readme(readme: str | Path, section: str, body: str) -> Path:
+    """Replace what lies between `<!-- zsq report: SECTION -->` and `<!-- /zsq report: SECTION -->`, so the
+    README's numbers are regenerated from the store, never typed by hand."""
+    path = Path(readme)
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    text = path.read_text()
+    start, end = f"<!-- zsq report: {section} -->", f"<!-- /zsq report: {section} -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise UserError(f"{path} needs exactly one '{start}' line followed by one '{end}' line")
+    head, rest = text.split(start)
+    return save_bytes((head + start + "\n" + body + end + rest.split(end, 1)[1]).encode(), path)
 

@@ -1,0 +1,176 @@
+"""Grid files: bits × data sources × methods × seeds, with a preset and overrides, expanded into `zsq quantize` runs.
+
+A grid is a TOML file:
+
+    teacher = "resnet20_fmnist"      # or a checkpoint path; `zsq bench --teacher` overrides
+    preset = "quick"
+    bits = [3, 4, 5]                 # W = A; a pair [4, 8] is W4A8
+    seeds = [0, 1, 2]
+    options = {eval-limit = 2000}    # zsq quantize flags for every run (optional)
+
+    [[rows]]                         # generator × method; either may be a list (their product)
+    generator = ["gdfq", "adadfq"]   # a row may also restrict `bits` to a subset of the grid's
+    method = "akt"
+    options = {akt-base = "{generator}", akt-lambda = "1e4"}
+
+Option keys are `zsq quantize` flags without the dashes; true is a bare flag, a list is comma-joined, and
+"{generator}" / "{method}" in a value is replaced by the row's. Also: `dataset`, `data_dir` (top level).
+Grid-wide options (and `zsq bench --set`) go to the runs they apply to: `synth-images` reaches the hast runs
+only, and a key that applies to no run at all is an error.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+TOP_KEYS = {"teacher", "preset", "bits", "seeds", "options", "rows", "dataset", "data_dir", "description"}
+ROW_KEYS = {"generator", "method", "options", "bits"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One `zsq quantize` run of a grid; `flags` are the row's options, part of the run's name."""
+
+    name: str
+    generator: str
+    method: str
+    wbits: int
+    abits: int
+    seed: int
+    flags: tuple[str, ...]
+    common: tuple[str, ...]  # teacher, preset and the grid-wide options that apply to this run
+
+    def argv(self, out: Path) -> list[str]:
+        return ["--wbits", str(self.wbits), "--abits", str(self.abits), "--generator", self.generator, "--method",
+                self.method, *self.flags, *self.common, "--seed", str(self.seed), "--out", str(out)]
+
+
+@dataclass
+class Grid:
+    path: Path
+    teacher: str
+    preset: str
+    bits: list[tuple[int, int]]
+    seeds: list[int]
+    rows: list[dict[str, Any]]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def runs(self) -> list[RunSpec]:
+        specs, used = [], set()
+        for (wbits, abits), row, seed in itertools.product(self.bits, self.rows, self.seeds):
+            if "bits" in row and [wbits, abits] not in [list(p) for p in _bit_pairs(row["bits"], self.path)]:
+                continue
+            for generator, method in itertools.product(_as_list(row["generator"]), _as_list(row["method"])):
+                names = {"generator": generator, "method": method}
+                flags = _flags(row.get("options", {}), names)
+                mine = {k: v for k, v in self.options.items() if _applies(k, generator, method)}
+                used |= set(mine)
+                common = ("--teacher", self.teacher, "--preset", self.preset, *_flags(mine, names))
+                specs.append(RunSpec(run_name(generator, method, flags, wbits, abits, seed), generator, method,
+                                     wbits, abits, seed, flags, common))
+        twice = [name for name, n in Counter(s.name for s in specs).items() if n > 1]
+        if twice:
+            raise UserError(f"grid {self.path} lists the same run twice ({twice[0]})")
+        unused = sorted(set(self.options) - used)
+        if unused:
+            raise UserError(f"grid {self.path}: option '{unused[0]}' applies to none of its runs (a zsq quantize "
+                            f"flag without dashes, e.g. epochs or synth-images)")
+        return specs
+
+
+def run_name(generator: str, method: str, flags: tuple[str, ...], wbits: int, abits: int, seed: int) -> str:
+    """generator-method[-flags]-wK[aL]-sN: readable, and stable so that a rerun finds its finished runs."""
+    tag = "".join(c if c.isalnum() else "-" for c in " ".join(flags)).strip("-")
+    bits = f"w{wbits}" if wbits == abits else f"w{wbits}a{abits}"
+    return f"{generator}-{method}{'-' + tag if tag else ''}-{bits}-s{seed}"
+
+
+def load_grid(path: str | Path, teacher: str | None = None, data_dir: str | None = None,
+              bits: list[int] | None = None, seeds: list[int] | None = None,
+              overrides: dict[str, Any] | None = None) -> Grid:
+    """Read a grid file; the arguments override its values (e.g. a teacher checkpoint path, a subset of seeds)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"grid file {path} not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"grid file {path} is not valid TOML ({e})") from None
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise UserError(f"grid file {path}: unknown key(s) {', '.join(sorted(unknown))} (allowed: "
+                        f"{', '.join(sorted(TOP_KEYS))})")
+    teacher = teacher or raw.get("teacher")
+    if not teacher:
+        raise UserError(f"grid {path} names no teacher: give --teacher (a checkpoint path or shipped teacher)")
+    if raw.get("dataset", "fashion-mnist") != "fashion-mnist" and not (data_dir or raw.get("data_dir")):
+        raise UserError(f"grid {path} runs on {raw['dataset']}: give --data-dir (the folder holding it)")
+    options = dict(raw.get("options", {}))
+    for key in ("dataset", "data_dir"):
+        if raw.get(key):
+            options[key.replace("_", "-")] = raw[key]
+    if data_dir:
+        options["data-dir"] = data_dir
+    options.update(overrides or {})
+    rows = raw.get("rows") or []
+    if not rows:
+        raise UserError(f"grid {path} has no [[rows]] (each with a generator and a method)")
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or "generator" not in row or "method" not in row or set(row) - ROW_KEYS:
+            raise UserError(f"grid {path}, row {i}: needs generator and method (and optionally options, bits), "
+                            f"got {row!r}")
+    return Grid(path, str(teacher), str(raw.get("preset", "quick")),
+                _bit_pairs(bits if bits is not None else raw.get("bits", [4]), path),
+                _int_list(seeds if seeds is not None else raw.get("seeds", [0]), "seeds", path), rows, options)
+
+
+def _applies(key: str, generator: str, method: str) -> bool:
+    from ..train import TrainConfig, plugin_fields  # the engine, loaded only when a grid is expanded
+
+    name = key.replace("-", "_")
+    return name in {f.name for f in fields(TrainConfig)} or name in plugin_fields(generator, method)
+
+
+def _as_list(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _flags(options: dict[str, Any], names: dict[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not False:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            out += [flag, text.format(**names) if "{" in text else text]
+    return tuple(out)
+
+
+def _bit_pairs(values: Any, path: Path) -> list[tuple[int, int]]:
+    pairs = []
+    for v in values if isinstance(values, list) else [values]:
+        if isinstance(v, int):
+            pairs.append((v, v))
+        elif isinstance(v, list) and len(v) == 2 and all(isinstance(b, int) for b in v):
+            pairs.append((v[0], v[1]))
+        else:
+            raise UserError(f"grid {path}: bits must be integers or [wbits, abits] pairs, got {v!r}")
+    return pairs
+
+
+def _int_list(values: Any, what: str, path: Path) -> list[int]:
+    values = values if isinstance(values, list) else [values]
+    if not values or not all(isinstance(v, int) for v in values):
+        raise UserError(f"grid {path}: {what} must be a non-empty list of integers, got {values!r}")
+    return values

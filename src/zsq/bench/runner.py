@@ -1,0 +1,166 @@
+"""`zsq bench`: run every run of a grid as its own `zsq quantize` process, N at a time, and store each result.
+
+Resumable: a run already in the store, or whose folder holds a result.json, is not run again (its config must
+match, so a changed grid never passes off old numbers); a killed run resumes from its state.pt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..analysis.report import curve_stats
+from ..errors import UserError
+from ..models import dataset_info, load_model
+from ..train import config_dict
+from .grid import Grid, RunSpec
+from .store import Store
+
+# Config fields that say how a run was carried out, not what it computes: they may differ between a stored run
+# and the grid's (a run imported from another folder, another device, a finer progress log).
+BOOKKEEPING = {"out", "device", "ckpt_every", "log_every", "eval_every", "deterministic", "max_bad_steps",
+               "track_curvature", "curvature_samples"}
+
+
+@dataclass
+class BenchSummary:
+    total: int
+    finished_before: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # "name: why"
+    not_run: list[str] = field(default_factory=list)  # missing, left alone by collect
+
+
+def run_grid(grid: Grid, out: str | Path, runs_dir: str | Path | None = None, jobs: int = 1, quiet: bool = False,
+             dry_run: bool = False, collect: bool = False) -> BenchSummary:
+    """Run what is missing of `grid` into runs_dir (default OUT/runs), results into OUT/results.db.
+
+    `collect`: only store the runs already finished in runs_dir (made elsewhere, e.g. copied from a GPU
+    machine, or still running in another process) and start none."""
+    from ..cli import quantize_config  # the runs are CLI commands: check them exactly as the CLI will
+
+    out = Path(out)
+    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
+    specs = grid.runs()
+    expected = {}
+    for spec in specs:
+        try:
+            expected[spec.name] = config_dict(quantize_config(spec.argv(runs_dir / spec.name)))
+        except UserError as e:
+            raise UserError(f"grid {grid.path}, run {spec.name}: {e}") from None
+    if dry_run:
+        for spec in specs:
+            print(shlex.join(["zsq", "quantize", *spec.argv(runs_dir / spec.name)]))
+        return BenchSummary(len(specs))
+    store = Store(out)
+    try:
+        store.plan(grid.name, [(s.name, s.argv(runs_dir / s.name)) for s in specs])
+        summary = BenchSummary(len(specs))
+        todo = []
+        for spec in specs:
+            if _finished(store, grid, spec, runs_dir / spec.name, expected[spec.name]):
+                summary.finished_before.append(spec.name)
+            else:
+                todo.append(spec)
+        if collect:
+            summary.not_run = [spec.name for spec in todo]
+        else:
+            _run_all(todo, store, grid, runs_dir, out / "logs", jobs, quiet, summary)
+    finally:
+        store.close()
+    return summary
+
+
+def _finished(store: Store, grid: Grid, spec: RunSpec, run_dir: Path, expected: dict[str, Any]) -> bool:
+    stored = store.config(spec.name)
+    if stored is None and (run_dir / "result.json").exists() and (run_dir / "config.json").exists():
+        stored = json.loads((run_dir / "config.json").read_text())
+        _check_same(spec.name, run_dir, stored, expected)
+        _store(store, grid, spec, run_dir)
+        return True
+    if stored is not None:
+        _check_same(spec.name, run_dir, stored, expected)
+    return stored is not None
+
+
+def _check_same(name: str, run_dir: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Fields in both must agree; a field missing from an older run's config took its then default."""
+    differ = sorted(k for k in set(stored) & set(expected) - BOOKKEEPING if k != "options" and stored[k] != expected[k])
+    s_opt, e_opt = stored.get("options", {}), expected.get("options", {})
+    differ += sorted(f"options.{k}" for k in set(s_opt) & set(e_opt) if s_opt[k] != e_opt[k])
+    if differ:
+        k = differ[0]
+        have, want = ((stored["options"], expected["options"]) if k.startswith("options.") else (stored, expected))
+        key = k.removeprefix("options.")
+        raise UserError(f"run {name} ({run_dir}) was made with another config ({k}: {have[key]!r}, the grid asks "
+                        f"for {want[key]!r}): give another --out/--runs or remove it")
+
+
+def _store(store: Store, grid: Grid, spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    config = json.loads((run_dir / "config.json").read_text())
+    result = json.loads((run_dir / "result.json").read_text())
+    dataset, model = result.get("dataset"), result.get("model")
+    if dataset is None or model is None:  # runs made before result.json recorded them
+        dataset, model = _teacher_facts(config)
+    if (run_dir / "metrics.jsonl").exists():
+        result.update(curve_stats(run_dir / "metrics.jsonl"))
+    store.add(spec.name, grid.name, list(spec.flags), config, result, run_dir, dataset, model)
+    return result
+
+
+def _teacher_facts(config: dict[str, Any]) -> tuple[str, str]:
+    teacher = load_model(config["teacher"], checkpoint=config.get("checkpoint"))
+    info = dataset_info(teacher)
+    dataset = config.get("dataset") or (info.name if info is not None else "unknown")
+    return dataset, getattr(teacher, "zsq_arch", None) or type(teacher).__name__
+
+
+def _run_all(todo: list[RunSpec], store: Store, grid: Grid, runs_dir: Path, logs: Path, jobs: int, quiet: bool,
+             summary: BenchSummary) -> None:
+    if not todo:
+        return
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # N runs share the cores
+    bar = tqdm(total=len(todo), desc=f"bench {grid.name}", unit="run", disable=quiet, dynamic_ncols=True)
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        futures = {pool.submit(_launch, spec, runs_dir / spec.name, logs / f"{spec.name}.log", env): spec
+                   for spec in todo}
+        for future in as_completed(futures):
+            spec, rc = futures[future], future.result()
+            log = logs / f"{spec.name}.log"
+            if rc == 0 and (runs_dir / spec.name / "result.json").exists():
+                result = _store(store, grid, spec, runs_dir / spec.name)
+                summary.ran.append(spec.name)
+                line = f"{spec.name}: q_top1 {result['q_top1']:.2f} in {result['wall_s'] / 60:.1f} min"
+            else:
+                summary.failed.append(f"{spec.name}: exit {rc}, {_last_line(log)} (log: {log})")
+                line = f"{spec.name}: FAILED (exit {rc}; see {log})"
+            tqdm.write(line)
+            bar.update()
+    finally:  # on Ctrl-C the running runs checkpoint and stop (same signal); queued ones must not start
+        pool.shutdown(wait=True, cancel_futures=True)
+    bar.close()
+
+
+def _launch(spec: RunSpec, run_dir: Path, log: Path, env: dict[str, str]) -> int:
+    resume = ["--resume"] if (run_dir / "state.pt").exists() else []
+    cmd = [sys.executable, "-m", "zsq", "quantize", *spec.argv(run_dir), *resume, "--quiet"]
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd[2:]) + "\n")
+        f.flush()
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+    return lines[-1][:300] if lines else "no output"

@@ -1,0 +1,74 @@
+"""The results store: one SQLite row per finished run, with its resolved config, its result and the code that ran.
+
+Standard library only; a row is inserted once its run has written result.json, so the store never holds a
+half-finished run. `plan` keeps what a grid asked for, so a report can say how much of it is done.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    name TEXT PRIMARY KEY, grid TEXT, dataset TEXT, model TEXT, teacher TEXT, wbits INTEGER, abits INTEGER,
+    generator TEXT, method TEXT, preset TEXT, seed INTEGER, flags TEXT, q_top1 REAL, q_top5 REAL, fp_top1 REAL,
+    wall_s REAL, code TEXT, dir TEXT, finished_at TEXT, config TEXT, result TEXT);
+CREATE TABLE IF NOT EXISTS plan (name TEXT PRIMARY KEY, grid TEXT, argv TEXT);
+"""
+STORE_FILE = "results.db"
+
+
+class Store:
+    """`Store(folder)` opens (or creates) folder/results.db."""
+
+    def __init__(self, folder: str | Path, create: bool = True):
+        self.path = Path(folder) / STORE_FILE
+        if not create and not self.path.is_file():
+            raise UserError(f"no results store {self.path} (made by zsq bench GRID --out {folder})")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path} is not a zsq results store ({e})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def plan(self, grid: str, runs: list[tuple[str, list[str]]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO plan VALUES (?, ?, ?)",
+                                [(name, grid, json.dumps(argv)) for name, argv in runs])
+
+    def add(self, name: str, grid: str, flags: list[str], config: dict[str, Any], result: dict[str, Any],
+            run_dir: Path, dataset: str, model: str) -> None:
+        row = (name, grid, dataset, model, config["teacher"], config["wbits"], config["abits"], config["generator"],
+               config["method"], config["preset"], config["seed"], json.dumps(flags), result["q_top1"],
+               result.get("q_top5"), result["fp_top1"], result["wall_s"],
+               result.get("code", "unknown (run made before zsq recorded its code version)"), str(run_dir),
+               datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               json.dumps(config, sort_keys=True), json.dumps(result, sort_keys=True))
+        with self.db:
+            self.db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(row))})", row)
+
+    def config(self, name: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT config FROM runs WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def rows(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM runs ORDER BY name")
+        keys = [d[0] for d in cur.description]
+        out = []
+        for values in cur.fetchall():
+            row = dict(zip(keys, values, strict=True))
+            row["config"], row["result"], row["flags"] = (json.loads(row[k]) for k in ("config", "result", "flags"))
+            out.append(row)
+        return out
+
+    def planned(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM plan ORDER BY name")]

@@ -1,0 +1,189 @@
+"""zsq bench: grid expansion, the results store, resume after a kill, the report's statistics, the paper grids."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_cifar
+
+from zsq.bench import load_grid, published
+from zsq.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SET = ["--set", "epochs=2", "--set", "iters-per-epoch=2", "--set", "warmup-epochs=1", "--set", "batch-size=8",
+            "--set", "eval-limit=20", "--quiet"]
+TINY_SYNTH = ["--set", "synth-images=16", "--set", "synth-iters=2"]  # only for grids with hast runs
+
+
+def write_grid(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+GRID = """
+teacher = "resnet20_fmnist"
+preset = "quick"
+bits = [3, [4, 8]]
+seeds = [0, 1]
+options = { eval-limit = 20, synth-images = 16 }
+
+[[rows]]
+generator = ["gdfq", "adadfq"]
+method = "akt"
+options = { akt-base = "{generator}", akt-lambda = "1e4" }
+
+[[rows]]
+generator = "hast"
+method = "hast"
+bits = [3]
+"""
+
+
+def test_grid_expansion(tmp_path):
+    runs = load_grid(write_grid(tmp_path / "g.toml", GRID)).runs()
+    assert len(runs) == 2 * 2 * 2 + 2  # bits × generators × seeds, and hast at W3A3 only
+    names = {r.name for r in runs}
+    assert {"gdfq-akt-akt-base-gdfq---akt-lambda-1e4-w3-s0", "adadfq-akt-akt-base-adadfq---akt-lambda-1e4-w4a8-s1",
+            "hast-hast-w3-s0", "hast-hast-w3-s1"} <= names
+    by_name = {r.name: r.argv(Path("o") / r.name) for r in runs}
+    ada = by_name["adadfq-akt-akt-base-adadfq---akt-lambda-1e4-w4a8-s1"]
+    assert ada[:8] == ["--wbits", "4", "--abits", "8", "--generator", "adadfq", "--method", "akt"]
+    assert ada[8:10] == ["--akt-base", "adadfq"] and ada[-4:-1] == ["--seed", "1", "--out"]
+    assert "--synth-images" not in ada and ada[ada.index("--eval-limit") + 1] == "20"  # only where it applies
+    hast = by_name["hast-hast-w3-s0"]
+    assert hast[hast.index("--synth-images") + 1] == "16" and hast[hast.index("--teacher") + 1] == "resnet20_fmnist"
+    over = load_grid(tmp_path / "g.toml", teacher="t.pt", bits=[3], seeds=[1], overrides={"epochs": 2}).runs()
+    assert len(over) == 3 and all(r.seed == 1 and r.wbits == 3 for r in over)
+    assert all(r.common[1] == "t.pt" and "--epochs" in r.common for r in over)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("foo = 1\n" + GRID, "unknown key"),
+    (GRID.replace('method = "hast"\nbits = [3]', 'method = "hast"\nbits = [3]\ncolour = 1'), "needs generator"),
+    (GRID.replace('generator = "hast"', 'generator = "gdfq"').replace('method = "hast"', 'method = "gdfq"'),
+     "synth-images' applies to none"),
+    (GRID.replace("eval-limit = 20", "eval-limt = 20"), "eval-limt' applies to none"),
+    (GRID.replace('generator = "hast"\nmethod = "hast"', 'generator = "gdfq"\nmethod = "akt"\noptions = '
+                  '{ akt-base = "gdfq", akt-lambda = "1e4" }'), "same run twice"),
+    (GRID.replace('teacher = "resnet20_fmnist"\n', ""), "--teacher"),
+    (GRID.replace('preset = "quick"', 'preset = "quick"\ndataset = "cifar10"'), "--data-dir"),
+    (GRID.replace("seeds = [0, 1]", "seeds = []"), "seeds"),
+    ("bits = [", "not valid TOML"),
+], ids=["top-key", "row-key", "option-nowhere", "option-typo", "duplicate", "no-teacher", "no-data-dir", "no-seeds",
+        "toml"])
+def test_grid_errors(tmp_path, text, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_grid(write_grid(tmp_path / "g.toml", text)).runs()
+
+
+def test_bench_bad_input_exit_2(tmp_path):
+    proc = run_cli("bench", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
+    grid = write_grid(tmp_path / "g.toml", GRID.replace('method = "akt"', 'method = "nope"'))
+    proc = run_cli("bench", str(grid), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "nope" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = run_cli("report", "--store", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.md"))
+    assert proc.returncode == 2 and "no results store" in proc.stderr
+
+
+def _stored(db: Path) -> dict[str, tuple]:
+    if not db.exists():
+        return {}
+    with sqlite3.connect(db) as con:
+        return {r[0]: r[1:] for r in con.execute("SELECT name, finished_at, q_top1, wbits, method, seed FROM runs")}
+
+
+def test_bench_resume_after_kill_and_report(tiny_teacher, fmnist_dir, tmp_path):
+    grid = write_grid(tmp_path / "g.toml", """
+preset = "quick"
+bits = [3, 4]
+seeds = [0, 1]
+[[rows]]
+generator = "gdfq"
+method = ["kd", "akt"]
+""")
+    out, db = tmp_path / "bench", tmp_path / "bench" / "results.db"
+    cmd = [sys.executable, "-m", "zsq", "bench", str(grid), "--out", str(out), "--teacher", str(tiny_teacher),
+           "--data-dir", str(fmnist_dir), "--jobs", "2", *TINY_SET]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while len(_stored(db)) < 2 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the bench and the runs it started, mid-grid
+    first.wait()
+    before = _stored(db)
+    assert 2 <= len(before) < 8
+    mtimes = {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in before}
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    after = _stored(db)
+    assert len(after) == 8
+    assert all(after[n] == before[n] for n in before)  # finished rows were not rerun
+    assert all((out / "runs" / n / "result.json").stat().st_mtime_ns == mtimes[n] for n in before)
+    assert re.search(rf"8 runs in g: {len(before)} finished before, {8 - len(before)} run now, 0 failed",
+                     proc.stdout), proc.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert "8 finished before, 0 run now" in again.stdout
+
+    report = run_cli("report", "--store", str(out), "--out", str(tmp_path / "r.md"))
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "r.md").read_text()
+    assert "8 of the 8 planned runs finished" in text
+    for bits in (3, 4):
+        for method in ("kd", "akt"):
+            accs = [after[n][1] for n in sorted(after, key=lambda n: after[n][4])
+                    if after[n][2] == bits and after[n][3] == method]
+            row = next(line for line in text.splitlines() if line.startswith(f"| W{bits}A{bits} | gdfq+{method} |"))
+            cells = [c.strip() for c in row.split("|")]
+            assert cells[5] == "0,1"
+            assert cells[6] == f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}"
+            assert cells[7] == " / ".join(f"{a:.2f}" for a in accs)
+
+
+def test_report_readme_section(tiny_teacher, fmnist_dir, tmp_path):
+    grid = write_grid(tmp_path / "tiny.toml", '[[rows]]\ngenerator = "gdfq"\nmethod = "kd"\n')
+    proc = run_cli("bench", str(grid), "--out", str(tmp_path / "tiny"), "--teacher", str(tiny_teacher),
+                   "--data-dir", str(fmnist_dir), *TINY_SET)
+    assert proc.returncode == 0, proc.stderr
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- zsq report: tiny -->\nold numbers\n<!-- /zsq report: tiny -->\nend\n")
+    proc = run_cli("report", "--store", str(tmp_path / "tiny"), "--readme", str(readme))
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("-->\nend\n")
+    assert "1 of the 1 planned runs finished" in text and "| W4A4 | gdfq+kd |" in text
+    readme.write_text("no markers\n")
+    proc = run_cli("report", "--store", str(tmp_path / "tiny"), "--readme", str(readme))
+    assert proc.returncode == 2 and "<!-- zsq report: tiny -->" in proc.stderr
+
+
+@pytest.mark.parametrize("dataset, classes, quoted", [("cifar10", 10, "72.23 (AKT Tab. 2)"),
+                                                       ("cifar100", 100, "47.59 (AKT Tab. 2)")])
+def test_paper_grid_on_fake_cifar(tmp_path, dataset, classes, quoted):
+    """The shipped paper grids run end to end on CIFAR files in the real format (tiny budget, W3A3, seed 0)."""
+    write_cifar(tmp_path / "data", classes)
+    teacher = tmp_path / "teacher.pt"
+    proc = run_cli("teacher", "train", "--model", "resnet20", "--dataset", dataset, "--data-dir",
+                   str(tmp_path / "data"), "--epochs", "1", "--batch-size", "16", "--out", str(teacher))
+    assert proc.returncode == 0, proc.stderr
+    grid = ROOT / "benchmarks" / "grids" / f"paper-{dataset}.toml"
+    proc = run_cli("bench", str(grid), "--out", str(tmp_path / "bench"), "--teacher", str(teacher), "--data-dir",
+                   str(tmp_path / "data"), "--bits", "3", "--seeds", "0", "--jobs", "2", *TINY_SET, *TINY_SYNTH)
+    assert proc.returncode == 0, proc.stderr
+    n = len(load_grid(grid, teacher=str(teacher), data_dir="d", bits=[3], seeds=[0]).runs())
+    assert f"{n} runs in paper-{dataset}: 0 finished before, {n} run now, 0 failed" in proc.stdout
+    proc = run_cli("report", "--store", str(tmp_path / "bench"), "--out", str(tmp_path / "r.md"))
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "r.md").read_text()
+    gdfq = next(line for line in text.splitlines() if line.startswith("| W3A3 | gdfq+gdfq |"))
+    assert gdfq.rstrip(" |").endswith(quoted) and "| paper |" in gdfq
+    assert published(dataset, "resnet20", 3, 3, "hast", "synq").top1 == {"cifar10": 88.11, "cifar100": 57.28}[dataset]
