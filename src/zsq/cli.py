@@ -26,6 +26,7 @@ from .io import save_json
 from .models import dataset_info, list_models, load_model, shipped_models
 from .presets import PRESETS, preset_values
 from .quant import check_bits
+from .quant.ranges import RANGE_SETTERS
 from .synth import SOURCES, list_sources
 from .synth.pixels import PIXEL_SOURCES, build_set
 from .teacher import TeacherConfig, train_teacher
@@ -100,6 +101,10 @@ QUANTIZE_HELP = {
     "track_curvature": "every N trained iterations, log Hutchinson's Hessian trace of the transfer loss on fixed "
                        "synthetic batches (hessian_trace, hessian_trace_se in metrics.jsonl; 0 = off)",
     "curvature_samples": "Rademacher vectors per Hessian-trace estimate (default 16)",
+    "act_range": "how activation ranges are set: ema-minmax (lineage, default), percentile, bn-prior (data-free, "
+                 "from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound)",
+    "act_percentile": "batch percentile of --act-range percentile (default 99.9)",
+    "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp (default 3)",
     "teacher": "shipped teacher, architecture (with --checkpoint) or checkpoint path",
     "generator": "data source", "method": "transfer loss", "preset": "recipe: paper budget or quick CPU budget",
     "wbits": "weight bits (2..8; 32 = FP)", "abits": "activation bits (2..8; 32 = FP)",
@@ -127,7 +132,7 @@ def _add_quantize(sub) -> None:
                        description="Every recipe field defaults to the preset; plug-in options apply to the chosen "
                                    "generator or method.")
     choices = {"generator": list_sources(), "method": list_methods(), "preset": list(PRESETS),
-               "first_last": ["same", "8bit"], "ste": ["identity", "clipped"], "precision": ["fp32", "bf16"]}
+               "first_last": ["same", "8bit"], "act_range": RANGE_SETTERS.names(), "ste": ["identity", "clipped"], "precision": ["fp32", "bf16"]}
     for f in fields(TrainConfig):
         if f.name == "options":
             continue

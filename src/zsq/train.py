@@ -31,6 +31,7 @@ from .models import load_model, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
 from .provenance import code_version
 from .quant import QuantConfig, act_quantizers, observe_ranges, quantize_model
+from .quant.ranges import RangeOptions, RangeSetter, create_range_setter
 from .synth import SOURCES, SourceContext, create_source
 
 
@@ -49,6 +50,9 @@ class TrainConfig:
     abits: int = 4
     first_last: str = "same"
     act_momentum: float = 0.9
+    act_range: str = "ema-minmax"  # activation range setter (zsq.quant.ranges)
+    act_percentile: float = 99.9  # the percentile setter's batch percentile
+    bn_k: float = 3.0  # the BN setters' standard deviations above the BN mean
     ste: str = "identity"
     epochs: int = 6
     iters_per_epoch: int = 100
@@ -95,6 +99,10 @@ class TrainConfig:
             raise UserError("track-curvature must be ≥ 0 and curvature-samples ≥ 1")
         self.milestones = sorted(int(m) for m in self.milestones)
         self.g_betas = tuple(self.g_betas)
+        self.range_setter()  # an unknown setter or a bad option fails here, before anything runs
+
+    def range_setter(self) -> RangeSetter:
+        return create_range_setter(self.act_range, RangeOptions(self.act_percentile, self.bn_k))
 
     def quant(self) -> QuantConfig:
         return QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last,
@@ -279,6 +287,7 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool
     teacher, test_set = _teacher_and_data(cfg, teacher, device)
     info = test_set.info
     qmodel = quantize_model(teacher, cfg=cfg.quant()).to(device)
+    cfg.range_setter().prepare(qmodel)
     if device.startswith("cuda"):  # NHWC feeds the tensor cores; the CPU path keeps the default layout
         teacher.to(memory_format=torch.channels_last)
         qmodel.to(memory_format=torch.channels_last)
@@ -398,6 +407,7 @@ def _loop(job: Job, quiet: bool) -> None:
             end_of_epoch = job.step % cfg.iters_per_epoch == 0
             if end_of_epoch and epoch + 1 == cfg.warmup_epochs:
                 observe_ranges(job.qmodel, False)
+                cfg.range_setter().finish(job.qmodel)
             if cfg.eval_every and end_of_epoch and (epoch + 1) % cfg.eval_every == 0 and job.step < total:
                 acc = evaluate(job.qmodel, job.test_set, device=job.device, limit=cfg.eval_limit)
                 metrics.event({"iter": step, "epoch": epoch, "eval_q_top1": acc["top1"]})

@@ -62,8 +62,9 @@ def plot_curves(runs: list[dict[str, Any]], out_dir: Path, smooth: int = 20) -> 
                         label=_label(run))
         ax.set_title(key)
         ax.set_xlabel("iteration")
-        if key in ("grad_norm", "hessian_trace", "loss_q"):
-            ax.set_yscale("symlog" if key == "hessian_trace" else "log")
+        if key in ("grad_norm", "hessian_trace", "loss_q"):  # a Hutchinson estimate may come out ≤ 0
+            positive = all(v > 0 for line in ax.get_lines() for v in line.get_ydata())
+            ax.set_yscale("log" if positive else "symlog")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)

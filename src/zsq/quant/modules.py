@@ -66,6 +66,20 @@ class QuantLinear(_QuantWeight, nn.Linear):
         return F.linear(x, self.quantized_weight(), self.bias)
 
 
+MAX_QUANTILE_ELEMENTS = 1 << 20  # a strided sample of larger batches: torch.quantile sorts its input
+
+
+def batch_range(x: torch.Tensor, percentile: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's min and max, or its (100 − p)-th and p-th percentiles (linear interpolation)."""
+    if percentile >= 100:
+        return x.amin().float(), x.amax().float()
+    flat = x.flatten().float()
+    flat = flat[:: max(1, flat.numel() // MAX_QUANTILE_ELEMENTS)]
+    q = torch.tensor([1 - percentile / 100, percentile / 100], device=flat.device)
+    lo, hi = torch.quantile(flat, q)
+    return lo, hi
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor activation fake quantizer with an EMA range.
 
@@ -78,6 +92,7 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.bits, self.momentum, self.ste = bits, momentum, ste
         self.observing = False
+        self.percentile = 100.0  # the batch statistic observed: min/max at 100, else these percentiles
         self.calibrated = False  # a Python flag, so the frozen forward never syncs to read `steps`
         self.register_buffer("ema_min", torch.zeros(()))
         self.register_buffer("ema_max", torch.zeros(()))
@@ -90,8 +105,9 @@ class ActQuantizer(nn.Module):
         m = self.momentum
         self.calibrated = True
         self.steps += 1
-        self.ema_min.mul_(m).add_((1 - m) * x.detach().amin().float())
-        self.ema_max.mul_(m).add_((1 - m) * x.detach().amax().float())
+        lo, hi = batch_range(x.detach(), self.percentile)
+        self.ema_min.mul_(m).add_((1 - m) * lo)
+        self.ema_max.mul_(m).add_((1 - m) * hi)
         correction = 1 - torch.pow(torch.tensor(m, device=x.device), self.steps.float())
         self.lo.copy_(self.ema_min / correction)
         self.hi.copy_(self.ema_max / correction)

@@ -1,0 +1,70 @@
+"""Activation ranges without training: how each range setter's frozen ranges compare with the ranges real data
+gives, and what top-1 the fake-quantized teacher keeps with them (weights quantized, no training at all).
+
+The oracle rows calibrate on real training images (never available to a zero-shot user); `noise` is the
+Gaussian-noise calibration `zsq eval` uses; the BN rows need no input at all (`bn-clamp` clamps the noise ranges).
+Usage: python benchmarks/act_ranges.py [--bits 3 4] [--k 2 3 4 5] [--eval-images 2000]
+Prints one JSON object as its last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from zsq import evaluate, load_dataset, load_model
+from zsq.data import batches, normalize
+from zsq.quant import act_quantizers, calibrate, gaussian_inputs, quantize_model
+from zsq.quant.ranges import RangeOptions, create_range_setter
+
+
+def real_inputs(n_batches: int, batch_size: int) -> list[torch.Tensor]:
+    train = load_dataset("fashion-mnist", "train")
+    it = batches(train, batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return [normalize(next(it)[0], train.info) for _ in range(n_batches)]
+
+
+def calibrated(teacher, bits: int, inputs: list[torch.Tensor], setter: str, **opts) -> torch.nn.Module:
+    q = quantize_model(teacher, bits, bits)
+    rs = create_range_setter(setter, RangeOptions(**opts))
+    rs.prepare(q)
+    calibrate(q, inputs)
+    rs.finish(q)
+    return q
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", nargs="+", type=int, default=[3, 4])
+    ap.add_argument("--k", nargs="+", type=float, default=[2, 3, 4, 5])
+    ap.add_argument("--eval-images", type=int, default=2000)
+    ap.add_argument("--teacher", default="resnet20_fmnist")
+    args = ap.parse_args()
+    teacher = load_model(args.teacher)
+    test = load_dataset("fashion-mnist", "test")
+    real, noise = real_inputs(8, 64), list(gaussian_inputs(8, 64, (1, 32, 32)))
+    rows = {}
+    for bits in args.bits:
+        oracle = calibrated(teacher, bits, real, "ema-minmax")
+        ref = [q.hi.item() for q in act_quantizers(oracle)]
+        cases = {"real ema-minmax (oracle)": (real, "ema-minmax", {}),
+                 "real percentile 99.9 (oracle)": (real, "percentile", {}),
+                 "noise ema-minmax": (noise, "ema-minmax", {}), "noise percentile 99.9": (noise, "percentile", {}),
+                 **{f"bn-prior k={k:g}": (noise, "bn-prior", {"bn_k": k}) for k in args.k},
+                 **{f"noise bn-clamp k={k:g}": (noise, "bn-clamp", {"bn_k": k}) for k in args.k}}
+        for name, (inputs, setter, opts) in cases.items():
+            q = calibrated(teacher, bits, inputs, setter, **opts)
+            ratio = [q_.hi.item() / r for q_, r in zip(act_quantizers(q), ref, strict=True)]
+            top1 = evaluate(q, test, limit=args.eval_images)["top1"]
+            rows[f"W{bits}A{bits} {name}"] = {"top1": top1, "hi_over_real_median": round(statistics.median(ratio), 3),
+                                              "hi_over_real_max": round(max(ratio), 3)}
+            print(f"W{bits}A{bits} {name:32s} top1 {top1:6.2f}  hi / real hi: median "
+                  f"{statistics.median(ratio):.2f}, max {max(ratio):.2f}", flush=True)
+    print(json.dumps({"benchmark": "act_ranges", "teacher": args.teacher, "eval_images": args.eval_images,
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

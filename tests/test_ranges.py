@@ -1,0 +1,113 @@
+"""Activation range setters: BN-prior bounds against the formula, percentiles on a known distribution, the loop."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import quantize_tiny
+from torch import nn
+
+from zsq.errors import UserError
+from zsq.models import load_model
+from zsq.quant import (ActQuantizer, QuantAct, act_quantizers, batch_range, bn_bounds, calibrate,
+                       create_range_setter, quantize_model)
+from zsq.quant.ranges import RangeOptions
+from zsq.train import resolve_config
+
+
+def _bn(c: int, seed: int) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(c, generator=g))  # negative γ too: the bound uses |γ|
+        bn.bias.copy_(torch.randn(c, generator=g))
+    return bn.eval()
+
+
+class Residual(nn.Module):
+    """conv → BN → ReLU(q1) → conv → BN → (+ q1's output) → ReLU(q2) → pool → conv without BN → ReLU(q3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), _bn(4, 0)
+        self.act1 = QuantAct(nn.ReLU(), ActQuantizer(3))
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), _bn(4, 1)
+        self.act2 = QuantAct(nn.ReLU(), ActQuantizer(3))
+        self.pool = nn.AvgPool2d(2)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.act3 = QuantAct(nn.ReLU(), ActQuantizer(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act1(self.bn1(self.conv1(x)))
+        b = self.act2(self.bn2(self.conv2(a)) + a)
+        return self.act3(self.conv3(self.pool(b)))
+
+
+def test_bn_prior_matches_the_formula():
+    m, k = Residual().eval(), 2.5
+    bounds = bn_bounds(m, k)
+    u1 = torch.relu(m.bn1.bias + k * m.bn1.weight.abs())
+    u2 = torch.relu(m.bn2.bias + k * m.bn2.weight.abs() + u1)
+    assert set(bounds) == {m.act1.quant, m.act2.quant}  # a conv without BN before act3: no bound
+    assert bounds[m.act1.quant] == pytest.approx(u1.max().item())
+    assert bounds[m.act2.quant] == pytest.approx(u2.max().item())
+
+
+def test_bn_setters_set_or_clamp_hi():
+    m = Residual().eval()
+    x = [torch.randn(8, 1, 8, 8) * 50]  # wide inputs: EMA ranges far above the BN bounds
+    bounds = bn_bounds(m, 3.0)
+    for name in ("bn-prior", "bn-clamp"):
+        setter = create_range_setter(name, RangeOptions(bn_k=3.0))
+        setter.prepare(m)
+        calibrate(m, x)
+        ema3 = m.act3.quant.hi.item()
+        setter.finish(m)
+        assert m.act1.quant.hi.item() == pytest.approx(bounds[m.act1.quant])
+        assert m.act2.quant.hi.item() == pytest.approx(bounds[m.act2.quant])
+        assert m.act3.quant.hi.item() == ema3  # no bound there: the EMA range stays
+    calibrate(m, [torch.randn(8, 1, 8, 8) * 1e-3])  # tiny inputs: EMA ranges below the bounds
+    low = m.act1.quant.hi.item()
+    create_range_setter("bn-clamp").finish(m)
+    assert m.act1.quant.hi.item() == low
+    create_range_setter("bn-prior").finish(m)
+    assert m.act1.quant.hi.item() == pytest.approx(bounds[m.act1.quant])
+
+
+def test_bn_prior_covers_every_quantizer_of_the_shipped_resnet():
+    q = quantize_model(load_model("resnet20_fmnist"), 3, 3)
+    assert set(bn_bounds(q, 3.0)) == set(act_quantizers(q))
+
+
+def test_percentile_on_a_known_distribution():
+    x = torch.linspace(0, 1, 100_001).view(1, 1, 1, -1)
+    lo, hi = batch_range(x, 99.9)
+    assert lo.item() == pytest.approx(0.001, abs=1e-6) and hi.item() == pytest.approx(0.999, abs=1e-6)
+    lo, hi = batch_range(x, 100.0)
+    assert (lo.item(), hi.item()) == (0.0, 1.0)
+    big = torch.rand(3 << 20)  # strided sample above 2^20 elements: still the distribution's percentile
+    assert batch_range(big, 99.0)[1].item() == pytest.approx(0.99, abs=2e-3)
+    q = ActQuantizer(4, momentum=0.0)
+    q.percentile, q.observing = 99.9, True
+    q(x)
+    assert q.hi.item() == pytest.approx(0.999, abs=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [({"act_range": "nope"}, "unknown activation range setter"),
+                                               ({"act_percentile": 40.0}, "act-percentile"),
+                                               ({"bn_k": 0.0}, "bn-k")])
+def test_bad_range_options(override, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config("quick", "gdfq", "kd", **override)
+
+
+def test_quantize_with_bn_prior_freezes_the_bn_bounds(tiny_teacher, fmnist_dir, tmp_path):
+    proc = quantize_tiny(tiny_teacher, fmnist_dir, tmp_path / "run", "--act-range", "bn-prior", "--bn-k", "2",
+                         "--wbits", "3", "--abits", "3")
+    assert proc.returncode == 0, proc.stderr
+    q = quantize_model(load_model(str(tiny_teacher)), 3, 3)
+    expected = [bn_bounds(q, 2.0)[a] for a in act_quantizers(q)]
+    got = [hi for _, hi in json.loads((tmp_path / "run" / "result.json").read_text())["act_ranges"]]
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["act_range"] == "bn-prior"
