@@ -12,6 +12,7 @@ from zsq.errors import UserError
 from zsq.models import load_model
 from zsq.quant import (ActQuantizer, QuantAct, act_quantizers, batch_range, bn_bounds, calibrate,
                        create_range_setter, quantize_model)
+from zsq.quant.modules import learned_fake_quantize
 from zsq.quant.ranges import RangeOptions
 from zsq.train import resolve_config
 
@@ -111,3 +112,49 @@ def test_quantize_with_bn_prior_freezes_the_bn_bounds(tiny_teacher, fmnist_dir, 
     got = [hi for _, hi in json.loads((tmp_path / "run" / "result.json").read_text())["act_ranges"]]
     assert got == pytest.approx(expected, rel=1e-5)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["act_range"] == "bn-prior"
+
+
+def test_learned_range_gradient_is_lsq():
+    bits, lo = 2, torch.tensor(0.0)
+    hi = torch.tensor(3.0, requires_grad=True)  # s = 1, levels 0, 1, 2, 3
+    x = torch.tensor([[-1.0, 0.4, 1.5, 2.2, 5.0]])
+    y = learned_fake_quantize(x, lo, hi, bits)
+    assert y.tolist() == [[0.0, 0.0, 2.0, 2.0, 3.0]]  # round half to even, as torch.round
+    y.sum().backward()
+    v = x.clamp(0, 3)
+    inside = (torch.round(v) - v)[0, 1:4]
+    expected = (inside.sum() + 3) / 3 / (5 * 3) ** 0.5  # (Σ(round(v) − v) + n·#above) / n × 1/√(numel·n)
+    assert hi.grad.item() == pytest.approx(expected.item())
+
+
+def test_learned_range_moves_to_lower_the_loss():
+    torch.manual_seed(0)
+    q = ActQuantizer(3)
+    q.observing = True
+    q(torch.tensor([0.0, 8.0]))  # a range far wider than the data
+    q.observing = False
+    param = q.learn_range()
+    opt = torch.optim.SGD([param], lr=2.0)
+    x = torch.rand(64, 256)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = ((q(x) - x) ** 2).sum(1).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert param.item() < 1.5 and losses[-1] < 0.05 * losses[0]  # toward the data's range [0, 1)
+    with torch.no_grad():
+        q(x)  # every forward mirrors the parameter into the `hi` buffer that checkpoints and exports read
+    assert q.hi.item() == param.item()
+
+
+def test_quantize_with_learned_ranges_loads_as_a_plain_model(tiny_teacher, fmnist_dir, tmp_path):
+    proc = quantize_tiny(tiny_teacher, fmnist_dir, tmp_path / "run", "--act-range", "learned", "--lr-q", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    q = quantize_model(load_model(str(tiny_teacher)), 4, 4)
+    start = [bn_bounds(q, 3.0)[a] for a in act_quantizers(q)]
+    got = [hi for _, hi in json.loads((tmp_path / "run" / "result.json").read_text())["act_ranges"]]
+    assert got != pytest.approx(start, rel=1e-6)  # trained away from the BN prior it started from
+    student = load_model(str(tmp_path / "run" / "student.pt"))
+    assert [a.hi.item() for a in act_quantizers(student)] == pytest.approx(got)

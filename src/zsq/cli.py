@@ -102,7 +102,8 @@ QUANTIZE_HELP = {
                        "synthetic batches (hessian_trace, hessian_trace_se in metrics.jsonl; 0 = off)",
     "curvature_samples": "Rademacher vectors per Hessian-trace estimate (default 16)",
     "act_range": "how activation ranges are set: ema-minmax (lineage, default), percentile, bn-prior (data-free, "
-                 "from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound)",
+                 "from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound), learned (hi trained "
+                 "by its LSQ gradient from the BN prior)",
     "act_percentile": "batch percentile of --act-range percentile (default 99.9)",
     "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp (default 3)",
     "teacher": "shipped teacher, architecture (with --checkpoint) or checkpoint path",

@@ -363,6 +363,7 @@ def _set_epoch(job: Job, epoch: int) -> None:
     for g in job.g_opt.param_groups if job.g_opt is not None else ():
         g["lr"] = cfg.lr_g * factor
     observe_ranges(job.qmodel, epoch < cfg.warmup_epochs)
+    cfg.range_setter().training(job.qmodel, epoch >= cfg.warmup_epochs)
     if epoch >= cfg.warmup_epochs:
         job.end_warmup()
 

@@ -1,6 +1,8 @@
 """Fake-quantized layers (module swaps, torchao-style `from_float` / `to_float`) and the activation quantizer."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +82,19 @@ def batch_range(x: torch.Tensor, percentile: float = 100.0) -> tuple[torch.Tenso
     return lo, hi
 
 
+def learned_fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """x̂ = lo + s·clamp(round((x − lo)/s), 0, n) with s = (hi − lo)/n and a gradient for hi (LSQ, Esser et al.
+    2020): ∂x̂/∂s is round(v) − v inside the range and n above it, scaled by 1/√(numel·n) so the range moves at the
+    pace of the weights; x gets the clipped straight-through gradient."""
+    n = 2**bits - 1
+    grad_scale = 1.0 / math.sqrt(x[0].numel() * n)
+    hi = hi * grad_scale + (hi - hi * grad_scale).detach()  # value hi, gradient × grad_scale
+    s = ((hi - lo) / n).clamp_min(1e-8)
+    v = (x - lo) / s
+    q = torch.clamp(v + (torch.round(v) - v).detach(), 0, n)
+    return q * s + lo
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor activation fake quantizer with an EMA range.
 
@@ -93,7 +108,9 @@ class ActQuantizer(nn.Module):
         self.bits, self.momentum, self.ste = bits, momentum, ste
         self.observing = False
         self.percentile = 100.0  # the batch statistic observed: min/max at 100, else these percentiles
-        self.calibrated = False  # a Python flag, so the frozen forward never syncs to read `steps`
+        self.calibrated = False
+        self.learned = False  # hi trained by gradient (the `learned` range setter), mirrored into `hi`
+        self.hi_param: nn.Parameter | None = None  # a Python flag, so the frozen forward never syncs to read `steps`
         self.register_buffer("ema_min", torch.zeros(()))
         self.register_buffer("ema_max", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -117,7 +134,24 @@ class ActQuantizer(nn.Module):
             buf.zero_()
         self.calibrated = False
 
+    def learn_range(self) -> nn.Parameter:
+        """Make hi a trainable parameter, initialised from the current range (LSQ-style step-size gradient)."""
+        if self.hi_param is None:
+            self.hi_param = nn.Parameter(self.hi.detach().clone())
+        self.learned = True
+        return self.hi_param
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """A learned hi is saved as the plain `hi` buffer: checkpoints keep one format, any quantizer loads them."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.hi_param is not None:
+            param = destination.pop(prefix + "hi_param")
+            if self.learned:
+                destination[prefix + "hi"] = param if keep_vars else param.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.hi_param is not None and prefix + "hi" in state_dict:
+            state_dict[prefix + "hi_param"] = state_dict[prefix + "hi"]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.calibrated = bool(self.steps.item() > 0)
 
@@ -126,6 +160,10 @@ class ActQuantizer(nn.Module):
             self.observe(x)
         elif not self.calibrated:
             raise RuntimeError("activation range not calibrated: run zsq.quant.calibrate(model, batches) first")
+        if self.learned and self.hi_param is not None:
+            with torch.no_grad():
+                self.hi.copy_(self.hi_param)
+            return learned_fake_quantize(x, self.lo.to(x.dtype), self.hi_param.to(x.dtype), self.bits)
         return fake_quantize(x, self.lo.to(x.dtype), self.hi.to(x.dtype), self.bits, self.ste)
 
     def extra_repr(self) -> str:

@@ -10,6 +10,8 @@ quantizer is obtained from the warm-up's synthetic images, or without them.
   parameter-free shape operations (pooling, subsampling, zero padding) carry a bound through. Where a bound
   exists, hi = max_c ReLU(bound_c); elsewhere the EMA range stays.
 - `bn-clamp`: the EMA range, its hi clamped to the BN bound where one exists.
+- `learned`: hi becomes a parameter trained with the weights by its LSQ gradient, initialised from the BN prior
+  where it exists and from the EMA range elsewhere.
 
 A setter has `prepare(qmodel)` (before the warm-up observes) and `finish(qmodel)` (when the ranges freeze).
 """
@@ -48,7 +50,10 @@ class RangeSetter:
             q.percentile = 100.0
 
     def finish(self, qmodel: nn.Module) -> None:
-        """Called when the warm-up ends; the EMA ranges are final as they are."""
+        """Called once, when the warm-up ends; the EMA ranges are final as they are."""
+
+    def training(self, qmodel: nn.Module, on: bool) -> None:
+        """Called at every epoch start (and on resume): whether the Q model trains in this epoch."""
 
 
 RANGE_SETTERS: Registry[type[RangeSetter]] = Registry("activation range setter")
@@ -77,6 +82,26 @@ class BNPriorRange(RangeSetter):
 @RANGE_SETTERS.register("bn-clamp")
 class BNClampRange(BNPriorRange):
     clamp = True
+
+
+@RANGE_SETTERS.register("learned")
+class LearnedRange(BNPriorRange):
+    def prepare(self, qmodel: nn.Module) -> None:
+        """The parameters exist from the start, so the Q optimizer (built before the warm-up) holds them."""
+        super().prepare(qmodel)
+        for q in _quantizers(qmodel):
+            q.learn_range().requires_grad_(True)
+            q.learned = False  # the warm-up observes; the range trains with the weights after it
+
+    def finish(self, qmodel: nn.Module) -> None:
+        super().finish(qmodel)
+        with torch.no_grad():
+            for q in _quantizers(qmodel):
+                q.learn_range().copy_(q.hi)
+
+    def training(self, qmodel: nn.Module, on: bool) -> None:
+        for q in _quantizers(qmodel):
+            q.learned = on
 
 
 def create_range_setter(name: str, opts: RangeOptions | None = None) -> RangeSetter:
