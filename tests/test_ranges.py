@@ -158,3 +158,16 @@ def test_quantize_with_learned_ranges_loads_as_a_plain_model(tiny_teacher, fmnis
     assert got != pytest.approx(start, rel=1e-6)  # trained away from the BN prior it started from
     student = load_model(str(tmp_path / "run" / "student.pt"))
     assert [a.hi.item() for a in act_quantizers(student)] == pytest.approx(got)
+
+
+def test_recalibrate_at_sets_the_ranges_again(tiny_teacher, fmnist_dir, tmp_path):
+    runs = {}
+    for name, extra in (("plain", []), ("recal", ["--recalibrate-at", "2"])):
+        proc = quantize_tiny(tiny_teacher, fmnist_dir, tmp_path / name, "--epochs", "3", "--seed", "0", *extra)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = json.loads((tmp_path / name / "result.json").read_text())["act_ranges"]
+    assert runs["plain"] != runs["recal"]
+    events = [json.loads(line) for line in (tmp_path / "recal" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["iter"] for e in events if e.get("recalibrated")] == [6]  # start of epoch 2 (3 iterations each)
+    with pytest.raises(UserError, match="recalibrate-at"):
+        resolve_config("quick", "gdfq", "kd", recalibrate_at=1)  # the warm-up epoch itself

@@ -105,6 +105,8 @@ QUANTIZE_HELP = {
                  "from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound), learned (hi trained "
                  "by its LSQ gradient from the BN prior)",
     "act_percentile": "batch percentile of --act-range percentile (default 99.9)",
+    "recalibrate_at": "at the start of this epoch, set the activation ranges again on the trained data source's "
+                      "images (0 = never)",
     "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp (default 3)",
     "teacher": "shipped teacher, architecture (with --checkpoint) or checkpoint path",
     "generator": "data source", "method": "transfer loss", "preset": "recipe: paper budget or quick CPU budget",

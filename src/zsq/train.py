@@ -30,7 +30,7 @@ from .io import save_json, save_torch
 from .models import load_model, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
 from .provenance import code_version
-from .quant import QuantConfig, act_quantizers, observe_ranges, quantize_model
+from .quant import QuantConfig, act_quantizers, calibrate, observe_ranges, quantize_model
 from .quant.ranges import RangeOptions, RangeSetter, create_range_setter
 from .synth import SOURCES, SourceContext, create_source
 
@@ -53,6 +53,7 @@ class TrainConfig:
     act_range: str = "ema-minmax"  # activation range setter (zsq.quant.ranges)
     act_percentile: float = 99.9  # the percentile setter's batch percentile
     bn_k: float = 3.0  # the BN setters' standard deviations above the BN mean
+    recalibrate_at: int = 0  # epoch at whose start the ranges are set again on the (trained) data source; 0 = off
     ste: str = "identity"
     epochs: int = 6
     iters_per_epoch: int = 100
@@ -100,6 +101,9 @@ class TrainConfig:
         self.milestones = sorted(int(m) for m in self.milestones)
         self.g_betas = tuple(self.g_betas)
         self.range_setter()  # an unknown setter or a bad option fails here, before anything runs
+        if self.recalibrate_at and not self.warmup_epochs < self.recalibrate_at < self.epochs:
+            raise UserError(f"recalibrate-at must be an epoch after the warm-up and before the end "
+                            f"({self.warmup_epochs + 1}..{self.epochs - 1}), got {self.recalibrate_at}")
 
     def range_setter(self) -> RangeSetter:
         return create_range_setter(self.act_range, RangeOptions(self.act_percentile, self.bn_k))
@@ -387,6 +391,9 @@ def _loop(job: Job, quiet: bool) -> None:
             warm = epoch < cfg.warmup_epochs
             if it == 0 or step == job.step:
                 _set_epoch(job, epoch)
+            if it == 0 and epoch == cfg.recalibrate_at:
+                _recalibrate(job)
+                metrics.event({"iter": step, "epoch": epoch, "recalibrated": True})
             terms = _iteration(job, warm)
             trained = step - cfg.warmup_epochs * cfg.iters_per_epoch
             if cfg.track_curvature and not warm and trained % cfg.track_curvature == 0:
@@ -420,6 +427,21 @@ def _loop(job: Job, quiet: bool) -> None:
     bar.close()
     metrics.flush()
     job.wall_s = wall_before + time.time() - t0
+
+
+RECALIBRATION_BATCHES = 20  # the EMA (momentum 0.9) forgets its start within about this many batches
+
+
+def _recalibrate(job: Job) -> None:
+    """Set the activation ranges again, now on the images of the data source it trains with (for a generator:
+    as trained so far, not as it was during the warm-up), through the same range setter."""
+    cfg, setter = job.cfg, job.cfg.range_setter()
+    with torch.no_grad(), autocast(job.device, cfg.precision):
+        batches = [job.batch_source(False).sample(cfg.batch_size, job.rng)[0] for _ in range(RECALIBRATION_BATCHES)]
+    setter.training(job.qmodel, False)
+    calibrate(job.qmodel, batches)
+    setter.finish(job.qmodel)
+    setter.training(job.qmodel, True)
 
 
 def _finish(job: Job) -> Result:
