@@ -391,7 +391,7 @@ def _loop(job: Job, quiet: bool) -> None:
             warm = epoch < cfg.warmup_epochs
             if it == 0 or step == job.step:
                 _set_epoch(job, epoch)
-            if it == 0 and epoch == cfg.recalibrate_at:
+            if cfg.recalibrate_at and it == 0 and epoch == cfg.recalibrate_at:
                 _recalibrate(job)
                 metrics.event({"iter": step, "epoch": epoch, "recalibrated": True})
             terms = _iteration(job, warm)
