@@ -169,5 +169,7 @@ def test_recalibrate_at_sets_the_ranges_again(tiny_teacher, fmnist_dir, tmp_path
     assert runs["plain"] != runs["recal"]
     events = [json.loads(line) for line in (tmp_path / "recal" / "metrics.jsonl").read_text().splitlines()]
     assert [e["iter"] for e in events if e.get("recalibrated")] == [6]  # start of epoch 2 (3 iterations each)
+    plain = (tmp_path / "plain" / "metrics.jsonl").read_text()
+    assert "recalibrated" not in plain  # the default 0 means never
     with pytest.raises(UserError, match="recalibrate-at"):
         resolve_config("quick", "gdfq", "kd", recalibrate_at=1)  # the warm-up epoch itself
