@@ -10,5 +10,5 @@ from .models import create_model, list_models, load_model
 from .provenance import VERSION as __version__
 from .train import Result, TrainConfig, quantize
 
-__all__ = ["__version__", "Result", "TrainConfig", "create_model", "evaluate", "list_datasets", "list_models", "load_dataset",
-           "load_model", "quantize"]
+__all__ = ["__version__", "Result", "TrainConfig", "create_model", "evaluate", "list_datasets", "list_models",
+           "load_dataset", "load_model", "quantize"]

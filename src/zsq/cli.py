@@ -102,8 +102,8 @@ QUANTIZE_HELP = {
                        "synthetic batches (hessian_trace, hessian_trace_se in metrics.jsonl; 0 = off)",
     "curvature_samples": "Rademacher vectors per Hessian-trace estimate (default 16)",
     "act_range": "how activation ranges are set: ema-minmax (lineage, default), percentile, bn-prior (data-free, "
-                 "from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound), learned (hi trained "
-                 "by its LSQ gradient from the BN prior)",
+                 "from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound), learned (hi "
+                 "trained by its LSQ gradient from the BN prior)",
     "act_percentile": "batch percentile of --act-range percentile (default 99.9)",
     "recalibrate_at": "at the start of this epoch, set the activation ranges again on the trained data source's "
                       "images (0 = never)",
@@ -135,7 +135,8 @@ def _add_quantize(sub) -> None:
                        description="Every recipe field defaults to the preset; plug-in options apply to the chosen "
                                    "generator or method.")
     choices = {"generator": list_sources(), "method": list_methods(), "preset": list(PRESETS),
-               "first_last": ["same", "8bit"], "act_range": RANGE_SETTERS.names(), "ste": ["identity", "clipped"], "precision": ["fp32", "bf16"]}
+               "first_last": ["same", "8bit"], "act_range": RANGE_SETTERS.names(), "ste": ["identity", "clipped"],
+               "precision": ["fp32", "bf16"]}
     for f in fields(TrainConfig):
         if f.name == "options":
             continue

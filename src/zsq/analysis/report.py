@@ -91,9 +91,10 @@ def _defaults() -> dict[str, Any]:
 def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs that differ only in seed (and bookkeeping), as one row each: accuracies per seed, mean, std."""
     groups: dict[str, dict[str, Any]] = {}
+    defaults = _defaults()
     for run in runs:
         cfg, res = run["config"], run["result"]
-        key = json.dumps({k: v for k, v in {**_defaults(), **cfg}.items() if k not in BOOKKEEPING}, sort_keys=True)
+        key = json.dumps({k: v for k, v in {**defaults, **cfg}.items() if k not in BOOKKEEPING}, sort_keys=True)
         quoted = published(res.get("dataset", ""), res.get("model", ""), cfg["wbits"], cfg["abits"],
                            cfg["generator"], cfg["method"])
         g = groups.setdefault(key, {"bits": f"W{cfg['wbits']}A{cfg['abits']}", "generator": cfg["generator"],

@@ -21,8 +21,8 @@ only, and a key that applies to no run at all is an error.
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -67,8 +67,10 @@ class Grid:
 
     def runs(self) -> list[RunSpec]:
         specs, used = [], set()
-        for (wbits, abits), row, seed in itertools.product(self.bits, self.rows, self.seeds):
-            if "bits" in row and [wbits, abits] not in [list(p) for p in _bit_pairs(row["bits"], self.path)]:
+        row_bits = [set(_bit_pairs(row["bits"], self.path)) if "bits" in row else None for row in self.rows]
+        for (wbits, abits), (row, allowed), seed in itertools.product(self.bits, zip(self.rows, row_bits, strict=True),
+                                                                      self.seeds):
+            if allowed is not None and (wbits, abits) not in allowed:
                 continue
             for generator, method in itertools.product(_as_list(row["generator"]), _as_list(row["method"])):
                 names = {"generator": generator, "method": method}

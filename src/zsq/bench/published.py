@@ -30,7 +30,6 @@ _T2_RUNS = (("gdfq", "gdfq"), ("gdfq", "akt"), ("hast", "hast"), ("hast", "akt")
 # Table 4 of AKT: AdaDFQ+AKT on CIFAR-10, one attention only (RFD with both is Table 2's AdaDFQ+AKT).
 _T4 = {"akt-spatial": {3: 86.09, 4: 92.36, 5: 93.62}, "akt-channel": {3: 86.10, 4: 92.49, 5: 93.75}}
 _SYNQ = {"cifar10": {3: 88.11, 4: 92.76}, "cifar100": {3: 57.28, 4: 67.34}}
-FP_TEACHER = {"cifar10": 93.89, "cifar100": 70.33}
 
 
 def _table() -> dict[tuple[str, str, int, int, str, str], Published]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..analysis.report import BOOKKEEPING as REPORT_BOOKKEEPING
 from ..analysis.report import curve_stats
 from ..errors import UserError
 from ..models import dataset_info, load_model
@@ -24,10 +25,9 @@ from ..train import config_dict
 from .grid import Grid, RunSpec
 from .store import Store
 
-# Config fields that say how a run was carried out, not what it computes: they may differ between a stored run
-# and the grid's (a run imported from another folder, another device, a finer progress log).
-BOOKKEEPING = {"out", "device", "ckpt_every", "log_every", "eval_every", "deterministic", "max_bad_steps",
-               "track_curvature", "curvature_samples"}
+# Fields a stored run may differ in from the grid's (another folder, device, progress log): the report's
+# bookkeeping, except the seed (which run it is) and eval_limit (it changes the number stored).
+BOOKKEEPING = REPORT_BOOKKEEPING - {"seed", "eval_limit"}
 
 
 @dataclass

@@ -108,9 +108,9 @@ class ActQuantizer(nn.Module):
         self.bits, self.momentum, self.ste = bits, momentum, ste
         self.observing = False
         self.percentile = 100.0  # the batch statistic observed: min/max at 100, else these percentiles
-        self.calibrated = False
+        self.calibrated = False  # a Python flag, so the frozen forward never syncs to read `steps`
         self.learned = False  # hi trained by gradient (the `learned` range setter), mirrored into `hi`
-        self.hi_param: nn.Parameter | None = None  # a Python flag, so the frozen forward never syncs to read `steps`
+        self.hi_param: nn.Parameter | None = None
         self.register_buffer("ema_min", torch.zeros(()))
         self.register_buffer("ema_max", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import UserError
 from ..registry import Registry
 from .modules import ActQuantizer, QuantAct
+from .surgery import act_quantizers
 
 
 @dataclass
@@ -46,7 +47,7 @@ class RangeSetter:
         self.opts = opts
 
     def prepare(self, qmodel: nn.Module) -> None:
-        for q in _quantizers(qmodel):
+        for q in act_quantizers(qmodel):
             q.percentile = 100.0
 
     def finish(self, qmodel: nn.Module) -> None:
@@ -63,7 +64,7 @@ RANGE_SETTERS.register("ema-minmax")(RangeSetter)
 @RANGE_SETTERS.register("percentile")
 class PercentileRange(RangeSetter):
     def prepare(self, qmodel: nn.Module) -> None:
-        for q in _quantizers(qmodel):
+        for q in act_quantizers(qmodel):
             q.percentile = self.opts.act_percentile
 
 
@@ -89,27 +90,23 @@ class LearnedRange(BNPriorRange):
     def prepare(self, qmodel: nn.Module) -> None:
         """The parameters exist from the start, so the Q optimizer (built before the warm-up) holds them."""
         super().prepare(qmodel)
-        for q in _quantizers(qmodel):
+        for q in act_quantizers(qmodel):
             q.learn_range().requires_grad_(True)
             q.learned = False  # the warm-up observes; the range trains with the weights after it
 
     def finish(self, qmodel: nn.Module) -> None:
         super().finish(qmodel)
         with torch.no_grad():
-            for q in _quantizers(qmodel):
+            for q in act_quantizers(qmodel):
                 q.learn_range().copy_(q.hi)
 
     def training(self, qmodel: nn.Module, on: bool) -> None:
-        for q in _quantizers(qmodel):
+        for q in act_quantizers(qmodel):
             q.learned = on
 
 
 def create_range_setter(name: str, opts: RangeOptions | None = None) -> RangeSetter:
     return RANGE_SETTERS.get(name)(opts or RangeOptions())
-
-
-def _quantizers(model: nn.Module) -> list[ActQuantizer]:
-    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
 
 
 class _Tracer(torch.fx.Tracer):
