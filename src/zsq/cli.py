@@ -19,6 +19,7 @@ from .data import list_datasets
 from .distill import LOSSES, list_methods
 from .errors import UserError
 from .device import resolve_device
+from .dist import session
 from .evaluate import eval_set_for, run_eval
 from .export import format_report
 from .export.run import FORMATS, export_run
@@ -176,8 +177,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     cfg = _quantize_config(args)
     result = quantize_run(cfg, resume=args.resume, quiet=args.quiet)
     s = result.summary
-    print(f"{cfg.out}: W{s['wbits']}A{s['abits']} {s['generator']}+{s['method']} ({s['preset']}): "
-          f"q_top1 {s['q_top1']:.2f} (FP {s['fp_top1']:.2f}) in {s['wall_s'] / 60:.1f} min")
+    if result.rank == 0:
+        print(f"{cfg.out}: W{s['wbits']}A{s['abits']} {s['generator']}+{s['method']} ({s['preset']}): "
+              f"q_top1 {s['q_top1']:.2f} (FP {s['fp_top1']:.2f}) in {s['wall_s'] / 60:.1f} min")
     return 0
 
 
@@ -193,9 +195,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
             else eval_set_for(teacher, args.dataset, args.data_dir).info)
     options = {**preset_values(args.preset, args.source, "kd"),
                **{field: getattr(args, flag) for flag, field in SYNTH_FLAGS.items() if getattr(args, flag) is not None}}
-    out = build_set(teacher, args.source, args.out, info.num_classes, (info.in_channels, info.image_size,
-                    info.image_size), resolve_device(args.device), options, args.quiet)
-    print(f"{args.out}: {out['images']} {args.source} images, final synthesis loss {out['final_loss'][-1]:.4g}")
+    with session(resolve_device(args.device)) as (d, device):
+        out = build_set(teacher, args.source, args.out, info.num_classes, (info.in_channels, info.image_size,
+                        info.image_size), device, options, args.quiet, d)
+    if d.main:
+        print(f"{args.out}: {out['images']} {args.source} images, final synthesis loss {out['final_loss'][-1]:.4g}")
     return 0
 
 

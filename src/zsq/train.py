@@ -6,6 +6,10 @@ generator trains and the Q model's activation ranges are calibrated on its image
 model's BatchNorms stay in eval mode (pretrained statistics) with trainable affine parameters.
 
 A run directory holds config.json (resolved), metrics.jsonl, state.pt (resume), student.pt and result.json.
+
+Under torchrun (zsq.dist) the Q model, and the generator where one trains, are wrapped in DistributedDataParallel:
+each rank draws its own batch (seed + rank·stride), gradients are averaged, activation ranges are averaged when
+they freeze, logged terms are averaged over ranks, and only the main rank writes files or prints.
 """
 from __future__ import annotations
 
@@ -19,10 +23,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .analysis.curvature import hessian_trace
 from .device import autocast, resolve_device
+from .dist import RANK_SEED_STRIDE, SINGLE, Dist, session
 from .distill import LOSSES, FeatureTap, TransferInputs, create_loss, fgsm_promote
 from .errors import UserError
 from .evaluate import evaluate, eval_set_for
@@ -152,6 +158,7 @@ class Result:
     run_dir: Path
     qmodel: nn.Module
     summary: dict[str, Any]
+    rank: int = 0  # under torchrun every rank returns the same result; rank 0 is the one that wrote it
 
 
 def _lr_factor(cfg: TrainConfig, epoch: int) -> float:
@@ -186,34 +193,41 @@ class Metrics:
     logging costs one sync per flush rather than one per scalar. The last row of each flush gets the run's wall
     time (`wall_s`, taken after that sync), from which iterations per second follow."""
 
-    def __init__(self, path: Path, keep_below: int, clock: Callable[[], float]) -> None:
-        self.path, self.clock = path, clock
-        rows = []
-        if path.exists():  # on resume, drop rows from iterations that the checkpoint does not contain
-            rows = [r for r in (json.loads(l) for l in path.read_text().splitlines() if l.strip())
-                    if r.get("iter", -1) < keep_below]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    def __init__(self, path: Path, keep_below: int, clock: Callable[[], float], d: Dist = SINGLE) -> None:
+        self.path, self.clock, self.dist = path, clock, d
+        if d.main:
+            rows = []
+            if path.exists():  # on resume, drop rows from iterations that the checkpoint does not contain
+                rows = [r for r in (json.loads(l) for l in path.read_text().splitlines() if l.strip())
+                        if r.get("iter", -1) < keep_below]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
 
     def add(self, static: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.pending.append((static, {k: v.detach() for k, v in tensors.items()}))
 
     def flush(self) -> dict[str, float]:
+        """Write the pending rows; under torchrun each term is its mean over the ranks (the global batch's value
+        for a batch-mean loss), so every rank must flush at the same iterations."""
         if not self.pending:
             return {}
         flat = [v.float().reshape(()) for _, t in self.pending for v in t.values()]
-        values = iter(torch.stack(flat).tolist() if flat else [])
+        stacked = torch.stack(flat) if flat else torch.zeros(0)
+        self.dist.mean_([stacked])
+        values = iter(stacked.tolist())
         rows = [{**static, **{k: next(values) for k in t}} for static, t in self.pending]
         rows[-1]["wall_s"] = round(self.clock(), 3)
-        with open(self.path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        if self.dist.main:
+            with open(self.path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
         self.pending = []
         return rows[-1]
 
     def event(self, row: dict[str, Any]) -> None:
         self.flush()
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.dist.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def _teacher_and_data(cfg: TrainConfig, teacher: nn.Module | None, device: str):
@@ -247,15 +261,19 @@ class Job:
     rng: torch.Generator
     warm_source: Any = None  # offline sources: the GDFQ generator whose images calibrate ranges during warm-up
     curv_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # fixed batches of --track-curvature
+    dist: Dist = field(default_factory=Dist)
+    q_train: nn.Module | None = None  # the Q model as the training step calls it (DDP-wrapped under torchrun)
+    g_train: nn.Module | None = None  # the source whose generator trains, as the step calls it (likewise)
     step: int = 0
     wall_s: float = 0.0
     bad_total: int = 0
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rngs: list[torch.Tensor]) -> dict[str, Any]:
+        """`rngs`: every rank's sampling state (the models and optimisers are the same on all ranks)."""
         return {"step": self.step, "qmodel": self.qmodel.state_dict(), "source": self.source.state_dict(),
                 "warm_source": self.warm_source.state_dict() if self.warm_source is not None else None,
                 "q_opt": self.q_opt.state_dict(), "g_opt": self.g_opt.state_dict() if self.g_opt else None,
-                "rng": self.rng.get_state(), "wall_s": self.wall_s, "bad_total": self.bad_total,
+                "rng": rngs[0], "rng_ranks": rngs[1:], "wall_s": self.wall_s, "bad_total": self.bad_total,
                 "curv_batches": self.curv_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -266,7 +284,7 @@ class Job:
         self.q_opt.load_state_dict(state["q_opt"])
         if self.g_opt is not None:
             self.g_opt.load_state_dict(state["g_opt"])
-        self.rng.set_state(state["rng"])
+        self.rng.set_state([state["rng"], *state.get("rng_ranks", [])][self.dist.rank])
         self.step, self.wall_s, self.bad_total = state["step"], state["wall_s"], state["bad_total"]
         self.curv_batches = state.get("curv_batches")
 
@@ -285,9 +303,15 @@ class Job:
     def batch_source(self, warm: bool) -> Any:
         return self.warm_source if warm and self.warm_source is not None else self.source
 
+    def draw(self, warm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch from this rank's stream, through DDP when this source's generator trains."""
+        source = self.batch_source(warm)
+        trained = self.g_train.module if isinstance(self.g_train, DistributedDataParallel) else self.g_train
+        return (self.g_train if source is trained else source)(self.cfg.batch_size, self.rng)
 
-def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool = False) -> Job:
-    torch.manual_seed(cfg.seed)
+
+def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool = False, d: Dist = SINGLE) -> Job:
+    torch.manual_seed(cfg.seed)  # the same on every rank: the models start equal (DDP also broadcasts them)
     teacher, test_set = _teacher_and_data(cfg, teacher, device)
     info = test_set.info
     qmodel = quantize_model(teacher, cfg=cfg.quant()).to(device)
@@ -298,7 +322,7 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool
     for p in qmodel.parameters():
         p.requires_grad_(True)
     qmodel.eval()  # BN uses the teacher's running statistics throughout; its affine parameters still train
-    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet)
+    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet or not d.main, d)
     source = create_source(cfg.generator, ctx, cfg.options)
     # hast.md §1b: an offline set is not what the ranges should see first; a GDFQ generator, trained during the
     # warm-up epochs and then discarded, provides the calibration images.
@@ -316,12 +340,29 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool
     trained_source = source if source.online else warm_source
     g_params = list(trained_source.parameters()) if trained_source is not None else []
     g_opt = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=cfg.g_betas) if g_params else None
+    q_train, g_train = qmodel, trained_source if g_params else None
+    if d.on:  # ranges stay per rank while they observe (no buffer sync per forward) and are averaged when they freeze
+        ids = [torch.device(device).index] if device.startswith("cuda") else None
+        q_train = DistributedDataParallel(qmodel, device_ids=ids, forward_sync_buffers=False)
+        if g_train is not None:
+            g_train = DistributedDataParallel(g_train, device_ids=ids)
+    rng = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * d.rank)
     return Job(cfg, device, Path(cfg.out), teacher, qmodel, test_set, source, loss_fn,
                FeatureTap(teacher, layers, loss_fn.teacher_grad_layers), FeatureTap(qmodel, layers), q_params, q_opt,
-               g_opt, torch.Generator().manual_seed(cfg.seed), warm_source)
+               g_opt, rng, warm_source, dist=d, q_train=q_train, g_train=g_train)
 
 
-def _open_run(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
+def run_config(cfg: TrainConfig, d: Dist = SINGLE) -> dict[str, Any]:
+    """config.json: the resolved config, and under torchrun the process count with the per-rank (batch_size)
+    and the global batch."""
+    out = config_dict(cfg)
+    if d.on:
+        out["distributed"] = {"world_size": d.world, "backend": d.backend, "batch_per_rank": cfg.batch_size,
+                              "global_batch": cfg.batch_size * d.world}
+    return out
+
+
+def _open_run(cfg: TrainConfig, resume: bool, d: Dist = SINGLE) -> dict[str, Any] | None:
     """The resume state of the run in cfg.out, or None for a fresh run; refuses to overwrite a run."""
     out = Path(cfg.out)
     if (out / "result.json").exists():
@@ -331,7 +372,12 @@ def _open_run(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
     if not resume:
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     saved = json.loads((out / "config.json").read_text())
-    if {k: v for k, v in saved.items() if k != "device"} != {k: v for k, v in config_dict(cfg).items() if k != "device"}:
+    now = run_config(cfg, d)
+    world = saved.get("distributed", {}).get("world_size", 1)
+    if world != d.world:
+        raise UserError(f"{out} was started on {world} process(es); resume it on as many (torchrun "
+                        f"--nproc_per_node), not {d.world}")
+    if {k: v for k, v in saved.items() if k != "device"} != {k: v for k, v in now.items() if k != "device"}:
         raise UserError(f"{out} was started with another configuration; resume with the same arguments "
                         f"or choose another --out")
     return read_checkpoint(out / "state.pt")
@@ -339,24 +385,26 @@ def _open_run(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
 
 def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: bool = False,
                  quiet: bool = False) -> Result:
-    """Run (or resume) one zero-shot quantization job and write its run directory."""
-    device = resolve_device(cfg.device)
+    """Run (or resume) one zero-shot quantization job and write its run directory. Under torchrun every rank calls
+    this alike (see zsq.dist)."""
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    state = _open_run(cfg, resume)
-    job = _build(cfg, teacher, device, quiet)
-    try:
-        if state is not None:
-            job.load_state_dict(state)
-            if not quiet:
-                print(f"resuming {job.out} at iteration {job.step}")
-        else:
-            job.out.mkdir(parents=True, exist_ok=True)
-            save_json(config_dict(cfg), job.out / "config.json")
-        _loop(job, quiet)
-        return _finish(job)
-    finally:
-        job.close()
+    with session(resolve_device(cfg.device)) as (d, device):
+        state = d.from_main(lambda: _open_run(cfg, resume, d))
+        job = _build(cfg, teacher, device, quiet, d)
+        quiet = quiet or not d.main
+        try:
+            if state is not None:
+                job.load_state_dict(state)
+                if not quiet:
+                    print(f"resuming {job.out} at iteration {job.step}")
+            elif d.main:
+                job.out.mkdir(parents=True, exist_ok=True)
+                save_json(run_config(cfg, d), job.out / "config.json")
+            _loop(job, quiet)
+            return _finish(job)
+        finally:
+            job.close()
 
 
 def _set_epoch(job: Job, epoch: int) -> None:
@@ -376,12 +424,15 @@ def _loop(job: Job, quiet: bool) -> None:
     cfg, state_path = job.cfg, job.out / "state.pt"
     total = cfg.epochs * cfg.iters_per_epoch
     t0, wall_before, bad_run = time.time(), job.wall_s, 0
-    metrics = Metrics(job.out / "metrics.jsonl", keep_below=job.step, clock=lambda: wall_before + time.time() - t0)
+    metrics = Metrics(job.out / "metrics.jsonl", keep_below=job.step, clock=lambda: wall_before + time.time() - t0,
+                      d=job.dist)
 
     def checkpoint() -> None:
         metrics.flush()
         job.wall_s = wall_before + time.time() - t0
-        save_torch(job.state_dict(), state_path)
+        rngs = job.dist.gather(job.rng.get_state())
+        if job.dist.main:
+            save_torch(job.state_dict(rngs), state_path)
 
     bar = tqdm(range(job.step, total), total=total, initial=job.step, disable=quiet, desc="quantize",
                dynamic_ncols=True)
@@ -415,21 +466,32 @@ def _loop(job: Job, quiet: bool) -> None:
             end_of_epoch = job.step % cfg.iters_per_epoch == 0
             if end_of_epoch and epoch + 1 == cfg.warmup_epochs:
                 observe_ranges(job.qmodel, False)
-                cfg.range_setter().finish(job.qmodel)
+                _freeze_ranges(job)
             if cfg.eval_every and end_of_epoch and (epoch + 1) % cfg.eval_every == 0 and job.step < total:
-                acc = evaluate(job.qmodel, job.test_set, device=job.device, limit=cfg.eval_limit)
-                metrics.event({"iter": step, "epoch": epoch, "eval_q_top1": acc["top1"]})
-            if job.step % cfg.ckpt_every == 0 or stop.signum is not None:
+                row: dict[str, Any] = {"iter": step, "epoch": epoch}
+                if job.dist.main:
+                    row["eval_q_top1"] = evaluate(job.qmodel, job.test_set, device=job.device,
+                                                  limit=cfg.eval_limit)["top1"]
+                metrics.event(row)
+            stopping = job.dist.any(stop.signum is not None)  # a signal reaches the ranks at different steps
+            if job.step % cfg.ckpt_every == 0 or stopping:
                 checkpoint()
-            if stop.signum is not None:
+            if stopping:
                 bar.close()
-                raise UserError(f"stopped by signal {stop.signum} at iteration {job.step}; continue with --resume")
+                raise UserError(f"stopped by signal {stop.signum or 'on another rank'} at iteration {job.step}; "
+                                f"continue with --resume")
     bar.close()
     metrics.flush()
     job.wall_s = wall_before + time.time() - t0
 
 
 RECALIBRATION_BATCHES = 20  # the EMA (momentum 0.9) forgets its start within about this many batches
+
+
+def _freeze_ranges(job: Job) -> None:
+    """The observed ranges, averaged over the ranks (each saw its own batches), handed to the range setter."""
+    job.dist.mean_([t for q in act_quantizers(job.qmodel) for t in (q.ema_min, q.ema_max, q.lo, q.hi)])
+    job.cfg.range_setter().finish(job.qmodel)
 
 
 def _recalibrate(job: Job) -> None:
@@ -440,13 +502,19 @@ def _recalibrate(job: Job) -> None:
         batches = [job.batch_source(False).sample(cfg.batch_size, job.rng)[0] for _ in range(RECALIBRATION_BATCHES)]
     setter.training(job.qmodel, False)
     calibrate(job.qmodel, batches)
-    setter.finish(job.qmodel)
+    _freeze_ranges(job)
     setter.training(job.qmodel, True)
 
 
 def _finish(job: Job) -> Result:
-    cfg, out = job.cfg, job.out
     observe_ranges(job.qmodel, False)
+    summary = job.dist.from_main(lambda: _write_results(job))
+    return Result(summary["fp_top1"], summary["q_top1"], job.out, job.qmodel, summary, job.dist.rank)
+
+
+def _write_results(job: Job) -> dict[str, Any]:
+    """Evaluate the teacher and the Q model, write student.pt, samples.pt and result.json; the summary."""
+    cfg, out = job.cfg, job.out
     fp = evaluate(job.teacher, job.test_set, device=job.device, limit=cfg.eval_limit)
     q = evaluate(job.qmodel, job.test_set, device=job.device, limit=cfg.eval_limit)
     save_checkpoint(job.qmodel.cpu(), out / "student.pt", job.test_set.info, {"top1": q["top1"], "top5": q["top5"]},
@@ -458,14 +526,14 @@ def _finish(job: Job) -> Result:
                "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.bad_total,
                "dataset": job.test_set.info.name, "model": getattr(job.teacher, "zsq_arch", None) or
                type(job.teacher).__name__, "code": code_version(),
-               **job.source.describe(),
+               **job.source.describe(), **({"world_size": job.dist.world} if job.dist.on else {}),
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)]}
     with torch.no_grad(), autocast(job.device, cfg.precision):  # what the data source made, for zsq analyze
         x, y = job.source.sample(SAMPLES_SAVED, torch.Generator().manual_seed(cfg.seed))
     save_torch({"images": x.float().cpu(), "labels": y.cpu(), "source": cfg.generator}, out / "samples.pt")
     save_json(summary, out / "result.json")
     (out / "state.pt").unlink(missing_ok=True)
-    return Result(fp["top1"], q["top1"], out, job.qmodel, summary)
+    return summary
 
 
 def _iteration(job: Job, warm: bool) -> dict[str, Any]:
@@ -473,7 +541,7 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
     cfg, source, qmodel, loss_fn = job.cfg, job.batch_source(warm), job.qmodel, job.loss_fn
     terms: dict[str, Any] = {}
     with autocast(job.device, cfg.precision):
-        x, y = source.sample(cfg.batch_size, job.rng)
+        x, y = job.draw(warm)
         t_logits = None
         if source.online and job.g_opt is not None:
             t_logits = job.teacher(x)
@@ -492,7 +560,7 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
         seen = loss_fn.prepare(x)
         generator_pass = t_logits if seen is x else None  # the teacher already saw this very batch
         x = seen.requires_grad_(True) if cfg.promote > 0 else seen
-        loss, q_terms = loss_fn(_transfer_inputs(job, x, y, generator_pass))
+        loss, q_terms = loss_fn(_transfer_inputs(job, x, y, generator_pass, synced=True))
         if cfg.promote > 0:
             adv = _promoted_loss(job, x, y, loss)
             q_terms = {**q_terms, "loss_clean": loss, "loss_promoted": adv}
@@ -500,18 +568,21 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
     job.q_opt.zero_grad(set_to_none=True)
     loss.backward(inputs=job.q_params)  # not into x, which requires grad when --promote is on
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in job.q_params if p.grad is not None])
-    skipped = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one sync: the guard must know now
+    skipped = job.dist.any(not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)))  # one sync: the guard must know now
     if not skipped:
         job.q_opt.step()
     terms.update(q_terms, loss_q=loss.detach(), grad_norm=grad_norm, _skipped=skipped)
     return terms
 
 
-def _transfer_inputs(job: Job, x: torch.Tensor, y: torch.Tensor,
-                     t_logits: torch.Tensor | None = None) -> TransferInputs:
+def _transfer_inputs(job: Job, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor | None = None,
+                     synced: bool = False) -> TransferInputs:
     """Both models on a prepared Q-step batch. `t_logits`: the generator step's teacher pass on the same batch
     (its maps wait in t_tap), reused unless the loss differentiates the teacher. A new teacher pass runs without
-    grad, or, for Grad-CAM, with the maps in `teacher_grad_layers` made leaves; never back into x."""
+    grad, or, for Grad-CAM, with the maps in `teacher_grad_layers` made leaves; never back into x. `synced`: the
+    Q model runs through DDP, whose backward averages the gradients (the training step's one forward; any other
+    pass, e.g. FGSM promotion, uses the plain module: its gradient joins the same backward, which DDP then
+    averages once)."""
     grad_layers = job.loss_fn.teacher_grad_layers
     if t_logits is None or grad_layers:
         job.t_tap.take()
@@ -519,7 +590,8 @@ def _transfer_inputs(job: Job, x: torch.Tensor, y: torch.Tensor,
             t_logits = job.teacher(x.detach())
     t_logits = t_logits if grad_layers else t_logits.detach()
     t_feats = job.t_tap.take(detach=True)
-    return TransferInputs(t_logits, job.qmodel(x), y, x, t_feats, job.q_tap.take())
+    qmodel = job.q_train if synced else job.qmodel
+    return TransferInputs(t_logits, qmodel(x), y, x, t_feats, job.q_tap.take())
 
 
 def _clean_loss(job: Job, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -541,7 +613,8 @@ def _curvature(job: Job) -> dict[str, torch.Tensor]:
     batches = [(job.loss_fn.prepare(x.float()), y) for x, y in job.curv_batches]
     mean, se = hessian_trace(job.qmodel, lambda model, b: _clean_loss(job, b), batches, cfg.curvature_samples,
                              seed=cfg.seed)
-    return {"hessian_trace": torch.tensor(mean), "hessian_trace_se": torch.tensor(se)}  # as the loss terms
+    return {"hessian_trace": torch.tensor(mean, device=job.device),  # beside the loss terms, on their device
+            "hessian_trace_se": torch.tensor(se, device=job.device)}
 
 
 def _promoted_loss(job: Job, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,13 @@ generator step. Every source returns images in the teacher's normalised input sp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ..dist import Dist
 from ..registry import Registry
 
 
@@ -26,6 +27,7 @@ class SourceContext:
     image_size: int
     device: str
     quiet: bool = False  # no progress bar for sources that do long work up front (offline synthesis)
+    dist: Dist = field(default_factory=Dist)  # under torchrun: offline synthesis splits its batches across ranks
 
 
 class DataSource(nn.Module):
@@ -33,6 +35,10 @@ class DataSource(nn.Module):
 
     def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def forward(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample`, as a module call: what DistributedDataParallel wraps when the generator trains on ranks."""
+        return self.sample(batch_size, rng)
 
     def generator_loss(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
                        qmodel: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

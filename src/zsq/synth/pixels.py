@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import random_resized_crop
+from ..dist import SINGLE, Dist
 from ..errors import UserError
 from ..io import save_torch
 from ..models import read_checkpoint
@@ -79,36 +80,48 @@ def teacher_hash(model: nn.Module) -> str:
 
 
 def synthesize(teacher: nn.Module, opts: PixelOptions, num_classes: int, shape: tuple[int, int, int], device: str,
-               quiet: bool = False) -> dict[str, Any]:
+               quiet: bool = False, d: Dist = SINGLE) -> dict[str, Any]:
     """Optimise `opts.synth_images` images batch by batch; returns images (float, the teacher's input space),
-    labels and the final loss of each batch."""
+    labels and the final loss of each batch. Under torchrun rank r optimises batches r, r + N, ... and every
+    rank gets the whole set; each batch starts from the same draws whatever N, so the set does not depend on it."""
     g = torch.Generator().manual_seed(opts.synth_seed)
     bns = BNStatistics(teacher)
-    images, labels, finals = [], [], []
+    done: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
     sizes = [min(opts.synth_batch, opts.synth_images - i) for i in range(0, opts.synth_images, opts.synth_batch)]
-    bar = tqdm(total=len(sizes) * opts.synth_iters, desc="synthesize", disable=quiet, dynamic_ncols=True)
+    mine = range(d.rank, len(sizes), d.world)
+    bar = tqdm(total=len(mine) * opts.synth_iters, desc="synthesize", disable=quiet or not d.main,
+               dynamic_ncols=True)
     try:
-        for n in sizes:
-            x = torch.randn(n, *shape, generator=g).to(device).requires_grad_(True)
-            y = torch.randint(0, num_classes, (n,), generator=g).to(device)
-            opt = torch.optim.Adam([x], lr=opts.synth_lr)
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=opts.synth_patience, min_lr=1e-4)
-            for _ in range(opts.synth_iters):
-                logits = teacher(x)
-                loss = bns.loss() + opts.hard_weight * hardness_ce(logits, y, opts.hard_gamma)
-                opt.zero_grad(set_to_none=True)
-                loss.backward(inputs=[x])
-                opt.step()
-                plateau.step(loss.item())
-                bar.update()
-            images.append(x.detach().cpu())
-            labels.append(y.cpu())
-            finals.append(loss.item())
-            bar.set_postfix(loss=f"{finals[-1]:.3g}")
+        for i, n in enumerate(sizes):
+            x0 = torch.randn(n, *shape, generator=g)
+            y = torch.randint(0, num_classes, (n,), generator=g)
+            if i in mine:
+                done[i] = _optimise(teacher, bns, x0.to(device), y.to(device), opts, bar)
     finally:
         bar.close()
         bns.remove()
-    return {"images": torch.cat(images), "labels": torch.cat(labels), "final_loss": finals}
+    parts = {i: batch for part in d.gather(done) for i, batch in part.items()}
+    batches = [parts[i] for i in range(len(sizes))]
+    return {"images": torch.cat([b[0] for b in batches]), "labels": torch.cat([b[1] for b in batches]),
+            "final_loss": [b[2] for b in batches]}
+
+
+def _optimise(teacher: nn.Module, bns: BNStatistics, x: torch.Tensor, y: torch.Tensor, opts: PixelOptions,
+              bar: tqdm) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One batch of pixels optimised against the teacher; returns it on the CPU with its labels and final loss."""
+    x.requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=opts.synth_lr)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=opts.synth_patience, min_lr=1e-4)
+    for _ in range(opts.synth_iters):
+        logits = teacher(x)
+        loss = bns.loss() + opts.hard_weight * hardness_ce(logits, y, opts.hard_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=[x])
+        opt.step()
+        plateau.step(loss.item())
+        bar.update()
+    bar.set_postfix(loss=f"{loss.item():.3g}")
+    return x.detach().cpu(), y.cpu(), loss.item()
 
 
 def write_set(path: str | Path, data: dict[str, Any], source: str, opts: PixelOptions, thash: str) -> Path:
@@ -132,7 +145,8 @@ def cache_path(source: str, opts: PixelOptions, thash: str) -> Path:
 
 def load_or_build(source: str, ctx: SourceContext, opts: PixelOptions) -> tuple[dict[str, Any], Path, bool]:
     """The set for this teacher and recipe: `synth_data` if given (it must match), else the cache, else built and
-    cached. Returns (set, path, built)."""
+    cached. Returns (set, path, built). Under torchrun the main rank reads the cache and hands the set to the
+    others, and only it writes one."""
     thash = teacher_hash(ctx.teacher)
     if opts.synth_data:
         data = read_set(opts.synth_data)
@@ -140,14 +154,22 @@ def load_or_build(source: str, ctx: SourceContext, opts: PixelOptions) -> tuple[
             raise UserError(f"{opts.synth_data} was synthesized from another teacher; run `zsq synth` for this one")
         return data, Path(opts.synth_data), False
     path = cache_path(source, opts, thash)
+    cached = ctx.dist.from_main(lambda: _cached(path, thash, opts))
+    if cached is not None:
+        return cached, path, False
+    shape = (ctx.in_channels, ctx.image_size, ctx.image_size)
+    built = synthesize(ctx.teacher, opts, ctx.num_classes, shape, ctx.device, ctx.quiet, ctx.dist)
+    if ctx.dist.main:
+        write_set(path, built, source, opts, thash)
+    return built, path, True
+
+
+def _cached(path: Path, thash: str, opts: PixelOptions) -> dict[str, Any] | None:
     if path.is_file():
         data = read_set(path)
         if data["teacher_sha256"] == thash and json.loads(data["recipe"]) == opts.recipe():
-            return data, path, False
-    shape = (ctx.in_channels, ctx.image_size, ctx.image_size)
-    built = synthesize(ctx.teacher, opts, ctx.num_classes, shape, ctx.device, ctx.quiet)
-    write_set(path, built, source, opts, thash)
-    return read_set(path), path, True
+            return data
+    return None
 
 
 class OfflineSource(DataSource):
@@ -184,8 +206,9 @@ def zeroq(ctx: SourceContext, opts: ZeroQOptions) -> OfflineSource:
 
 
 def build_set(teacher: nn.Module, source: str, out: str | Path, num_classes: int, shape: tuple[int, int, int],
-              device: str, options: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
-    """`zsq synth`: optimise a set for `teacher` with the source's options and write it to `out`."""
+              device: str, options: dict[str, Any], quiet: bool = False, d: Dist = SINGLE) -> dict[str, Any]:
+    """`zsq synth`: optimise a set for `teacher` with the source's options and write it to `out` (under
+    torchrun: the ranks share the batches, the main rank writes)."""
     if source not in PIXEL_SOURCES:
         raise UserError(f"zsq synth makes offline sets: choose --source {' or '.join(PIXEL_SOURCES)}, not '{source}'")
     opts = SOURCES.build_options(source, options)
@@ -193,8 +216,9 @@ def build_set(teacher: nn.Module, source: str, out: str | Path, num_classes: int
         raise UserError("--synth-data names an existing set; zsq synth writes a new one to --out")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    data = synthesize(teacher.to(device).eval(), opts, num_classes, shape, device, quiet)
-    write_set(out, data, source, opts, teacher_hash(teacher))
+    data = synthesize(teacher.to(device).eval(), opts, num_classes, shape, device, quiet, d)
+    if d.main:
+        write_set(out, data, source, opts, teacher_hash(teacher))
+    d.barrier()  # the set is on disk before any rank reports it
     return {"out": str(out), "source": source, "images": len(data["labels"]), "recipe": opts.recipe(),
             "final_loss": data["final_loss"]}
-

@@ -1,0 +1,171 @@
+"""Data-parallel runs (torchrun / DDP) on the CPU with gloo, two processes, tiny budgets."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import zsq
+import zsq.train
+from zsq.synth import SOURCES
+from zsq.synth.base import DataSource, SourceContext
+
+from conftest import TINY
+
+TINY_KW = {"epochs": 2, "iters_per_epoch": 3, "warmup_epochs": 1, "batch_size": 8, "eval_limit": 50}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+class FixedImages(DataSource):
+    """A stored batch of 2·B images: rank r of a 2-process run gets the r-th half, a 1-process run the whole of
+    it, so both runs train on the same images."""
+
+    online = False
+
+    def __init__(self, ctx: SourceContext, opts: object) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(123)
+        self.images = torch.randn(16, ctx.in_channels, ctx.image_size, ctx.image_size, generator=g)
+        self.labels = torch.randint(0, ctx.num_classes, (16,), generator=g)
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        r = dist.get_rank() if dist.is_initialized() else 0
+        return self.images[r * batch_size:(r + 1) * batch_size], self.labels[r * batch_size:(r + 1) * batch_size]
+
+
+if "fixed-test-images" not in SOURCES.names():
+    SOURCES.register("fixed-test-images")(FixedImages)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, folder: str, kwargs: dict) -> None:
+    """One rank, launched the way torchrun does (its variables), running the Python API; it records its model and
+    every file it wrote through save_json."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    written: list[str] = []
+    save_json = zsq.train.save_json
+    zsq.train.save_json = lambda obj, path: (written.append(Path(path).name), save_json(obj, path))[1]
+    result = zsq.quantize(quiet=True, **kwargs)
+    torch.save({"state": result.qmodel.state_dict(), "written": written, "q_top1": result.q_top1,
+                "rank": result.rank}, Path(folder) / f"rank{rank}.pt")
+
+
+def _spawn(tmp_path: Path, **kwargs) -> list[dict]:
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path), kwargs), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_two_ranks_end_identical_and_write_once(tiny_teacher, fmnist_dir, tmp_path):
+    out = tmp_path / "run"
+    ranks = _spawn(tmp_path, teacher=str(tiny_teacher), data_dir=str(fmnist_dir), out=str(out), wbits=4, abits=4,
+                   **TINY_KW)
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # weights, BN affine and every activation range alike
+    his = [v for k, v in a.items() if k.endswith(".hi")]
+    assert his and all(h > 0 for h in his)
+    assert ranks[0]["written"] == ["config.json", "result.json"] and ranks[1]["written"] == []
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["q_top1"] == ranks[1]["q_top1"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_rank": 8, "global_batch": 16}
+    assert json.loads((out / "result.json").read_text())["world_size"] == 2
+    assert not (out / "state.pt").exists()
+
+
+def test_first_step_equals_one_process_on_the_double_batch(tiny_teacher, fmnist_dir, tmp_path):
+    """2 ranks × B images = 1 process × 2B images, same images: the same Q model after its first step. The BN
+    prior makes the ranges independent of the warm-up images, which differ between the two runs."""
+    common = dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), generator="fixed-test-images", method="gdfq",
+                  wbits=4, abits=4, act_range="bn-prior", epochs=2, iters_per_epoch=1, warmup_epochs=1,
+                  eval_limit=8, lr_q=0.05)
+    two = _spawn(tmp_path, out=str(tmp_path / "two"), batch_size=8, **common)[0]["state"]
+    torch.set_num_threads(1)
+    one = zsq.quantize(out=str(tmp_path / "one"), batch_size=16, quiet=True, **common).qmodel.state_dict()
+    start = zsq.load_model(str(tiny_teacher)).state_dict()
+    moved = 0
+    for k, v in one.items():
+        if k.endswith((".ema_min", ".ema_max")):  # the warm-up's own statistics, not used by the BN prior
+            continue
+        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-6, msg=k)
+        moved += k in start and not torch.allclose(start[k], v, atol=1e-6)
+    assert moved > 10  # the step did change the weights
+
+
+def _torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "zsq", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def test_torchrun_cli_runs_prints_once_and_refuses_another_world_size(tiny_teacher, fmnist_dir, tmp_path):
+    out = tmp_path / "run"
+    base = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), *TINY, "--eval-limit", "50",
+            "--quiet", "--out", str(out)]
+    proc = _torchrun(*base)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("q_top1") == 1
+    assert json.loads((out / "result.json").read_text())["world_size"] == 2
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == list(range(6))  # one row per iteration, written by one rank
+    # a run started on 2 processes cannot be resumed on 1
+    (out / "result.json").unlink()
+    (out / "state.pt").write_bytes(b"")
+    single = subprocess.run([sys.executable, "-m", "zsq", *base, "--resume"], capture_output=True, text=True,
+                            env=ENV)
+    assert single.returncode == 2 and "2 process(es)" in single.stderr
+
+
+def test_synth_splits_batches_across_ranks_into_one_set(tiny_teacher, tmp_path):
+    args = ["synth", "--teacher", str(tiny_teacher), "--images", "12", "--batch-size", "4", "--iters", "3", "--quiet"]
+    two = _torchrun(*args, "--out", str(tmp_path / "two.pt"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("images") == 1
+    one = subprocess.run([sys.executable, "-m", "zsq", *args, "--out", str(tmp_path / "one.pt")],
+                         capture_output=True, text=True, env=ENV)
+    assert one.returncode == 0, one.stderr
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
+    assert a["images"].shape == (12, 1, 32, 32)
+    torch.testing.assert_close(b["images"], a["images"])  # batch 1 came from rank 1, the same pixels
+    assert torch.equal(b["labels"], a["labels"]) and torch.allclose(b["final_loss"], a["final_loss"])
+
+
+def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resumes(tiny_teacher, fmnist_dir, tmp_path):
+    """torchrun forwards the signal to each rank at its own moment: they agree on one iteration, the main rank
+    checkpoints it, and `--resume` on two processes finishes with every iteration logged once."""
+    out = tmp_path / "run"
+    args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--epochs", "2",
+            "--iters-per-epoch", "60", "--warmup-epochs", "1", "--batch-size", "4", "--ckpt-every", "100000",
+            "--quiet", "--eval-limit", "8", "--out", str(out)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zsq"]
+    proc = subprocess.Popen([*launch, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 20) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and err.count("continue with --resume") == 2
+    steps = {int(m) for m in re.findall(r"at iteration (\d+)", err)}
+    state = torch.load(out / "state.pt", weights_only=False)
+    assert steps == {state["step"]} and 0 < state["step"] < 120 and len(state["rng_ranks"]) == 1
+    resumed = subprocess.run([*launch, *args, "--resume"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = [json.loads(l)["iter"] for l in metrics.read_text().splitlines()]
+    assert rows == list(range(120)) and not (out / "state.pt").exists()
