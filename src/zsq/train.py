@@ -268,8 +268,10 @@ class Job:
     wall_s: float = 0.0
     bad_total: int = 0
 
-    def state_dict(self, rngs: list[torch.Tensor]) -> dict[str, Any]:
-        """`rngs`: every rank's sampling state (the models and optimisers are the same on all ranks)."""
+    def state_dict(self, rngs: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        """`rngs`: every rank's sampling state (the models and optimisers are the same on all ranks); by default
+        this rank's alone."""
+        rngs = rngs or [self.rng.get_state()]
         return {"step": self.step, "qmodel": self.qmodel.state_dict(), "source": self.source.state_dict(),
                 "warm_source": self.warm_source.state_dict() if self.warm_source is not None else None,
                 "q_opt": self.q_opt.state_dict(), "g_opt": self.g_opt.state_dict() if self.g_opt else None,
