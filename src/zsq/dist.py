@@ -119,25 +119,22 @@ def session(device: str) -> Iterator[tuple[Dist, str]]:
     this rank's device (`device` already resolved: cpu, cuda or cuda:N). Called by every rank alike. A process
     group that already exists (the caller made it) is used and left open; otherwise torchrun's variables make
     one, destroyed on exit."""
-    made = False
-    if not dist.is_initialized():
-        world = _env_world()
-        if world == 1:
-            yield SINGLE, device
-            return
+    made = not dist.is_initialized()
+    if made and _env_world() == 1:
+        yield SINGLE, device
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", 0 if made else dist.get_rank()))
+    dev = rank_device(device, local_rank, _env_world() if made else dist.get_world_size())
+    if made:
         if not dist.is_available():
             raise UserError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-        dev = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")), world)
         backend = "nccl" if dev.startswith("cuda") else "gloo"
         try:
             dist.init_process_group(backend, **({"device_id": torch.device(dev)} if backend == "nccl" else {}))
         except ValueError as e:  # a launcher variable missing (MASTER_ADDR, RANK...)
             raise UserError(f"cannot join the distributed job: {e}; launch with torchrun") from None
-        made = True
     try:
         rank, world, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        dev = rank_device(device, local_rank, world)
         control = dist.new_group(backend="gloo") if backend != "gloo" else None
         yield Dist(rank, world, local_rank, backend, control), dev
     finally:

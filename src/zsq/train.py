@@ -324,7 +324,7 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool
     for p in qmodel.parameters():
         p.requires_grad_(True)
     qmodel.eval()  # BN uses the teacher's running statistics throughout; its affine parameters still train
-    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet or not d.main, d)
+    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
     source = create_source(cfg.generator, ctx, cfg.options)
     # hast.md §1b: an offline set is not what the ranges should see first; a GDFQ generator, trained during the
     # warm-up epochs and then discarded, provides the calibration images.
@@ -392,9 +392,9 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     with session(resolve_device(cfg.device)) as (d, device):
+        quiet = quiet or not d.main
         state = d.from_main(lambda: _open_run(cfg, resume, d))
         job = _build(cfg, teacher, device, quiet, d)
-        quiet = quiet or not d.main
         try:
             if state is not None:
                 job.load_state_dict(state)
