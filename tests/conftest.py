@@ -90,7 +90,9 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
                           timeout=timeout)
 
 
-TINY = ["--epochs", "2", "--iters-per-epoch", "3", "--warmup-epochs", "1", "--batch-size", "8"]
+TINY_PROBE = ["--probe-images", "8", "--probe-iters", "2"]  # the health check's probe set, kept tiny in tests
+PROBE_KW = {"probe_images": 8, "probe_iters": 2}
+TINY = ["--epochs", "2", "--iters-per-epoch", "3", "--warmup-epochs", "1", "--batch-size", "8", *TINY_PROBE]
 
 
 def quantize_tiny(teacher: Path, data_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

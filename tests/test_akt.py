@@ -15,7 +15,7 @@ from zsq.distill.akt import OFFICIAL_MAP_WEIGHT, rfd_terms
 from zsq.errors import UserError
 from zsq.models import create_model
 
-from conftest import quantize_tiny, run_cli
+from conftest import PROBE_KW, quantize_tiny, run_cli
 
 
 def _map() -> torch.Tensor:
@@ -162,5 +162,5 @@ def test_akt_run_logs_each_term(tiny_teacher, fmnist_dir, tmp_path):
 def test_akt_through_the_python_api(tiny_teacher, fmnist_dir, tmp_path):
     result = zsq.quantize(str(tiny_teacher), wbits=3, abits=3, generator="adadfq", method="akt-channel",
                           epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=8, data_dir=str(fmnist_dir),
-                          eval_limit=50, out=str(tmp_path / "api"), quiet=True)
+                          eval_limit=50, out=str(tmp_path / "api"), quiet=True, **PROBE_KW)
     assert 0 <= result.q_top1 <= 100

@@ -13,7 +13,7 @@ from zsq.analysis.report import curve_stats
 from zsq.quant import calibrate
 from zsq.train import _build, _curvature, resolve_config
 
-from conftest import quantize_tiny, run_cli
+from conftest import TINY_PROBE, quantize_tiny, run_cli
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian():
@@ -56,7 +56,7 @@ def test_quantize_tracks_curvature_and_keeps_its_batches_on_resume(tiny_teacher,
     args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--method", "akt",
             "--epochs", "3", "--iters-per-epoch", "4", "--warmup-epochs", "1", "--batch-size", "8",
             "--eval-limit", "50", "--track-curvature", "3", "--curvature-samples", "2", "--ckpt-every", "6",
-            "--deterministic", "--out", str(out), "--quiet"]
+            "--deterministic", "--out", str(out), "--quiet", *TINY_PROBE]
     assert run_cli(*args).returncode == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tracked = {r["iter"]: r["hessian_trace"] for r in rows if "hessian_trace" in r}

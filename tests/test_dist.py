@@ -20,9 +20,9 @@ import zsq.train
 from zsq.synth import SOURCES
 from zsq.synth.base import DataSource, SourceContext
 
-from conftest import TINY
+from conftest import PROBE_KW, TINY, TINY_PROBE
 
-TINY_KW = {"epochs": 2, "iters_per_epoch": 3, "warmup_epochs": 1, "batch_size": 8, "eval_limit": 50}
+TINY_KW = {"epochs": 2, "iters_per_epoch": 3, "warmup_epochs": 1, "batch_size": 8, "eval_limit": 50, **PROBE_KW}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -95,7 +95,7 @@ def test_first_step_equals_one_process_on_the_double_batch(tiny_teacher, fmnist_
     prior makes the ranges independent of the warm-up images, which differ between the two runs."""
     common = dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), generator="fixed-test-images", method="gdfq",
                   wbits=4, abits=4, act_range="bn-prior", epochs=2, iters_per_epoch=1, warmup_epochs=1,
-                  eval_limit=8, lr_q=0.05)
+                  eval_limit=8, lr_q=0.05, **PROBE_KW)
     two = _spawn(tmp_path, out=str(tmp_path / "two"), batch_size=8, **common)[0]["state"]
     torch.set_num_threads(1)
     one = zsq.quantize(out=str(tmp_path / "one"), batch_size=16, quiet=True, **common).qmodel.state_dict()
@@ -152,7 +152,7 @@ def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resumes(tiny_teacher,
     out = tmp_path / "run"
     args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--epochs", "2",
             "--iters-per-epoch", "60", "--warmup-epochs", "1", "--batch-size", "4", "--ckpt-every", "100000",
-            "--quiet", "--eval-limit", "8", "--out", str(out)]
+            "--quiet", "--eval-limit", "8", "--out", str(out), *TINY_PROBE]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zsq"]
     proc = subprocess.Popen([*launch, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300

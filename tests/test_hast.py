@@ -15,7 +15,7 @@ from zsq.errors import UserError
 from zsq.synth import SourceContext, create_source
 from zsq.synth.pixels import PixelOptions, cache_path, hardness_ce, read_set, synthesize, teacher_hash
 
-from conftest import run_cli
+from conftest import PROBE_KW, TINY_PROBE, run_cli
 
 
 def test_hardness_ce_by_hand():
@@ -103,7 +103,7 @@ def test_synth_cli_writes_a_set_quantize_can_use(tmp_path, fmnist_dir):
     run = tmp_path / "run"
     proc = run_cli("quantize", "--generator", "hast", "--method", "kd", "--synth-data", str(out), "--data-dir",
                    str(fmnist_dir), "--epochs", "2", "--iters-per-epoch", "2", "--warmup-epochs", "1",
-                   "--batch-size", "4", "--eval-limit", "20", "--out", str(run), "--quiet")
+                   "--batch-size", "4", "--eval-limit", "20", "--out", str(run), "--quiet", *TINY_PROBE)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((run / "result.json").read_text())
     assert result["synthetic_set"] == str(out) and result["synthetic_set_built"] is False
@@ -148,7 +148,7 @@ def test_promote_works_with_any_loss(tiny_teacher, fmnist_dir, tmp_path):
     import zsq
     r = zsq.quantize(str(tiny_teacher), generator="gdfq", method="kd", promote=0.01, data_dir=str(fmnist_dir),
                      epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=4, eval_limit=20,
-                     out=str(tmp_path / "p"), quiet=True)
+                     out=str(tmp_path / "p"), quiet=True, **PROBE_KW)
     rows = [json.loads(l) for l in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [row for row in rows if not row["warmup"]]
     assert trained and all(row["loss_q"] == pytest.approx(row["loss_clean"] + row["loss_promoted"], rel=1e-5)

@@ -19,7 +19,7 @@ from zsq.synth import list_sources
 from zsq.synth.pixels import PIXEL_SOURCES
 from zsq.train import resolve_config
 
-from conftest import TINY, run_cli
+from conftest import PROBE_KW, TINY, TINY_PROBE, run_cli
 
 def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "run"
@@ -55,7 +55,7 @@ def test_every_generator_with_every_method(generator, method, tiny_teacher, fmni
     offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if generator in PIXEL_SOURCES else {}
     r = zsq.quantize(str(tiny_teacher), wbits=3, abits=4, generator=generator, method=method, data_dir=str(fmnist_dir),
                      epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=6, out=str(tmp_path / "r"), quiet=True,
-                     **offline)
+                     **offline, **PROBE_KW)
     assert 0 <= r.q_top1 <= 100 and r.summary["skipped_steps"] == 0
     quants = [m for m in r.qmodel.modules() if isinstance(m, ActQuantizer)]
     assert quants and all(not q.observing and q.hi > q.lo for q in quants)  # calibrated in warm-up, then frozen
@@ -64,7 +64,7 @@ def test_every_generator_with_every_method(generator, method, tiny_teacher, fmni
 def test_warmup_calibrates_ranges_and_leaves_weights_alone(tiny_teacher, fmnist_dir, tmp_path):
     teacher = zsq.load_model(str(tiny_teacher))
     r = zsq.quantize(teacher, dataset="fashion-mnist", data_dir=str(fmnist_dir), epochs=2, iters_per_epoch=2,
-                     warmup_epochs=1, batch_size=4, lr_q=1e-9, out=str(tmp_path / "r"), quiet=True)
+                     warmup_epochs=1, batch_size=4, lr_q=1e-9, out=str(tmp_path / "r"), quiet=True, **PROBE_KW)
     # with a negligible LR the Q model's shadow weights stay the teacher's: only ranges and BN affine may move
     conv_w = dict(r.qmodel.named_parameters())["conv1.weight"].detach().cpu()
     torch.testing.assert_close(conv_w, teacher.conv1.weight, atol=1e-6, rtol=0)
@@ -101,7 +101,7 @@ def test_guard_stops_on_nonfinite_loss(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "nan"
     proc = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--epochs", "3",
                    "--iters-per-epoch", "4", "--warmup-epochs", "1", "--batch-size", "8", "--lr-q", "1e30",
-                   "--max-bad-steps", "2", "--ckpt-every", "1", "--out", str(out), "--quiet")
+                   "--max-bad-steps", "2", "--ckpt-every", "1", "--out", str(out), "--quiet", *TINY_PROBE)
     assert proc.returncode == 2, proc.stderr
     assert "NaN/Inf" in proc.stderr and "lower --lr-q" in proc.stderr and "Traceback" not in proc.stderr
     assert (out / "state.pt").is_file() and not (out / "result.json").exists()
@@ -112,7 +112,7 @@ def test_guard_stops_on_nonfinite_loss(tiny_teacher, fmnist_dir, tmp_path):
 def test_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):
     args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--epochs", "4",
             "--iters-per-epoch", "10", "--warmup-epochs", "1", "--batch-size", "8", "--ckpt-every", "3",
-            "--deterministic", "--quiet", "--eval-limit", "8"]
+            "--deterministic", "--quiet", "--eval-limit", "8", *TINY_PROBE]
     killed, full = tmp_path / "killed", tmp_path / "full"
     proc = subprocess.Popen([sys.executable, "-m", "zsq", *args, "--out", str(killed)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -137,7 +137,7 @@ def test_sigterm_saves_and_resumes(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "term"
     args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--epochs", "3",
             "--iters-per-epoch", "200", "--warmup-epochs", "1", "--batch-size", "4", "--ckpt-every", "100000",
-            "--quiet", "--eval-limit", "8", "--out", str(out)]
+            "--quiet", "--eval-limit", "8", "--out", str(out), *TINY_PROBE]
     proc = subprocess.Popen([sys.executable, "-m", "zsq", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300

@@ -31,7 +31,8 @@ from .quant.ranges import RANGE_SETTERS
 from .synth import SOURCES, list_sources
 from .synth.pixels import PIXEL_SOURCES, build_set
 from .teacher import TeacherConfig, train_teacher
-from .train import TrainConfig, quantize_run, resolve_config
+from .train import SELECT, TrainConfig, quantize_run, resolve_config
+from .validate import Health, ProbeOptions, run_health
 
 
 def _bits(text: str) -> int:
@@ -109,6 +110,12 @@ QUANTIZE_HELP = {
     "recalibrate_at": "at the start of this epoch, set the activation ranges again on the trained data source's "
                       "images (0 = never)",
     "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp (default 3)",
+    "health_every": "every N trained iterations, check the Q model's data-free health (zsq health) and log it "
+                    "(0: only at the end)",
+    "select": "the Q model kept: final, or the one with the best health score over the checks (a data-free "
+              "alternative to picking the best test accuracy)",
+    "probe_images": "images of the health check's probe set (built once per teacher, cached)",
+    "probe_iters": "BN-statistics steps per probe batch",
     "teacher": "shipped teacher, architecture (with --checkpoint) or checkpoint path",
     "generator": "data source", "method": "transfer loss", "preset": "recipe: paper budget or quick CPU budget",
     "wbits": "weight bits (2..8; 32 = FP)", "abits": "activation bits (2..8; 32 = FP)",
@@ -137,7 +144,7 @@ def _add_quantize(sub) -> None:
                                    "generator or method.")
     choices = {"generator": list_sources(), "method": list_methods(), "preset": list(PRESETS),
                "first_last": ["same", "8bit"], "act_range": RANGE_SETTERS.names(), "ste": ["identity", "clipped"],
-               "precision": ["fp32", "bf16"]}
+               "precision": ["fp32", "bf16"], "select": list(SELECT)}
     for f in fields(TrainConfig):
         if f.name == "options":
             continue
@@ -180,7 +187,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if result.rank == 0:
         print(f"{cfg.out}: W{s['wbits']}A{s['abits']} {s['generator']}+{s['method']} ({s['preset']}): "
               f"q_top1 {s['q_top1']:.2f} (FP {s['fp_top1']:.2f}) in {s['wall_s'] / 60:.1f} min")
+        h = Health(**s["health"])
+        print(("warning: " if h.flagged else "") + h.line(), file=sys.stderr if h.flagged else sys.stdout)
     return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    h, where = run_health(args.run, args.teacher, args.checkpoint, args.qmodel, resolve_device(args.device),
+                          ProbeOptions(args.probe_images, args.probe_iters), args.quiet)
+    print(f"{args.run or where['qmodel']}: {h.line()}")
+    if args.json:
+        save_json({**where, **h.summary()}, args.json)
+    return 1 if h.flagged else 0
+
+
+def _add_health(sub) -> None:
+    h = sub.add_parser("health", help="data-free health check of a quantized model against its teacher "
+                                      "(exit 1 when flagged)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    h.add_argument("run", nargs="?", help="a finished run directory (its config.json names the teacher)")
+    h.add_argument("--teacher", help="teacher (shipped name or checkpoint), instead of the run's")
+    h.add_argument("--checkpoint", help="weights for an architecture given by --teacher")
+    h.add_argument("--qmodel", help="a quantized model checkpoint (student.pt), instead of the run's")
+    h.add_argument("--probe-images", type=_positive, default=ProbeOptions.probe_images)
+    h.add_argument("--probe-iters", type=_positive, default=ProbeOptions.probe_iters)
+    h.add_argument("--device", default="auto")
+    h.add_argument("--json", help="write the signals as JSON here")
+    h.add_argument("--quiet", action="store_true", help="no progress bar while the probe set is built")
+    h.set_defaults(func=_cmd_health)
 
 
 SYNTH_FLAGS = {"images": "synth_images", "batch_size": "synth_batch", "iters": "synth_iters", "lr": "synth_lr",
@@ -388,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_bench(sub)
     _add_analyze(sub)
+    _add_health(sub)
     return p
 
 

@@ -39,10 +39,12 @@ from .provenance import code_version
 from .quant import QuantConfig, act_quantizers, calibrate, observe_ranges, quantize_model
 from .quant.ranges import RangeOptions, RangeSetter, create_range_setter
 from .synth import SOURCES, SourceContext, create_source
+from .validate import Health, ProbeOptions, health, probe_set
 
 
 CURVATURE_BATCHES = 2  # fixed batches each Hessian-trace estimate averages over
 SAMPLES_SAVED = 32  # synthetic images kept in each run directory
+SELECT = ("final", "health")  # which Q model a run keeps (--select)
 
 
 @dataclass
@@ -86,6 +88,10 @@ class TrainConfig:
     promote: float = 0.0  # ε of HAST's FGSM difficulty promotion (0 = off): each batch also trains perturbed
     track_curvature: int = 0  # iterations between Hessian-trace estimates after warm-up (0 = off)
     curvature_samples: int = 16  # Hutchinson vectors per estimate
+    health_every: int = 0  # iterations between data-free health checks after warm-up (0 = only at the end)
+    select: str = "final"  # the Q model kept: the final one, or the one with the best health score
+    probe_images: int = 256  # the health check's probe set (zsq.validate), built once per teacher and cached
+    probe_iters: int = 200
     out: str = "runs/run"  # resolve_config names it after generator, method, bits, preset and seed
     options: dict[str, Any] = field(default_factory=dict)  # plug-in options of the generator and the method
 
@@ -104,12 +110,20 @@ class TrainConfig:
             raise UserError(f"promote (FGSM ε) must be ≥ 0, got {self.promote}")
         if self.track_curvature < 0 or self.curvature_samples < 1:
             raise UserError("track-curvature must be ≥ 0 and curvature-samples ≥ 1")
+        if self.health_every < 0:
+            raise UserError(f"health-every must be ≥ 0, got {self.health_every}")
+        if self.select not in SELECT:
+            raise UserError(f"unknown --select '{self.select}'; choose one of: {', '.join(SELECT)}")
+        self.probe()  # validates the probe size
         self.milestones = sorted(int(m) for m in self.milestones)
         self.g_betas = tuple(self.g_betas)
         self.range_setter()  # an unknown setter or a bad option fails here, before anything runs
         if self.recalibrate_at and not self.warmup_epochs < self.recalibrate_at < self.epochs:
             raise UserError(f"recalibrate-at must be an epoch after the warm-up and before the end "
                             f"({self.warmup_epochs + 1}..{self.epochs - 1}), got {self.recalibrate_at}")
+
+    def probe(self) -> ProbeOptions:
+        return ProbeOptions(self.probe_images, self.probe_iters)
 
     def range_setter(self) -> RangeSetter:
         return create_range_setter(self.act_range, RangeOptions(self.act_percentile, self.bn_k))
@@ -261,6 +275,8 @@ class Job:
     rng: torch.Generator
     warm_source: Any = None  # offline sources: the GDFQ generator whose images calibrate ranges during warm-up
     curv_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # fixed batches of --track-curvature
+    probe: torch.Tensor | None = None  # the health check's probe images (zsq.validate), on the device
+    best: dict[str, Any] | None = None  # --select health: score, iteration and Q-model state of the best check
     dist: Dist = field(default_factory=Dist)
     q_train: nn.Module | None = None  # the Q model as the training step calls it (DDP-wrapped under torchrun)
     g_train: nn.Module | None = None  # the source whose generator trains, as the step calls it (likewise)
@@ -276,7 +292,7 @@ class Job:
                 "warm_source": self.warm_source.state_dict() if self.warm_source is not None else None,
                 "q_opt": self.q_opt.state_dict(), "g_opt": self.g_opt.state_dict() if self.g_opt else None,
                 "rng": rngs[0], "rng_ranks": rngs[1:], "wall_s": self.wall_s, "bad_total": self.bad_total,
-                "curv_batches": self.curv_batches}
+                "curv_batches": self.curv_batches, "best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.qmodel.load_state_dict(state["qmodel"])
@@ -289,6 +305,7 @@ class Job:
         self.rng.set_state([state["rng"], *state.get("rng_ranks", [])][self.dist.rank])
         self.step, self.wall_s, self.bad_total = state["step"], state["wall_s"], state["bad_total"]
         self.curv_batches = state.get("curv_batches")
+        self.best = state.get("best")
 
     def close(self) -> None:
         """Remove every hook this run put on the teacher and the Q model (the teacher may be the user's)."""
@@ -396,6 +413,9 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
         state = d.from_main(lambda: _open_run(cfg, resume, d))
         job = _build(cfg, teacher, device, quiet, d)
         try:
+            info = job.test_set.info
+            ctx = SourceContext(job.teacher, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
+            job.probe = probe_set(ctx, cfg.probe()).to(device)
             if state is not None:
                 job.load_state_dict(state)
                 if not quiet:
@@ -469,6 +489,12 @@ def _loop(job: Job, quiet: bool) -> None:
             if end_of_epoch and epoch + 1 == cfg.warmup_epochs:
                 observe_ranges(job.qmodel, False)
                 _freeze_ranges(job)
+            trained_steps = job.step - cfg.warmup_epochs * cfg.iters_per_epoch
+            if cfg.health_every and trained_steps > 0 and trained_steps % cfg.health_every == 0 and job.step < total:
+                h = _check_health(job)
+                metrics.event({"iter": step, "epoch": epoch, **_health_row(h)})
+                if h.flagged and not quiet:
+                    tqdm.write(f"warning: iteration {job.step}: {h.line()}")
             if cfg.eval_every and end_of_epoch and (epoch + 1) % cfg.eval_every == 0 and job.step < total:
                 row: dict[str, Any] = {"iter": step, "epoch": epoch}
                 if job.dist.main:
@@ -508,14 +534,41 @@ def _recalibrate(job: Job) -> None:
     setter.training(job.qmodel, True)
 
 
+def _check_health(job: Job) -> Health:
+    """The health of the Q model now; with --select health, keeps a copy of the best one so far (the later one
+    on a tie: it has trained longer). Every rank computes it (same models, same probe), so all keep the same
+    model without a collective."""
+    h = health(job.teacher, job.qmodel, job.probe, job.device)
+    job.t_tap.take()  # the probe forwards filled the feature taps; the next step must not see them
+    job.q_tap.take()
+    if job.cfg.select == "health" and (job.best is None or h.score >= job.best["score"]):
+        job.best = {"score": h.score, "iter": job.step - 1,  # numbered as in metrics.jsonl
+                    "qmodel": {k: v.detach().clone() for k, v in job.qmodel.state_dict().items()}}
+    return h
+
+
+def _health_row(h: Health) -> dict[str, Any]:
+    return {"health": h.score, **{f"health_{k}": getattr(h, k) for k in ("kl", "agreement", "bn_drift")}}
+
+
 def _finish(job: Job) -> Result:
+    """The final health check; with --select health the best-scoring Q model (a periodic check's or the final
+    one) is the one kept, evaluated and saved."""
     observe_ranges(job.qmodel, False)
-    summary = job.dist.from_main(lambda: _write_results(job))
+    h = _check_health(job)
+    selected, final_top1 = job.step - 1, None
+    if job.best is not None and job.best["iter"] != selected:
+        final_top1 = job.dist.from_main(lambda: evaluate(job.qmodel, job.test_set, device=job.device,
+                                                         limit=job.cfg.eval_limit)["top1"])
+        job.qmodel.load_state_dict(job.best["qmodel"])
+        h, selected = health(job.teacher, job.qmodel, job.probe, job.device), job.best["iter"]
+    summary = job.dist.from_main(lambda: _write_results(job, h, selected, final_top1))
     return Result(summary["fp_top1"], summary["q_top1"], job.out, job.qmodel, summary, job.dist.rank)
 
 
-def _write_results(job: Job) -> dict[str, Any]:
-    """Evaluate the teacher and the Q model, write student.pt, samples.pt and result.json; the summary."""
+def _write_results(job: Job, h: Health, selected: int, final_top1: float | None) -> dict[str, Any]:
+    """Evaluate the teacher and the Q model, write student.pt, samples.pt and result.json; the summary.
+    `final_top1`: the last iteration's accuracy, when --select kept another Q model (for comparison only)."""
     cfg, out = job.cfg, job.out
     fp = evaluate(job.teacher, job.test_set, device=job.device, limit=cfg.eval_limit)
     q = evaluate(job.qmodel, job.test_set, device=job.device, limit=cfg.eval_limit)
@@ -529,7 +582,9 @@ def _write_results(job: Job) -> dict[str, Any]:
                "dataset": job.test_set.info.name, "model": getattr(job.teacher, "zsq_arch", None) or
                type(job.teacher).__name__, "code": code_version(),
                **job.source.describe(), **({"world_size": job.dist.world} if job.dist.on else {}),
-               "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)]}
+               "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)],
+               "select": cfg.select, "selected_iter": selected, "health": h.summary(),
+               **({"final_q_top1": final_top1} if final_top1 is not None else {})}
     with torch.no_grad(), autocast(job.device, cfg.precision):  # what the data source made, for zsq analyze
         x, y = job.source.sample(SAMPLES_SAVED, torch.Generator().manual_seed(cfg.seed))
     save_torch({"images": x.float().cpu(), "labels": y.cpu(), "source": cfg.generator}, out / "samples.pt")

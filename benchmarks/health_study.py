@@ -1,0 +1,101 @@
+"""Does the data-free health score predict real accuracy? Recomputes `zsq health` for every finished run under the
+given folders and sets it against the run's real test accuracy.
+
+    python benchmarks/health_study.py --runs /tmp/grid --runs /tmp/hgrid --out results/health/study.json
+
+Reports the Spearman rank correlation of the score (and of each signal) with test top-1, over all runs and within
+each bit width; the runs more than 10 points below FP that were not flagged and those within 3 points that were;
+and, for runs made with `--select health --eval-every 1`, the final Q model vs the health-selected one vs the
+best test accuracy over the same checkpoints (an oracle: it looks at the test set). Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from zsq.io import save_json
+from zsq.validate import ProbeOptions, run_health
+
+
+def ranks(x: list[float]) -> np.ndarray:
+    """Ranks with ties averaged, as Spearman's ρ needs."""
+    a = np.asarray(x, dtype=float)
+    order = a.argsort(kind="stable")
+    r = np.empty(len(a))
+    r[order] = np.arange(len(a))
+    for v in np.unique(a):
+        r[a == v] = r[a == v].mean()
+    return r
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1]) if len(x) > 2 else float("nan")
+
+
+def selection(run: Path, result: dict) -> dict | None:
+    """Final vs health-selected vs best-on-test accuracy, from a run made with --select health --eval-every 1."""
+    if result.get("select") != "health":
+        return None
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    checked = {r["iter"] for r in rows if "health" in r}
+    tested = {r["iter"]: r["eval_q_top1"] for r in rows if "eval_q_top1" in r and r["iter"] in checked}
+    final = result.get("final_q_top1", result["q_top1"])
+    return {"final": final, "health": result["q_top1"], "oracle": max([final, *tested.values()]),
+            "selected_iter": result["selected_iter"], "checkpoints": len(checked) + 1}
+
+
+def study(folders: list[Path], opts: ProbeOptions) -> list[dict]:
+    rows = []
+    for run in sorted(p for folder in folders for p in folder.iterdir() if (p / "result.json").is_file()):
+        result = json.loads((run / "result.json").read_text())
+        h, _ = run_health(run, device="cpu", opts=opts, quiet=True)
+        rows.append({"run": run.name, "q_top1": result["q_top1"], "fp_top1": result["fp_top1"],
+                     "wbits": result["wbits"], **h.summary(), "selection": selection(run, result)})
+        print(f"{result['q_top1']:6.2f}  score {h.score:5.1f}{' FLAGGED' if h.flagged else '        '}  {run.name}",
+              flush=True)
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    acc = [r["q_top1"] for r in rows]
+    out: dict = {"runs": len(rows), "spearman_score": spearman([r["score"] for r in rows], acc),
+                 "spearman_agreement": spearman([r["agreement"] for r in rows], acc),
+                 "spearman_neg_bn_drift": spearman([-r["bn_drift"] for r in rows], acc)}
+    for bits in sorted({r["wbits"] for r in rows}):
+        sub = [r for r in rows if r["wbits"] == bits]
+        out[f"spearman_score_w{bits}"] = spearman([r["score"] for r in sub], [r["q_top1"] for r in sub])
+        out[f"runs_w{bits}"] = len(sub)
+    low = [r for r in rows if r["q_top1"] < r["fp_top1"] - 10]
+    near = [r for r in rows if r["q_top1"] >= r["fp_top1"] - 3]
+    middle = [r for r in rows if r not in low and r not in near]
+    out.update(below_fp_10=len(low), below_fp_10_unflagged=[r["run"] for r in low if not r["flagged"]],
+               within_fp_3=len(near), within_fp_3_flagged=[r["run"] for r in near if r["flagged"]],
+               between_flagged=f"{sum(r['flagged'] for r in middle)}/{len(middle)}")
+    chosen = [r["selection"] for r in rows if r["selection"]]
+    if chosen:
+        out["selection_runs"] = len(chosen)
+        for key in ("final", "health", "oracle"):
+            out[f"selection_mean_{key}"] = float(np.mean([c[key] for c in chosen]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", action="append", required=True, type=Path, help="a folder of run directories")
+    p.add_argument("--out", type=Path, help="write every run's signals and the summary here (JSON)")
+    p.add_argument("--probe-images", type=int, default=ProbeOptions.probe_images)
+    p.add_argument("--probe-iters", type=int, default=ProbeOptions.probe_iters)
+    args = p.parse_args()
+    rows = study(args.runs, ProbeOptions(args.probe_images, args.probe_iters))
+    summary = summarise(rows)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        save_json({"summary": summary, "runs": rows}, args.out)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
