@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from zsq.models import load_model
 from zsq.quant import calibrate, quantize_model
-from zsq.validate import THRESHOLD, health
+from zsq.synth import SourceContext
+from zsq.validate import THRESHOLD, ProbeOptions, health, probe_set
 
 from conftest import TINY_PROBE, quantize_tiny, run_cli
 
@@ -80,6 +82,16 @@ def test_a_probe_of_the_wrong_shape_is_one_clear_error():
 
     with pytest.raises(UserError, match="probe"):
         health(Brightest(), Brightest(), torch.zeros(4, 4))
+
+
+def test_the_shipped_teacher_ships_its_probe(synth_cache):
+    teacher = load_model("resnet20_fmnist")
+    probe = probe_set(SourceContext(teacher, 10, 1, 32, "cpu", quiet=True))  # found, not built: no synthesis here
+    assert probe.shape == (ProbeOptions.probe_images, 1, 32, 32)
+    assert not list(synth_cache.glob("synth/probe-*"))
+    with torch.no_grad():
+        classes = teacher(probe).argmax(1)
+    assert len(classes.unique()) == 10  # the probe spans the teacher's classes
 
 
 def test_quantize_reports_health_and_zsq_health_recomputes_it(tiny_teacher, fmnist_dir, tmp_path):
