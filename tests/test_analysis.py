@@ -104,6 +104,9 @@ def test_analyze_and_report(tiny_teacher, fmnist_dir, tmp_path):
     assert groups[1]["changes"]["lr_q"] == 0.01 and "lr_q" not in groups[0]["changes"]  # set beyond the preset
     text = (tmp_path / "report.md").read_text()
     assert "lr_q=0.01" in text and "](plots/curves.png)" in text and (tmp_path / "report.html").exists()
+    health = [json.loads((runs / d / "result.json").read_text())["health"] for d in ("a0", "a1")]
+    assert groups[0]["health"] == (pytest.approx(sum(h["score"] for h in health) / 2), sum(h["flagged"] for h in health))
+    assert "health score (flagged runs)" in text and f"{groups[0]['health'][0]:.1f} ({groups[0]['health'][1]})" in text
     bad = run_cli("report", str(tmp_path / "none"), "--out", str(tmp_path / "r.md"))
     assert bad.returncode == 2 and "no finished run" in bad.stderr
 

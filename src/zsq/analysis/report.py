@@ -102,7 +102,7 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                     "fp_top1": res["fp_top1"], "published": quoted, "runs": []})
         g["runs"].append({"seed": cfg["seed"], "q_top1": res["q_top1"], "wall_min": res["wall_s"] / 60,
                           "dir": run["dir"], "grad_norm": res.get("grad_norm"),
-                          "hessian_trace": res.get("hessian_trace")})
+                          "hessian_trace": res.get("hessian_trace"), "health": res.get("health")})
     rows = []
     for g in groups.values():
         g["runs"].sort(key=lambda r: r["seed"])
@@ -113,7 +113,10 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                  grad_norm=(statistics.median(n["median"] for n in norms), max(n["max"] for n in norms))
                  if norms else None,
                  hessian_trace=statistics.mean(r["hessian_trace"]["mean"] for r in g["runs"])
-                 if all(r["hessian_trace"] for r in g["runs"]) else None)
+                 if all(r["hessian_trace"] for r in g["runs"]) else None,
+                 health=(statistics.mean(r["health"]["score"] for r in g["runs"]),
+                         sum(r["health"]["flagged"] for r in g["runs"])) if all(r["health"] for r in g["runs"])
+                 else None)
         rows.append(g)
     return sorted(rows, key=lambda g: (g["bits"], g["generator"], g["method"], len(g["changes"]),
                                        json.dumps(g["changes"])))
@@ -124,11 +127,13 @@ HEADER = ["bits", "data + loss", "beyond the preset", "preset", "seeds", "q_top1
 QUOTED = "published (quoted)"
 GRAD = "Q grad norm median / max"
 TRACE = "Hessian trace (mean over training)"
+HEALTH = "health score (flagged runs)"
 
 
 def _header(rows: list[dict[str, Any]]) -> list[str]:
     return (HEADER + ([GRAD] if any(g["grad_norm"] for g in rows) else [])
             + ([TRACE] if any(g["hessian_trace"] is not None for g in rows) else [])
+            + ([HEALTH] if any(g["health"] for g in rows) else [])
             + ([QUOTED] if any(g["published"] for g in rows) else []))
 
 
@@ -143,6 +148,8 @@ def _cells(g: dict[str, Any], header: list[str]) -> list[str]:
         cells.append(f"{g['grad_norm'][0]:.3g} / {g['grad_norm'][1]:.3g}" if g["grad_norm"] else "–")
     if TRACE in header:
         cells.append(f"{g['hessian_trace']:.4g}" if g["hessian_trace"] is not None else "–")
+    if HEALTH in header:
+        cells.append(f"{g['health'][0]:.1f} ({g['health'][1]})" if g["health"] else "–")
     if QUOTED in header:
         p = g["published"]
         cells.append(f"{p.top1:.2f} ({p.source})" if p else "–")
