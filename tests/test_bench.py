@@ -65,6 +65,17 @@ def test_grid_expansion(tmp_path):
     assert all(r.common[1] == "t.pt" and "--epochs" in r.common for r in over)
 
 
+def test_a_rows_option_wins_over_the_grids(tmp_path):
+    text = GRID.replace("options = { eval-limit = 20, synth-images = 16 }",
+                        'options = { eval-limit = 20, synth-images = 16, act-range = "ema-minmax" }')
+    text += 'options = { act-range = "learned" }\n'  # on the hast row
+    runs = {r.name: r.argv(Path("o")) for r in load_grid(write_grid(tmp_path / "g.toml", text)).runs()}
+    hast = runs["hast-hast-act-range-learned-w3-s0"]
+    assert hast.count("--act-range") == 1 and hast[hast.index("--act-range") + 1] == "learned"
+    akt = runs["gdfq-akt-akt-base-gdfq---akt-lambda-1e4-w3-s0"]
+    assert akt[akt.index("--act-range") + 1] == "ema-minmax"
+
+
 @pytest.mark.parametrize("text, message", [
     ("foo = 1\n" + GRID, "unknown key"),
     (GRID.replace('method = "hast"\nbits = [3]', 'method = "hast"\nbits = [3]\ncolour = 1'), "needs generator"),

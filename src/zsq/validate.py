@@ -77,8 +77,8 @@ class Health:
         return asdict(self)
 
     def line(self) -> str:
-        verdict = ("FLAGGED: the quantized model disagrees with its teacher on data-like probes; do not trust "
-                   "its accuracy" if self.flagged else "healthy")
+        verdict = ("FLAGGED: far from its teacher on data-like probes; check it on real data before use"
+                   if self.flagged else "healthy")
         return (f"health {self.score:.1f} ({verdict}; threshold {self.threshold:g}): probe KL {self.kl:.3g}, "
                 f"agreement {self.agreement:.1f} %, BN drift {self.bn_drift:.3g}")
 

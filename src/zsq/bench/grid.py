@@ -16,7 +16,8 @@ A grid is a TOML file:
 Option keys are `zsq quantize` flags without the dashes; true is a bare flag, a list is comma-joined, and
 "{generator}" / "{method}" in a value is replaced by the row's. Also: `dataset`, `data_dir` (top level).
 Grid-wide options (and `zsq bench --set`) go to the runs they apply to: `synth-images` reaches the hast runs
-only, and a key that applies to no run at all is an error.
+only, and a key that applies to no run at all is an error. A row's own option wins over a grid-wide one (the
+row is named after it): grid-wide `act-range = "ema-minmax"` with a row setting `act-range = "learned"`.
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ class Grid:
             for generator, method in itertools.product(_as_list(row["generator"]), _as_list(row["method"])):
                 names = {"generator": generator, "method": method}
                 flags = _flags(row.get("options", {}), names)
-                mine = {k: v for k, v in self.options.items() if _applies(k, generator, method)}
-                used |= set(mine)
+                applies = {k: v for k, v in self.options.items() if _applies(k, generator, method)}
+                used |= set(applies)
+                mine = {k: v for k, v in applies.items() if k not in row.get("options", {})}  # the row's own wins
                 common = ("--teacher", self.teacher, "--preset", self.preset, *_flags(mine, names))
                 specs.append(RunSpec(run_name(generator, method, flags, wbits, abits, seed), generator, method,
                                      wbits, abits, seed, flags, common))
