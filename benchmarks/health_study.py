@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zsq.io import save_json
+from zsq.io import save_bytes, save_json
 from zsq.validate import ProbeOptions, run_health
 
 
@@ -82,10 +82,43 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+BANDS = ["collapsed (< 20 %)", "more than 10 below FP", "3–10 below FP", "within 3 of FP"]
+
+
+def band(r: dict) -> str:
+    gap = r["fp_top1"] - r["q_top1"]
+    return BANDS[0] if r["q_top1"] < 20 else BANDS[1] if gap > 10 else BANDS[2] if gap > 3 else BANDS[3]
+
+
+def markdown(rows: list[dict]) -> str:
+    """The bands table (flagged runs and score range per accuracy band), then every run, lowest accuracy first."""
+    lines = ["| real top-1 band | runs | flagged | health score min–max | probe KL min–max |", "|---|---|---|---|---|"]
+    for label in BANDS:
+        inside = [r for r in rows if band(r) == label]
+        if inside:
+            lines.append(f"| {label} | {len(inside)} | {sum(r['flagged'] for r in inside)} | "
+                         f"{min(r['score'] for r in inside):.1f}–{max(r['score'] for r in inside):.1f} | "
+                         f"{min(r['kl'] for r in inside):.3f}–{max(r['kl'] for r in inside):.3f} |")
+    lines += ["", "| run | bits | real top-1 | health score | flagged | probe KL | agreement % | BN drift |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["q_top1"]):
+        lines.append(f"| {r['run']} | W{r['wbits']} | {r['q_top1']:.2f} | {r['score']:.1f} | "
+                     f"{'yes' if r['flagged'] else ''} | {r['kl']:.3f} | {r['agreement']:.1f} | {r['bn_drift']:.3g} |")
+    chosen = [r for r in rows if r["selection"]]
+    if chosen:
+        lines += ["", "| run | final Q model | `--select health` (iteration) | best on test (oracle) |", "|---|---|---|---|"]
+        for r in chosen:
+            c = r["selection"]
+            lines.append(f"| {r['run']} | {c['final']:.2f} | {c['health']:.2f} ({c['selected_iter']}) | "
+                         f"{c['oracle']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", action="append", required=True, type=Path, help="a folder of run directories")
     p.add_argument("--out", type=Path, help="write every run's signals and the summary here (JSON)")
+    p.add_argument("--table", type=Path, help="write the bands and the per-run table here (markdown)")
     p.add_argument("--probe-images", type=int, default=ProbeOptions.probe_images)
     p.add_argument("--probe-iters", type=int, default=ProbeOptions.probe_iters)
     args = p.parse_args()
@@ -94,6 +127,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_json({"summary": summary, "runs": rows}, args.out)
+    if args.table:
+        save_bytes(markdown(rows).encode(), args.table)
     print(json.dumps(summary))
 
 

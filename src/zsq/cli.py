@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
 from dataclasses import fields
 from typing import Callable, Sequence
@@ -437,3 +438,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zsq: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`zsq bench --dry-run | head`): not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0

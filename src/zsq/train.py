@@ -90,8 +90,8 @@ class TrainConfig:
     curvature_samples: int = 16  # Hutchinson vectors per estimate
     health_every: int = 0  # iterations between data-free health checks after warm-up (0 = only at the end)
     select: str = "final"  # the Q model kept: the final one, or the one with the best health score
-    probe_images: int = 256  # the health check's probe set (zsq.validate), built once per teacher and cached
-    probe_iters: int = 200
+    probe_images: int = ProbeOptions.probe_images  # the health check's probe set (zsq.validate), made once
+    probe_iters: int = ProbeOptions.probe_iters  # per teacher and cached
     out: str = "runs/run"  # resolve_config names it after generator, method, bits, preset and seed
     options: dict[str, Any] = field(default_factory=dict)  # plug-in options of the generator and the method
 

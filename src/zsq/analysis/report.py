@@ -73,6 +73,7 @@ def _changes(config: dict[str, Any]) -> dict[str, Any]:
 
     base = config_dict(resolve_config(config["preset"], config["generator"], config["method"],
                                       teacher=config["teacher"]))
+    config = {**_defaults(), **config}  # an older run's missing field held TrainConfig's default, not the preset's
     shown = BOOKKEEPING | {"options", "wbits", "abits", "generator", "method", "preset"}  # columns of their own
     own = {k: v for k, v in config.items() if k not in shown and base.get(k) != v}
     opts = {k: v for k, v in config.get("options", {}).items() if base["options"].get(k) != v}
