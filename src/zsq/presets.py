@@ -52,7 +52,7 @@ QUICK: dict[str, Any] = {
     "weight_decay": 1e-4,
     "milestones": [4],
     # Activation ranges from the teacher's BatchNorm statistics, with the clipped STE (README "Activation
-    # ranges": at W3A3 over 5 seeds 90.56 ± 0.49 against ema-minmax's 83.29 ± 4.69, whose seeds collapse)
+    # ranges": at W3A3 over 5 seeds 90.56 ± 0.51 against ema-minmax's 83.29 ± 4.69, whose seeds collapse)
     "act_range": "bn-prior",
     "ste": "clipped",
 }
