@@ -489,8 +489,7 @@ def _loop(job: Job, quiet: bool) -> None:
             if end_of_epoch and epoch + 1 == cfg.warmup_epochs:
                 observe_ranges(job.qmodel, False)
                 _freeze_ranges(job)
-            trained_steps = job.step - cfg.warmup_epochs * cfg.iters_per_epoch
-            if cfg.health_every and trained_steps > 0 and trained_steps % cfg.health_every == 0 and job.step < total:
+            if cfg.health_every and not warm and (trained + 1) % cfg.health_every == 0 and job.step < total:
                 h = _check_health(job)
                 metrics.event({"iter": step, "epoch": epoch, **_health_row(h)})
                 if h.flagged and not quiet:

@@ -169,7 +169,7 @@ def run_health(run_dir: str | Path | None = None, teacher: str | None = None, ch
                quiet: bool = False, d: Dist = SINGLE) -> tuple[Health, dict[str, Any]]:
     """`zsq health`: the health of a finished run (its config.json names the teacher, student.pt is the Q model)
     or of any (teacher, Q-model checkpoint) pair. Returns the health and where it came from."""
-    from .models import load_model
+    from .models import dataset_info, load_model
 
     if run_dir is not None:
         run = Path(run_dir)
@@ -186,21 +186,11 @@ def run_health(run_dir: str | Path | None = None, teacher: str | None = None, ch
     q = load_model(qmodel).to(device)
     if getattr(q, "zsq_quant", None) is None:
         raise UserError(f"{qmodel} is not a quantized model (a zsq student.pt)")
-    shape = _input_shape(t)
-    num_classes = _num_classes(t, shape, device)
-    ctx = SourceContext(t, num_classes, shape[0], shape[1], device, quiet, d)
-    h = health(t, q, probe_set(ctx, opts).to(device), device)
-    return h, {"teacher": teacher, "checkpoint": checkpoint, "qmodel": qmodel}
-
-
-def _input_shape(model: nn.Module) -> tuple[int, int]:
-    info = getattr(model, "zsq_dataset", None)
+    info = dataset_info(t)
     if info is None:
         raise UserError("the teacher's checkpoint records no dataset, so the probe's image size is unknown: "
                         "use a zsq teacher checkpoint")
-    return info.in_channels, info.image_size
+    ctx = SourceContext(t, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
+    h = health(t, q, probe_set(ctx, opts).to(device), device)
+    return h, {"teacher": teacher, "checkpoint": checkpoint, "qmodel": qmodel}
 
-
-def _num_classes(model: nn.Module, shape: tuple[int, int], device: str) -> int:
-    with torch.no_grad():
-        return model(torch.zeros(1, shape[0], shape[1], shape[1], device=device)).shape[1]
