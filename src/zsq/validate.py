@@ -193,4 +193,3 @@ def run_health(run_dir: str | Path | None = None, teacher: str | None = None, ch
     ctx = SourceContext(t, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
     h = health(t, q, probe_set(ctx, opts).to(device), device)
     return h, {"teacher": teacher, "checkpoint": checkpoint, "qmodel": qmodel}
-
