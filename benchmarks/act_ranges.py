@@ -2,8 +2,9 @@
 gives, and what top-1 the fake-quantized teacher keeps with them (weights quantized, no training at all).
 
 The oracle rows calibrate on real training images (never available to a zero-shot user); `noise` is the
-Gaussian-noise calibration `zsq eval` uses; the BN rows need no input at all (`bn-clamp` clamps the noise ranges).
-Usage: python benchmarks/act_ranges.py [--bits 3 4] [--k 2 3 4 5] [--eval-images 2000]
+Gaussian-noise calibration `zsq eval` uses; the BN rows need no input at all (`bn-clamp` clamps the noise ranges;
+`moments`: `--bn-propagate moments`, the residual sums' ranges from propagated means and variances).
+Usage: python benchmarks/act_ranges.py [--bits 2 3 4] [--k 2 3 4 5] [--eval-images 2000]
 Prints one JSON object as its last line.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ def calibrated(teacher, bits: int, inputs: list[torch.Tensor], setter: str, **op
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bits", nargs="+", type=int, default=[3, 4])
+    ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--k", nargs="+", type=float, default=[2, 3, 4, 5])
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--teacher", default="resnet20_fmnist")
@@ -53,6 +54,8 @@ def main() -> None:
                  "real percentile 99.9 (oracle)": (real, "percentile", {}),
                  "noise ema-minmax": (noise, "ema-minmax", {}), "noise percentile 99.9": (noise, "percentile", {}),
                  **{f"bn-prior k={k:g}": (noise, "bn-prior", {"bn_k": k}) for k in args.k},
+                 **{f"bn-prior moments k={k:g}": (noise, "bn-prior", {"bn_k": k, "bn_propagate": "moments"})
+                    for k in args.k},
                  **{f"noise bn-clamp k={k:g}": (noise, "bn-clamp", {"bn_k": k}) for k in args.k}}
         for name, (inputs, setter, opts) in cases.items():
             q = calibrated(teacher, bits, inputs, setter, **opts)

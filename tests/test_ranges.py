@@ -55,6 +55,25 @@ def test_bn_prior_matches_the_formula():
     assert bounds[m.act2.quant] == pytest.approx(u2.max().item())
 
 
+def _rectified(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of ReLU(N(mean, std²)) per channel, by sampling: an independent check of the closed form."""
+    z = torch.randn(400_000, 1, generator=torch.Generator().manual_seed(0))
+    r = torch.relu(mean.view(1, -1) + std.view(1, -1) * z)
+    return r.mean(0), r.std(0)
+
+
+def test_bn_prior_moments_matches_the_formula():
+    m, k = Residual().eval(), 2.5
+    bounds = bn_bounds(m, k, "moments")
+    g1, g2 = m.bn1.weight.detach().abs(), m.bn2.weight.detach().abs()
+    mean1, std1 = _rectified(m.bn1.bias.detach(), g1)  # q1's output, the shortcut
+    mean2 = m.bn2.bias.detach() + mean1  # a sum adds the means and the variances
+    std2 = (g2 ** 2 + std1 ** 2).sqrt()
+    assert bounds[m.act1.quant] == pytest.approx(torch.relu(m.bn1.bias + k * g1).max().item())
+    assert bounds[m.act2.quant] == pytest.approx(torch.relu(mean2 + k * std2).max().item(), rel=5e-3)
+    assert bounds[m.act2.quant] < bn_bounds(m, k)[m.act2.quant]  # tighter than adding the bounds
+
+
 def test_bn_setters_set_or_clamp_hi():
     m = Residual().eval()
     x = [torch.randn(8, 1, 8, 8) * 50]  # wide inputs: EMA ranges far above the BN bounds
@@ -97,7 +116,8 @@ def test_percentile_on_a_known_distribution():
 
 @pytest.mark.parametrize("override, message", [({"act_range": "nope"}, "unknown activation range setter"),
                                                ({"act_percentile": 40.0}, "act-percentile"),
-                                               ({"bn_k": 0.0}, "bn-k")])
+                                               ({"bn_k": 0.0}, "bn-k"),
+                                               ({"bn_propagate": "max"}, "bn-propagate")])
 def test_bad_range_options(override, message):
     with pytest.raises(UserError, match=message):
         resolve_config("quick", "gdfq", "kd", **override)
@@ -105,13 +125,14 @@ def test_bad_range_options(override, message):
 
 def test_quantize_with_bn_prior_freezes_the_bn_bounds(tiny_teacher, fmnist_dir, tmp_path):
     proc = quantize_tiny(tiny_teacher, fmnist_dir, tmp_path / "run", "--act-range", "bn-prior", "--bn-k", "2",
-                         "--wbits", "3", "--abits", "3")
+                         "--bn-propagate", "moments", "--wbits", "3", "--abits", "3")
     assert proc.returncode == 0, proc.stderr
     q = quantize_model(load_model(str(tiny_teacher)), 3, 3)
-    expected = [bn_bounds(q, 2.0)[a] for a in act_quantizers(q)]
+    expected = [bn_bounds(q, 2.0, "moments")[a] for a in act_quantizers(q)]
     got = [hi for _, hi in json.loads((tmp_path / "run" / "result.json").read_text())["act_ranges"]]
     assert got == pytest.approx(expected, rel=1e-5)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["act_range"] == "bn-prior"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["act_range"], config["bn_propagate"]) == ("bn-prior", "moments")
 
 
 def test_learned_range_gradient_is_lsq():

@@ -28,7 +28,7 @@ from .io import save_json
 from .models import dataset_info, list_models, load_model, shipped_models
 from .presets import PRESETS, preset_values
 from .quant import check_bits
-from .quant.ranges import RANGE_SETTERS
+from .quant.ranges import BN_PROPAGATE, RANGE_SETTERS
 from .synth import SOURCES, list_sources
 from .synth.pixels import PIXEL_SOURCES, build_set
 from .teacher import TeacherConfig, train_teacher
@@ -104,13 +104,15 @@ QUANTIZE_HELP = {
     "track_curvature": "every N trained iterations, log Hutchinson's Hessian trace of the transfer loss on fixed "
                        "synthetic batches (hessian_trace, hessian_trace_se in metrics.jsonl; 0 = off)",
     "curvature_samples": "Rademacher vectors per Hessian-trace estimate (default 16)",
-    "act_range": "how activation ranges are set: ema-minmax (lineage, default), percentile, bn-prior (data-free, "
-                 "from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound), learned (hi "
-                 "trained by its LSQ gradient from the BN prior)",
+    "act_range": "how activation ranges are set: ema-minmax (lineage; the paper preset's), percentile, bn-prior "
+                 "(data-free, from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound), "
+                 "learned (hi trained by its LSQ gradient from the BN prior)",
     "act_percentile": "batch percentile of --act-range percentile (default 99.9)",
     "recalibrate_at": "at the start of this epoch, set the activation ranges again on the trained data source's "
                       "images (0 = never)",
-    "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp (default 3)",
+    "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp/learned (default 3)",
+    "bn_propagate": "how the BN setters carry channel statistics across ReLUs and residual sums: bounds (add the "
+                    "inputs' bounds) or moments (rectified-Gaussian mean and std, variances add)",
     "health_every": "every N trained iterations, check the Q model's data-free health (zsq health) and log it "
                     "(0: only at the end)",
     "select": "the Q model kept: final, or the one with the best health score over the checks (a data-free "
@@ -145,6 +147,7 @@ def _add_quantize(sub) -> None:
                                    "generator or method.")
     choices = {"generator": list_sources(), "method": list_methods(), "preset": list(PRESETS),
                "first_last": ["same", "8bit"], "act_range": RANGE_SETTERS.names(), "ste": ["identity", "clipped"],
+               "bn_propagate": list(BN_PROPAGATE),
                "precision": ["fp32", "bf16"], "select": list(SELECT)}
     for f in fields(TrainConfig):
         if f.name == "options":

@@ -61,6 +61,7 @@ class TrainConfig:
     act_range: str = "ema-minmax"  # activation range setter (zsq.quant.ranges)
     act_percentile: float = 99.9  # the percentile setter's batch percentile
     bn_k: float = 3.0  # the BN setters' standard deviations above the BN mean
+    bn_propagate: str = "bounds"  # how the BN setters carry statistics across ReLUs and residual sums
     recalibrate_at: int = 0  # epoch at whose start the ranges are set again on the (trained) data source; 0 = off
     ste: str = "identity"
     epochs: int = 6
@@ -126,7 +127,7 @@ class TrainConfig:
         return ProbeOptions(self.probe_images, self.probe_iters)
 
     def range_setter(self) -> RangeSetter:
-        return create_range_setter(self.act_range, RangeOptions(self.act_percentile, self.bn_k))
+        return create_range_setter(self.act_range, RangeOptions(self.act_percentile, self.bn_k, self.bn_propagate))
 
     def quant(self) -> QuantConfig:
         return QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last,

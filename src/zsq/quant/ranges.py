@@ -6,9 +6,12 @@ quantizer is obtained from the warm-up's synthetic images, or without them.
   synthetic activations no longer stretch the range.
 - `bn-prior`: data-free bounds from the teacher's own BatchNorm layers. On the data a BN was fitted to, its
   output channel c has mean β_c and standard deviation |γ_c|, so after BN → ReLU the activations lie mostly
-  below β_c + k·|γ_c| (`--bn-k`); a residual sum is bounded by the sum of its inputs' bounds (per channel), and
-  parameter-free shape operations (pooling, subsampling, zero padding) carry a bound through. Where a bound
-  exists, hi = max_c ReLU(bound_c); elsewhere the EMA range stays.
+  below β_c + k·|γ_c| (`--bn-k`). Where the input of an activation is not a BN output (a residual sum), the
+  per-channel statistics are carried through the graph (`--bn-propagate`): `bounds` adds the inputs' bounds
+  (a worst case that grows along the residual stream), `moments` carries each channel's mean and standard
+  deviation: a ReLU maps them to the rectified Gaussian's, a sum adds means and variances (branches taken as
+  independent), and the bound is mean + k·std. Parameter-free shape operations (pooling, subsampling, zero
+  padding) carry both through. Where a bound exists, hi = max_c ReLU(bound_c); elsewhere the EMA range stays.
 - `bn-clamp`: the EMA range, its hi clamped to the BN bound where one exists.
 - `learned`: hi becomes a parameter trained with the weights by its LSQ gradient, initialised from the BN prior
   where it exists and from the EMA range elsewhere.
@@ -17,7 +20,9 @@ A setter has `prepare(qmodel)` (before the warm-up observes) and `finish(qmodel)
 """
 from __future__ import annotations
 
+import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +35,22 @@ from .modules import ActQuantizer, QuantAct
 from .surgery import act_quantizers
 
 
+BN_PROPAGATE = ("bounds", "moments")
+
+
 @dataclass
 class RangeOptions:
     act_percentile: float = 99.9  # percentile setter: the batch percentile taken as hi (and 100 − p as lo)
     bn_k: float = 3.0  # BN setters: standard deviations above the mean taken as a channel's bound
+    bn_propagate: str = "bounds"  # BN setters: how statistics cross ReLUs and residual sums (BN_PROPAGATE)
 
     def __post_init__(self) -> None:
         if not 50 < self.act_percentile <= 100:
             raise UserError(f"act-percentile must be in (50, 100], got {self.act_percentile}")
         if self.bn_k <= 0:
             raise UserError(f"bn-k must be > 0, got {self.bn_k}")
+        if self.bn_propagate not in BN_PROPAGATE:
+            raise UserError(f"unknown bn-propagate '{self.bn_propagate}'; choose one of: {', '.join(BN_PROPAGATE)}")
 
 
 class RangeSetter:
@@ -73,7 +84,7 @@ class BNPriorRange(RangeSetter):
     clamp = False
 
     def finish(self, qmodel: nn.Module) -> None:
-        for q, bound in bn_bounds(qmodel, self.opts.bn_k).items():
+        for q, bound in bn_bounds(qmodel, self.opts.bn_k, self.opts.bn_propagate).items():
             hi = torch.as_tensor(bound, dtype=q.hi.dtype, device=q.hi.device)
             q.hi.copy_(torch.minimum(q.hi, hi) if self.clamp else hi)
             q.lo.clamp_(max=0.0)  # after a ReLU lo is 0; keep any negative lo the EMA found
@@ -117,44 +128,67 @@ class _Tracer(torch.fx.Tracer):
             m, qualname)
 
 
-def bn_bounds(qmodel: nn.Module, k: float) -> dict[ActQuantizer, float]:
+Stats = tuple[torch.Tensor, torch.Tensor]  # per-channel mean and standard deviation, each (1, C, 1, 1)
+
+
+def bn_bounds(qmodel: nn.Module, k: float, propagate: str = "bounds") -> dict[ActQuantizer, float]:
     """Each activation quantizer whose input can be bounded from BatchNorm statistics, with its hi:
-    max over channels of ReLU(bound). Bounds are per-channel vectors shaped (1, C, 1, 1)."""
+    max over channels of act(mean + k·std). Every traced value carries per-channel (mean, std) vectors shaped
+    (1, C, 1, 1); under `bounds` a ReLU turns them into (bound, 0), so a sum adds bounds."""
     try:
         graph = _Tracer().trace(qmodel)
     except Exception as e:  # noqa: BLE001 - any untraceable model simply has no BN prior
         raise UserError(f"the BN range prior needs a torch.fx-traceable model ({type(e).__name__}: {e})") from None
+    moments = propagate == "moments"
     modules = dict(qmodel.named_modules())
-    bound: dict[str, torch.Tensor | None] = {}
+    stats: dict[str, Stats | None] = {}
     out: dict[ActQuantizer, float] = {}
     for node in graph.nodes:
-        args = [bound.get(a.name) if isinstance(a, torch.fx.Node) else a for a in node.args]
-        b = None
+        args = [stats.get(a.name) if isinstance(a, torch.fx.Node) else a for a in node.args]
+        s = None
         if node.op == "call_module":
             m = modules[node.target]
             if isinstance(m, nn.BatchNorm2d) and m.affine:
-                b = (m.bias + k * m.weight.abs()).detach().view(1, -1, 1, 1)
+                s = (m.bias.detach().view(1, -1, 1, 1), m.weight.detach().abs().view(1, -1, 1, 1))
             elif isinstance(m, QuantAct):
                 if args[0] is not None:
-                    b = F.relu(m.act(args[0].clone()))
-                    out[m.quant] = b.max().item()
+                    mean, std = args[0]
+                    out[m.quant] = F.relu(m.act(mean + k * std)).max().item()
+                    s = _relu(args[0], k, moments, m.act)
+            elif isinstance(m, (nn.ReLU, nn.ReLU6)) and args[0] is not None:
+                s = _relu(args[0], k, moments, m)
             elif args and args[0] is not None and not any(True for _ in m.parameters()):
-                b = _apply(m, args[0])
+                s = _apply(m, args[0])
         elif node.op in ("call_function", "call_method") and args and args[0] is not None:
             if node.target in (operator.add, torch.add, "add") and len(args) > 1 and args[1] is not None:
-                b = args[0] + args[1]
+                (ma, sa), (mb, sb) = args[0], args[1]
+                s = (ma + mb, torch.hypot(sa, sb) if moments else sa + sb)
             elif node.target in (F.relu, torch.relu, "relu"):
-                b = F.relu(args[0])
-        bound[node.name] = b
+                s = _relu(args[0], k, moments)
+        stats[node.name] = s
     return out
 
 
-def _apply(m: nn.Module, b: torch.Tensor) -> torch.Tensor | None:
-    """A parameter-free module applied to a (1, C, 1, 1) bound: right for monotone channel-wise operations
-    (pooling, subsampling, zero padding, ReLU); anything that changes the layout gives up."""
+def _relu(s: Stats, k: float, moments: bool, act: Callable[[torch.Tensor], torch.Tensor] = F.relu) -> Stats:
+    """Statistics after a ReLU: the rectified Gaussian's mean and std (`moments`; a ReLU6's cap is ignored, a
+    slight overestimate), or the bound itself passed through the activation."""
+    mean, std = s
+    if not moments:
+        return F.relu(act(mean + k * std)), torch.zeros_like(std)
+    a = mean / std.clamp_min(1e-12)
+    cdf, pdf = torch.special.ndtr(a), torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    m1 = mean * cdf + std * pdf
+    m2 = (mean * mean + std * std) * cdf + mean * std * pdf
+    return m1, (m2 - m1 * m1).clamp_min(0).sqrt()
+
+
+def _apply(m: nn.Module, s: Stats) -> Stats | None:
+    """A parameter-free module applied to a (1, C, 1, 1) mean and std: right for channel-wise shape operations
+    (average pooling, subsampling, zero padding; max pooling keeps the mean, a slight underestimate);
+    anything that changes the layout gives up."""
     try:
         with torch.no_grad():
-            y = m(b.clone())
+            y = tuple(m(v.clone()) for v in s)
     except Exception:  # noqa: BLE001 - an operation that does not take a 1×1 map has no bound
         return None
-    return y if y.ndim == 4 and y.shape[0] == 1 and y.shape[2:] == (1, 1) else None
+    return y if all(v.ndim == 4 and v.shape[0] == 1 and v.shape[2:] == (1, 1) for v in y) else None
