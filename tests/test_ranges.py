@@ -72,6 +72,8 @@ def test_bn_prior_moments_matches_the_formula():
     assert bounds[m.act1.quant] == pytest.approx(torch.relu(m.bn1.bias + k * g1).max().item())
     assert bounds[m.act2.quant] == pytest.approx(torch.relu(mean2 + k * std2).max().item(), rel=5e-3)
     assert bounds[m.act2.quant] < bn_bounds(m, k)[m.act2.quant]  # tighter than adding the bounds
+    with pytest.raises(UserError, match="bn-propagate"):
+        bn_bounds(m, k, "moment")
 
 
 def test_bn_setters_set_or_clamp_hi():

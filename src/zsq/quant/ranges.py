@@ -38,6 +38,11 @@ from .surgery import act_quantizers
 BN_PROPAGATE = ("bounds", "moments")
 
 
+def check_propagate(name: str) -> None:
+    if name not in BN_PROPAGATE:
+        raise UserError(f"unknown bn-propagate '{name}'; choose one of: {', '.join(BN_PROPAGATE)}")
+
+
 @dataclass
 class RangeOptions:
     act_percentile: float = 99.9  # percentile setter: the batch percentile taken as hi (and 100 − p as lo)
@@ -49,8 +54,7 @@ class RangeOptions:
             raise UserError(f"act-percentile must be in (50, 100], got {self.act_percentile}")
         if self.bn_k <= 0:
             raise UserError(f"bn-k must be > 0, got {self.bn_k}")
-        if self.bn_propagate not in BN_PROPAGATE:
-            raise UserError(f"unknown bn-propagate '{self.bn_propagate}'; choose one of: {', '.join(BN_PROPAGATE)}")
+        check_propagate(self.bn_propagate)
 
 
 class RangeSetter:
@@ -139,6 +143,7 @@ def bn_bounds(qmodel: nn.Module, k: float, propagate: str = "bounds") -> dict[Ac
         graph = _Tracer().trace(qmodel)
     except Exception as e:  # noqa: BLE001 - any untraceable model simply has no BN prior
         raise UserError(f"the BN range prior needs a torch.fx-traceable model ({type(e).__name__}: {e})") from None
+    check_propagate(propagate)  # a misspelt name must not fall back to `bounds` silently
     moments = propagate == "moments"
     modules = dict(qmodel.named_modules())
     stats: dict[str, Stats | None] = {}
