@@ -78,7 +78,10 @@ def test_presets_and_overrides():
     akt = resolve_config("paper", "adadfq", "akt-channel")  # AKT's own budget, over the data source's
     assert (akt.epochs, akt.milestones, akt.batch_size) == (200, [100], 200)
     assert "akt_lambda" not in akt.options  # the paper budget keeps the official weight
-    assert resolve_config("quick", "gdfq", "akt").options == {"akt_lambda": 1e4}
+    quick_akt = resolve_config("quick", "gdfq", "akt")
+    assert quick_akt.options == {"akt_lambda": 1e4} and quick_akt.bn_propagate == "moments"
+    assert resolve_config("quick", "gdfq", "kd").bn_propagate == "bounds"
+    assert resolve_config("quick", "gdfq", "akt", bn_propagate="bounds").bn_propagate == "bounds"
     assert resolve_config("quick", "gdfq", "akt", akt_lambda=5.0).options == {"akt_lambda": 5.0}
     quick = resolve_config("quick", "gdfq", "kd", batch_size=32, epochs=None, kd_temperature=4.0)
     assert quick.batch_size == 32 and quick.epochs == resolve_config("quick").epochs
