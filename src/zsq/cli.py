@@ -112,7 +112,8 @@ QUANTIZE_HELP = {
                       "images (0 = never)",
     "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp/learned (default 3)",
     "bn_propagate": "how the BN setters carry channel statistics across ReLUs and residual sums: bounds (add the "
-                    "inputs' bounds) or moments (rectified-Gaussian mean and std, variances add)",
+                    "inputs' bounds; default) or moments (rectified-Gaussian mean and std, variances add; the quick "
+                    "preset's for --method akt)",
     "health_every": "every N trained iterations, check the Q model's data-free health (zsq health) and log it "
                     "(0: only at the end)",
     "select": "the Q model kept: final, or the one with the best health score over the checks (a data-free "
