@@ -139,11 +139,11 @@ def bn_bounds(qmodel: nn.Module, k: float, propagate: str = "bounds") -> dict[Ac
     """Each activation quantizer whose input can be bounded from BatchNorm statistics, with its hi:
     max over channels of act(mean + k·std). Every traced value carries per-channel (mean, std) vectors shaped
     (1, C, 1, 1); under `bounds` a ReLU turns them into (bound, 0), so a sum adds bounds."""
+    check_propagate(propagate)  # a misspelt name must not fall back to `bounds` silently
     try:
         graph = _Tracer().trace(qmodel)
     except Exception as e:  # noqa: BLE001 - any untraceable model simply has no BN prior
         raise UserError(f"the BN range prior needs a torch.fx-traceable model ({type(e).__name__}: {e})") from None
-    check_propagate(propagate)  # a misspelt name must not fall back to `bounds` silently
     moments = propagate == "moments"
     modules = dict(qmodel.named_modules())
     stats: dict[str, Stats | None] = {}
