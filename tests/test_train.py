@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import zsq
+from zsq.device import deterministic
 from zsq.distill import list_methods
 from zsq.errors import UserError
 from zsq.quant import ActQuantizer
@@ -134,6 +135,15 @@ def test_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):
     rows = [json.loads(l)["iter"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(40))  # no iteration logged twice or lost
     assert not (killed / "state.pt").exists()
+
+
+def test_deterministic_keeps_the_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        deterministic()
+        assert torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_sigterm_saves_and_resumes(tiny_teacher, fmnist_dir, tmp_path):

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .analysis.curvature import hessian_trace
-from .device import autocast, resolve_device
+from .device import autocast, deterministic, resolve_device
 from .dist import RANK_SEED_STRIDE, SINGLE, Dist, session
 from .distill import LOSSES, FeatureTap, TransferInputs, create_loss, fgsm_promote
 from .errors import UserError
@@ -408,7 +408,7 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
     """Run (or resume) one zero-shot quantization job and write its run directory. Under torchrun every rank calls
     this alike (see zsq.dist)."""
     if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+        deterministic()
     with session(resolve_device(cfg.device)) as (d, device):
         quiet = quiet or not d.main
         state = d.from_main(lambda: _open_run(cfg, resume, d))
