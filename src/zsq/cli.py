@@ -110,7 +110,8 @@ QUANTIZE_HELP = {
     "act_percentile": "batch percentile of --act-range percentile (default 99.9)",
     "recalibrate_at": "at the start of this epoch, set the activation ranges again on the trained data source's "
                       "images (0 = never)",
-    "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp/learned (default 3)",
+    "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp/learned (default 3; "
+            "the quick preset's for --method akt: 2.5)",
     "bn_propagate": "how the BN setters carry channel statistics across ReLUs and residual sums: bounds (add the "
                     "inputs' bounds; default) or moments (rectified-Gaussian mean and std, variances add; the quick "
                     "preset's for --method akt)",
