@@ -18,8 +18,9 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
-# Elementwise functions that ATen hands to MKL's vector math library in parallel chunks. On this torch (2.13.0
-# CPU), a process's first parallel call of one of them can give a worker thread's chunk a less accurate result:
+# Elementwise functions that ATen computes in parallel chunks, on x86 builds through MKL's vector math (our reading
+# of the symptom, not verified in torch's source). On this torch (2.13.0 CPU), a process's first parallel call of
+# one of them can give a worker thread's chunk a less accurate result:
 # `torch.tanh` on 8,192 floats with 2 threads differed from every later call in 1 to 2 of 100 fresh processes,
 # by up to 8e-6 on exactly the second thread's half (the generator's output layer is a tanh). A throwaway call
 # of each, first on one thread and then on all, makes every later call of the process agree.
