@@ -127,3 +127,16 @@ def test_curve_stats_and_old_configs_group(tmp_path):
     runs = [{"dir": f"r{i}", "config": c, "result": result} for i, c in enumerate((new, old, other))]
     groups = group_runs(runs)
     assert sorted([r["seed"] for r in g["runs"]] for g in groups) == [[0], [0, 1]]
+
+
+def test_range_options_the_setter_ignores_neither_split_nor_label():
+    base = {"teacher": "resnet20_fmnist", "wbits": 3, "abits": 3, "generator": "gdfq", "method": "gdfq",
+            "preset": "quick", "options": {}, "ste": "clipped"}
+    result = {"q_top1": 80.0, "fp_top1": 90.0, "wall_s": 60.0}
+    configs = [{**base, "seed": 0, "act_range": "ema-minmax", "bn_k": 3.0},
+               {**base, "seed": 1, "act_range": "ema-minmax", "bn_k": 2.5},  # bn_k unused: same run as seed 0's
+               {**base, "seed": 0, "act_range": "bn-prior", "bn_k": 3.0},
+               {**base, "seed": 0, "act_range": "bn-prior", "bn_k": 2.5}]
+    groups = group_runs([{"dir": f"r{i}", "config": c, "result": result} for i, c in enumerate(configs)])
+    labels = sorted((len(g["runs"]), json.dumps(g["changes"], sort_keys=True)) for g in groups)
+    assert labels == [(1, '{"bn_k": 3.0}'), (1, "{}"), (2, '{"act_range": "ema-minmax"}')]  # quick: bn-prior, k 2.5

@@ -111,7 +111,7 @@ QUANTIZE_HELP = {
     "recalibrate_at": "at the start of this epoch, set the activation ranges again on the trained data source's "
                       "images (0 = never)",
     "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp/learned (default 3; "
-            "the quick preset's for --method akt: 2.5)",
+            "the quick preset's: 2.5)",
     "bn_propagate": "how the BN setters carry channel statistics across ReLUs and residual sums: bounds (add the "
                     "inputs' bounds; default) or moments (rectified-Gaussian mean and std, variances add; the quick "
                     "preset's for --method akt)",

@@ -74,10 +74,17 @@ def _changes(config: dict[str, Any]) -> dict[str, Any]:
     base = config_dict(resolve_config(config["preset"], config["generator"], config["method"],
                                       teacher=config["teacher"]))
     config = {**_defaults(), **config}  # an older run's missing field held TrainConfig's default, not the preset's
-    shown = BOOKKEEPING | {"options", "wbits", "abits", "generator", "method", "preset"}  # columns of their own
+    shown = BOOKKEEPING | _unread(config) | {"options", "wbits", "abits", "generator", "method", "preset"}
     own = {k: v for k, v in config.items() if k not in shown and base.get(k) != v}
     opts = {k: v for k, v in config.get("options", {}).items() if base["options"].get(k) != v}
     return {**own, **opts}
+
+
+def _unread(config: dict[str, Any]) -> set[str]:
+    """Range options the run's setter ignores (bn_k with ema-minmax): they neither label nor split a group."""
+    from ..quant.ranges import unread_options
+
+    return unread_options(config["act_range"])
 
 
 def _defaults() -> dict[str, Any]:
@@ -95,7 +102,8 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     defaults = _defaults()
     for run in runs:
         cfg, res = run["config"], run["result"]
-        key = json.dumps({k: v for k, v in {**defaults, **cfg}.items() if k not in BOOKKEEPING}, sort_keys=True)
+        full = {**defaults, **cfg}
+        key = json.dumps({k: v for k, v in full.items() if k not in BOOKKEEPING | _unread(full)}, sort_keys=True)
         quoted = published(res.get("dataset", ""), res.get("model", ""), cfg["wbits"], cfg["abits"],
                            cfg["generator"], cfg["method"])
         g = groups.setdefault(key, {"bits": f"W{cfg['wbits']}A{cfg['abits']}", "generator": cfg["generator"],

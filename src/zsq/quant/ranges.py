@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,8 @@ class RangeOptions:
 
 
 class RangeSetter:
+    reads: frozenset[str] = frozenset()  # the RangeOptions fields this setter uses
+
     def __init__(self, opts: RangeOptions) -> None:
         self.opts = opts
 
@@ -78,6 +80,8 @@ RANGE_SETTERS.register("ema-minmax")(RangeSetter)
 
 @RANGE_SETTERS.register("percentile")
 class PercentileRange(RangeSetter):
+    reads = frozenset({"act_percentile"})
+
     def prepare(self, qmodel: nn.Module) -> None:
         for q in act_quantizers(qmodel):
             q.percentile = self.opts.act_percentile
@@ -85,6 +89,7 @@ class PercentileRange(RangeSetter):
 
 @RANGE_SETTERS.register("bn-prior")
 class BNPriorRange(RangeSetter):
+    reads = frozenset({"bn_k", "bn_propagate"})
     clamp = False
 
     def finish(self, qmodel: nn.Module) -> None:
@@ -118,6 +123,11 @@ class LearnedRange(BNPriorRange):
     def training(self, qmodel: nn.Module, on: bool) -> None:
         for q in act_quantizers(qmodel):
             q.learned = on
+
+
+def unread_options(name: str) -> set[str]:
+    """The range options a run with setter `name` ignores: runs that differ only in these are the same run."""
+    return {f.name for f in fields(RangeOptions)} - RANGE_SETTERS.get(name).reads
 
 
 def create_range_setter(name: str, opts: RangeOptions | None = None) -> RangeSetter:
