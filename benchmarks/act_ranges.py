@@ -4,7 +4,9 @@ gives, and what top-1 the fake-quantized teacher keeps with them (weights quanti
 The oracle rows calibrate on real training images (never available to a zero-shot user); `noise` is the
 Gaussian-noise calibration `zsq eval` uses; the BN rows need no input at all (`bn-clamp` clamps the noise ranges;
 `moments`: `--bn-propagate moments`, the residual sums' ranges from propagated means and variances).
-Usage: python benchmarks/act_ranges.py [--bits 2 3 4] [--k 2 3 4 5] [--eval-images 2000]
+`--runs DIR ...` also compares the ranges that trained runs ended with (`act_ranges` in each run's result.json,
+at that run's activation bits) with the real-data ones.
+Usage: python benchmarks/act_ranges.py [--bits 2 3 4] [--k 2 3 4 5] [--eval-images 2000] [--runs DIR ...]
 Prints one JSON object as its last line.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -36,12 +39,33 @@ def calibrated(teacher, bits: int, inputs: list[torch.Tensor], setter: str, **op
     return q
 
 
+def ratio_summary(his: list[float], ref: list[float]) -> dict[str, float]:
+    ratio = [h / r for h, r in zip(his, ref, strict=True)]
+    return {"hi_over_real_median": round(statistics.median(ratio), 3), "hi_over_real_min": round(min(ratio), 3),
+            "hi_over_real_max": round(max(ratio), 3)}
+
+
+def run_ranges(teacher, real: list[torch.Tensor], run_dirs: list[str]) -> dict[str, dict[str, float]]:
+    """Trained runs' final ranges against real-data min/max at each run's activation bits."""
+    out, refs = {}, {}
+    for d in run_dirs:
+        result = json.loads((Path(d) / "result.json").read_text())
+        bits = result["abits"]
+        if bits not in refs:
+            refs[bits] = [q.hi.item() for q in act_quantizers(calibrated(teacher, bits, real, "ema-minmax"))]
+        row = out[Path(d).name] = ratio_summary([hi for _, hi in result["act_ranges"]], refs[bits])
+        print(f"{Path(d).name}: hi / real hi median {row['hi_over_real_median']:.2f} "
+              f"({row['hi_over_real_min']:.2f}-{row['hi_over_real_max']:.2f})", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    ap.add_argument("--bits", nargs="*", type=int, default=[2, 3, 4], help="none: only --runs")
     ap.add_argument("--k", nargs="+", type=float, default=[2, 3, 4, 5])
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--teacher", default="resnet20_fmnist")
+    ap.add_argument("--runs", nargs="*", default=[], help="run folders whose final ranges to compare")
     args = ap.parse_args()
     teacher = load_model(args.teacher)
     test = load_dataset("fashion-mnist", "test")
@@ -59,14 +83,12 @@ def main() -> None:
                  **{f"noise bn-clamp k={k:g}": (noise, "bn-clamp", {"bn_k": k}) for k in args.k}}
         for name, (inputs, setter, opts) in cases.items():
             q = calibrated(teacher, bits, inputs, setter, **opts)
-            ratio = [q_.hi.item() / r for q_, r in zip(act_quantizers(q), ref, strict=True)]
-            top1 = evaluate(q, test, limit=args.eval_images)["top1"]
-            rows[f"W{bits}A{bits} {name}"] = {"top1": top1, "hi_over_real_median": round(statistics.median(ratio), 3),
-                                              "hi_over_real_max": round(max(ratio), 3)}
-            print(f"W{bits}A{bits} {name:32s} top1 {top1:6.2f}  hi / real hi: median "
-                  f"{statistics.median(ratio):.2f}, max {max(ratio):.2f}", flush=True)
+            row = rows[f"W{bits}A{bits} {name}"] = {"top1": evaluate(q, test, limit=args.eval_images)["top1"],
+                                                    **ratio_summary([q_.hi.item() for q_ in act_quantizers(q)], ref)}
+            print(f"W{bits}A{bits} {name:32s} top1 {row['top1']:6.2f}  hi / real hi: median "
+                  f"{row['hi_over_real_median']:.2f}, max {row['hi_over_real_max']:.2f}", flush=True)
     print(json.dumps({"benchmark": "act_ranges", "teacher": args.teacher, "eval_images": args.eval_images,
-                      "rows": rows}))
+                      "rows": rows, "runs": run_ranges(teacher, real, args.runs)}))
 
 
 if __name__ == "__main__":
