@@ -146,8 +146,30 @@ def test_learned_range_gradient_is_lsq():
     y.sum().backward()
     v = x.clamp(0, 3)
     inside = (torch.round(v) - v)[0, 1:4]
-    expected = (inside.sum() + 3) / 3 / (5 * 3) ** 0.5  # (Σ(round(v) − v) + n·#above) / n × 1/√(numel·n)
+    d_hi = (inside.sum() + 3) / 3  # ∂x̂/∂hi = (Σ(round(v) − v) + n·#above) / n
+    expected = d_hi * 3**2 / (5 * 3) ** 0.5  # × n²/√(numel·n): hi moves as LSQ moves n·s
     assert hi.grad.item() == pytest.approx(expected.item())
+
+
+def test_learned_range_follows_lsq_step_size_under_sgd():
+    """hi trained by SGD (momentum, weight decay) stays n times LSQ's step size s trained the same way."""
+    bits, n = 3, 7
+    torch.manual_seed(0)
+    x = torch.rand(8, 64) * 4
+    hi = torch.tensor(6.0, requires_grad=True)
+    s = torch.tensor(6.0 / n, requires_grad=True)
+    opt_hi = torch.optim.SGD([hi], lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    opt_s = torch.optim.SGD([s], lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    g = 1 / (64 * n) ** 0.5
+    for _ in range(20):
+        opt_hi.zero_grad(), opt_s.zero_grad()
+        ((learned_fake_quantize(x, torch.tensor(0.0), hi, bits) - x) ** 2).mean().backward()
+        s_scaled = s * g + (s - s * g).detach()  # LSQ: s's gradient × g
+        v = x / s_scaled
+        ((torch.clamp(v + (torch.round(v) - v).detach(), 0, n) * s_scaled - x) ** 2).mean().backward()
+        opt_hi.step(), opt_s.step()
+    assert hi.item() != pytest.approx(6.0, abs=0.05)  # it moved
+    assert hi.item() == pytest.approx(n * s.item(), rel=1e-4)
 
 
 def test_learned_range_moves_to_lower_the_loss():
@@ -157,7 +179,7 @@ def test_learned_range_moves_to_lower_the_loss():
     q(torch.tensor([0.0, 8.0]))  # a range far wider than the data
     q.observing = False
     param = q.learn_range()
-    opt = torch.optim.SGD([param], lr=2.0)
+    opt = torch.optim.SGD([param], lr=0.04)
     x = torch.rand(64, 256)
     losses = []
     for _ in range(60):

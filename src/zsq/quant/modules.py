@@ -84,10 +84,14 @@ def batch_range(x: torch.Tensor, percentile: float = 100.0) -> tuple[torch.Tenso
 
 def learned_fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """x̂ = lo + s·clamp(round((x − lo)/s), 0, n) with s = (hi − lo)/n and a gradient for hi (LSQ, Esser et al.
-    2020): ∂x̂/∂s is round(v) − v inside the range and n above it, scaled by 1/√(numel·n) so the range moves at the
-    pace of the weights; x gets the clipped straight-through gradient."""
+    2020): ∂x̂/∂s is round(v) − v inside the range and n above it, scaled by g = 1/√(numel·n) so the range moves at
+    the pace of the weights; x gets the clipped straight-through gradient.
+
+    The parameter is hi = lo + n·s, not LSQ's s: for SGD (with momentum and weight decay) to move hi as LSQ moves
+    n·s, hi's gradient is n²·g·∂L/∂hi (= n·g·∂L/∂s). With g alone, a 3-bit range moved 49 times slower than LSQ's,
+    which at the quick preset's step left it where its initialisation put it."""
     n = 2**bits - 1
-    grad_scale = 1.0 / math.sqrt(x[0].numel() * n)
+    grad_scale = n * n / math.sqrt(x[0].numel() * n)
     hi = hi * grad_scale + (hi - hi * grad_scale).detach()  # value hi, gradient × grad_scale
     s = ((hi - lo) / n).clamp_min(1e-8)
     v = (x - lo) / s
