@@ -45,15 +45,21 @@ def ratio_summary(his: list[float], ref: list[float]) -> dict[str, float]:
             "hi_over_real_max": round(max(ratio), 3)}
 
 
-def run_ranges(teacher, real: list[torch.Tensor], run_dirs: list[str]) -> dict[str, dict[str, float]]:
+def real_his(teacher, bits: int, real: list[torch.Tensor], cache: dict[int, list[float]]) -> list[float]:
+    """The oracle's ranges (min/max of real training images) at `bits`, calibrated once per bit width."""
+    if bits not in cache:
+        cache[bits] = [q.hi.item() for q in act_quantizers(calibrated(teacher, bits, real, "ema-minmax"))]
+    return cache[bits]
+
+
+def run_ranges(teacher, real: list[torch.Tensor], run_dirs: list[str],
+               cache: dict[int, list[float]]) -> dict[str, dict[str, float]]:
     """Trained runs' final ranges against real-data min/max at each run's activation bits."""
-    out, refs = {}, {}
+    out = {}
     for d in run_dirs:
         result = json.loads((Path(d) / "result.json").read_text())
-        bits = result["abits"]
-        if bits not in refs:
-            refs[bits] = [q.hi.item() for q in act_quantizers(calibrated(teacher, bits, real, "ema-minmax"))]
-        row = out[Path(d).name] = ratio_summary([hi for _, hi in result["act_ranges"]], refs[bits])
+        ref = real_his(teacher, result["abits"], real, cache)
+        row = out[Path(d).name] = ratio_summary([hi for _, hi in result["act_ranges"]], ref)
         print(f"{Path(d).name}: hi / real hi median {row['hi_over_real_median']:.2f} "
               f"({row['hi_over_real_min']:.2f}-{row['hi_over_real_max']:.2f})", flush=True)
     return out
@@ -70,10 +76,9 @@ def main() -> None:
     teacher = load_model(args.teacher)
     test = load_dataset("fashion-mnist", "test")
     real, noise = real_inputs(8, 64), list(gaussian_inputs(8, 64, (1, 32, 32)))
-    rows = {}
+    rows, refs = {}, {}
     for bits in args.bits:
-        oracle = calibrated(teacher, bits, real, "ema-minmax")
-        ref = [q.hi.item() for q in act_quantizers(oracle)]
+        ref = real_his(teacher, bits, real, refs)
         cases = {"real ema-minmax (oracle)": (real, "ema-minmax", {}),
                  "real percentile 99.9 (oracle)": (real, "percentile", {}),
                  "noise ema-minmax": (noise, "ema-minmax", {}), "noise percentile 99.9": (noise, "percentile", {}),
@@ -88,7 +93,7 @@ def main() -> None:
             print(f"W{bits}A{bits} {name:32s} top1 {row['top1']:6.2f}  hi / real hi: median "
                   f"{row['hi_over_real_median']:.2f}, max {row['hi_over_real_max']:.2f}", flush=True)
     print(json.dumps({"benchmark": "act_ranges", "teacher": args.teacher, "eval_images": args.eval_images,
-                      "rows": rows, "runs": run_ranges(teacher, real, args.runs)}))
+                      "rows": rows, "runs": run_ranges(teacher, real, args.runs, refs)}))
 
 
 if __name__ == "__main__":
