@@ -14,7 +14,7 @@ from zsq.quant import (ActQuantizer, QuantAct, act_quantizers, batch_range, bn_b
                        create_range_setter, quantize_model)
 from zsq.quant.modules import learned_fake_quantize
 from zsq.quant.ranges import RangeOptions
-from zsq.train import resolve_config
+from zsq.train import _build, _set_epoch, resolve_config
 
 
 def _bn(c: int, seed: int) -> nn.BatchNorm2d:
@@ -203,6 +203,22 @@ def test_quantize_with_learned_ranges_loads_as_a_plain_model(tiny_teacher, fmnis
     assert got != pytest.approx(start, rel=1e-6)  # trained away from the BN prior it started from
     student = load_model(str(tmp_path / "run" / "student.pt"))
     assert [a.hi.item() for a in act_quantizers(student)] == pytest.approx(got)
+
+
+def test_learned_ranges_train_at_their_own_learning_rate(tiny_teacher, fmnist_dir, tmp_path):
+    cfg = resolve_config("quick", "gdfq", "kd", teacher=str(tiny_teacher), data_dir=str(fmnist_dir), batch_size=4,
+                         act_range="learned", range_lr_scale=50.0, milestones=[2], out=str(tmp_path / "job"))
+    job = _build(cfg, None, "cpu", quiet=True)
+    weights, ranges = job.q_opt.param_groups
+    his = [q.hi_param for q in act_quantizers(job.qmodel)]
+    assert {id(p) for p in ranges["params"]} == {id(p) for p in his}
+    assert len(weights["params"]) + len(his) == len(job.q_params)
+    for epoch, factor in ((1, 1.0), (2, 0.1)):  # the milestone decays both alike
+        _set_epoch(job, epoch)
+        assert weights["lr"] == pytest.approx(1e-3 * factor) and ranges["lr"] == pytest.approx(5e-2 * factor)
+    job.close()
+    with pytest.raises(UserError, match="range-lr-scale applies to --act-range learned"):
+        resolve_config("quick", "gdfq", "kd", act_range="bn-prior", range_lr_scale=10.0)
 
 
 def test_recalibrate_at_sets_the_ranges_again(tiny_teacher, fmnist_dir, tmp_path):
