@@ -2,18 +2,20 @@
 # On a CUDA machine: iterations per second of the quick and paper presets (gdfq, adadfq, hast, akt, synq), then one
 # full paper-budget W4A4 AKT run on Fashion-MNIST (AdaDFQ data, AdaDFQ's loss under RFD). Writes OUT/gpu.json.
 #   bash benchmarks/gpu.sh [OUT]          (OUT defaults to runs/gpu; rerun the same command to resume the long run)
-# SPEED_ONLY=1 skips the long run (a lent GPU with minutes, not hours, to spare).
+# SPEED_ONLY=1 skips the long run (a lent GPU with minutes, not hours, to spare). On a machine whose torch is not
+# our pin (the lent H100 had 2.11), run from the checkout without installing: PYTHONPATH=src bash benchmarks/gpu.sh
 set -euo pipefail
 out=${1:-runs/gpu}
+py=${PYTHON:-python3}
 mkdir -p "$out"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh needs a CUDA device')"
-python benchmarks/preset_speed.py --device cuda --iters "${ITERS:-100}" | tee "$out/speed.log"
+$py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh needs a CUDA device')"
+$py benchmarks/preset_speed.py --device cuda --iters "${ITERS:-100}" | tee "$out/speed.log"
 if [ -z "${SPEED_ONLY:-}" ] && [ ! -f "$out/paper-akt-w4/result.json" ]; then
   resume=$([ -f "$out/paper-akt-w4/state.pt" ] && echo --resume || true)
-  zsq quantize --teacher resnet20_fmnist --wbits 4 --abits 4 --generator adadfq --method akt --akt-base adadfq \
+  $py -m zsq quantize --teacher resnet20_fmnist --wbits 4 --abits 4 --generator adadfq --method akt --akt-base adadfq \
     --preset paper --device cuda --seed 0 --quiet --out "$out/paper-akt-w4" $resume
 fi
-python - "$out" <<'PY'
+$py - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 speed = json.loads((out / "speed.log").read_text().strip().splitlines()[-1])
