@@ -15,10 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+from act_ranges import real_inputs  # benchmarks/ is on the path of a script run from it
 from torch import nn
 
-from zsq.data import batches, load_dataset, normalize
 from zsq.quant import act_quantizers, calibrate
 from zsq.quant.ranges import RANGE_SETTERS, RangeSetter
 from zsq.train import quantize_run, resolve_config
@@ -32,9 +31,7 @@ class RealDataRange(RangeSetter):
 
     def finish(self, qmodel: nn.Module) -> None:
         device = next(qmodel.parameters()).device
-        train = load_dataset("fashion-mnist", "train")
-        it = batches(train, 64, shuffle=True, generator=torch.Generator().manual_seed(0))
-        real = [normalize(next(it)[0], train.info).to(device) for _ in range(8)]
+        real = [x.to(device) for x in real_inputs(8, 64)]  # act_ranges.py's oracle batches
         for q in act_quantizers(qmodel):
             q.percentile = PERCENTILE
         calibrate(qmodel, real)

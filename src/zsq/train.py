@@ -71,7 +71,7 @@ class TrainConfig:
     lr_q: float = 1e-3
     lr_g: float = 1e-3
     # LSQ's gradient scale lets a learned range share the weights' learning rate, which assumes the weights' long
-    # schedules: at the quick budget (500 steps at 1e-3) the ranges moved under 0.3 % (README "Activation ranges")
+    # schedules: at the quick budget (500 steps, lr_q 1e-3 then 1e-4) the ranges moved under 0.3 % (README "Activation ranges")
     range_lr_scale: float = 1.0  # the `learned` ranges' learning rate, × lr_q (same schedule)
     momentum: float = 0.9  # SGD Nesterov momentum of the Q model
     weight_decay: float = 1e-4  # on every Q-model parameter, as in the lineage
