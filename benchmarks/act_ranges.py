@@ -5,7 +5,8 @@ The oracle rows calibrate on real training images (never available to a zero-sho
 Gaussian-noise calibration `zsq eval` uses; the BN rows need no input at all (`bn-clamp` clamps the noise ranges;
 `moments`: `--bn-propagate moments`, the residual sums' ranges from propagated means and variances).
 `--runs DIR ...` also compares the ranges that trained runs ended with (`act_ranges` in each run's result.json,
-at that run's activation bits) with the real-data ones.
+at that run's activation bits) with the real-data ones, and gives the top-1 of the untrained teacher with those
+ranges at the run's bits (for a setter that freezes its ranges: what they were worth before any weight trained).
 Usage: python benchmarks/act_ranges.py [--bits 2 3 4] [--k 2 3 4 5] [--eval-images 2000] [--runs DIR ...]
 Prints one JSON object as its last line.
 """
@@ -52,16 +53,33 @@ def real_his(teacher, bits: int, real: list[torch.Tensor], cache: dict[int, list
     return cache[bits]
 
 
-def run_ranges(teacher, real: list[torch.Tensor], run_dirs: list[str],
-               cache: dict[int, list[float]]) -> dict[str, dict[str, float]]:
-    """Trained runs' final ranges against real-data min/max at each run's activation bits."""
+def with_ranges(teacher, wbits: int, abits: int, ranges: list[list[float]]) -> torch.nn.Module:
+    """The teacher fake-quantized, its activation ranges set to `ranges` ([lo, hi] per quantizer, in order)."""
+    q = quantize_model(teacher, wbits, abits)
+    quantizers = act_quantizers(q)
+    if len(quantizers) != len(ranges):
+        raise SystemExit(f"the run has {len(ranges)} activation ranges, the teacher {len(quantizers)} quantizers")
+    for a, (lo, hi) in zip(quantizers, ranges, strict=True):
+        a.lo.fill_(lo)
+        a.hi.fill_(hi)
+        a.calibrated = True
+    return q
+
+
+def run_ranges(teacher, test, real: list[torch.Tensor], run_dirs: list[str], cache: dict[int, list[float]],
+               eval_images: int) -> dict[str, dict[str, float]]:
+    """Trained runs' final ranges against real-data min/max at each run's activation bits, and the untrained
+    teacher's top-1 with them."""
     out = {}
     for d in run_dirs:
         result = json.loads((Path(d) / "result.json").read_text())
         ref = real_his(teacher, result["abits"], real, cache)
-        row = out[Path(d).name] = ratio_summary([hi for _, hi in result["act_ranges"]], ref)
-        print(f"{Path(d).name}: hi / real hi median {row['hi_over_real_median']:.2f} "
-              f"({row['hi_over_real_min']:.2f}-{row['hi_over_real_max']:.2f})", flush=True)
+        q = with_ranges(teacher, result["wbits"], result["abits"], result["act_ranges"])
+        row = out[Path(d).name] = {"untrained_top1": evaluate(q, test, limit=eval_images)["top1"],
+                                   **ratio_summary([hi for _, hi in result["act_ranges"]], ref)}
+        print(f"{Path(d).name}: untrained top1 {row['untrained_top1']:.2f}, hi / real hi median "
+              f"{row['hi_over_real_median']:.2f} ({row['hi_over_real_min']:.2f}-{row['hi_over_real_max']:.2f})",
+              flush=True)
     return out
 
 
@@ -93,7 +111,7 @@ def main() -> None:
             print(f"W{bits}A{bits} {name:32s} top1 {row['top1']:6.2f}  hi / real hi: median "
                   f"{row['hi_over_real_median']:.2f}, max {row['hi_over_real_max']:.2f}", flush=True)
     print(json.dumps({"benchmark": "act_ranges", "teacher": args.teacher, "eval_images": args.eval_images,
-                      "rows": rows, "runs": run_ranges(teacher, real, args.runs, refs)}))
+                      "rows": rows, "runs": run_ranges(teacher, test, real, args.runs, refs, args.eval_images)}))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def test_curve_stats_and_old_configs_group(tmp_path):
 
 
 def test_range_options_the_setter_ignores_neither_split_nor_label():
-    base = {"teacher": "resnet20_fmnist", "wbits": 3, "abits": 3, "generator": "gdfq", "method": "gdfq",
+    base = {"teacher": "resnet20_fmnist", "wbits": 3, "abits": 3, "generator": "gdfq", "method": "kd",
             "preset": "quick", "options": {}, "ste": "clipped"}
     result = {"q_top1": 80.0, "fp_top1": 90.0, "wall_s": 60.0}
     configs = [{**base, "seed": 0, "act_range": "ema-minmax", "bn_k": 3.0},

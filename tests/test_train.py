@@ -82,7 +82,9 @@ def test_presets_and_overrides():
     quick_akt = resolve_config("quick", "gdfq", "akt")
     assert quick_akt.options == {"akt_lambda": 1e4} and (quick_akt.bn_propagate, quick_akt.bn_k) == ("moments", 2.5)
     quick_kd = resolve_config("quick", "gdfq", "kd")
-    assert (quick_kd.bn_propagate, quick_kd.bn_k) == ("bounds", 2.5)
+    assert (quick_kd.act_range, quick_kd.bn_propagate, quick_kd.bn_k) == ("bn-prior", "bounds", 2.5)
+    quick_gdfq = resolve_config("quick", "gdfq", "gdfq")
+    assert (quick_gdfq.act_range, quick_gdfq.act_percentile, quick_gdfq.ste) == ("percentile", 99.7, "clipped")
     assert resolve_config("paper", "gdfq", "kd", act_range="bn-prior").bn_k == 3.0
     assert resolve_config("quick", "gdfq", "akt", bn_propagate="bounds").bn_propagate == "bounds"
     assert resolve_config("quick", "gdfq", "akt", akt_lambda=5.0).options == {"akt_lambda": 5.0}

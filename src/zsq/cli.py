@@ -107,7 +107,8 @@ QUANTIZE_HELP = {
     "act_range": "how activation ranges are set: ema-minmax (lineage; the paper preset's), percentile, bn-prior "
                  "(data-free, from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound), "
                  "learned (hi trained by its LSQ gradient from the BN prior)",
-    "act_percentile": "batch percentile of --act-range percentile (default 99.9)",
+    "act_percentile": "batch percentile of --act-range percentile (default 99.9; the quick preset's for --method "
+                      "gdfq, whose ranges it sets: 99.7)",
     "recalibrate_at": "at the start of this epoch, set the activation ranges again on the trained data source's "
                       "images (0 = never)",
     "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp/learned (default 3; "
