@@ -6,14 +6,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import zsq
-from zsq.distill import (TransferInputs, channel_attention, create_loss, find_stages, find_units, rfd_loss,
-                         spatial_attention)
-from zsq.distill.akt import OFFICIAL_MAP_WEIGHT, rfd_terms
+from zsq.distill import (FeatureTap, TransferInputs, channel_attention, create_loss, find_stages, find_units,
+                         rfd_loss, spatial_attention)
+from zsq.distill.akt import OFFICIAL_MAP_WEIGHT, attention_kl, rfd_terms
 from zsq.errors import UserError
 from zsq.models import create_model
+from zsq.quant import calibrate, gaussian_inputs, quantize_model
 
 from conftest import PROBE_KW, quantize_tiny, run_cli
 
@@ -59,6 +61,19 @@ def test_rfd_by_hand_and_its_reductions():
     assert mean.item() > 0
 
 
+@pytest.mark.parametrize("attention", [spatial_attention, channel_attention])
+def test_attention_kl_of_near_equal_maps_is_exact(attention):
+    """The per-map KL is ~1e-6 or less, a difference of nearly equal terms: against a float64 reference of the
+    same float32 maps it must hold to 1e-6 relative (float32 arithmetic was off by 1 % to 70×)."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(64, 64, 8, 8, generator=g)
+    s = f + 0.05 * torch.randn(f.shape, generator=g)
+    p, q = (F.softmax(attention(m.double()) / 8.0, 1) for m in (f, s))
+    want = (p * (p.log() - q.log())).sum(1).mean().item()
+    got = attention_kl(attention(f), attention(s), 8.0).item()
+    assert 0 < want < 1e-6 and got == pytest.approx(want, rel=1e-6)
+
+
 def test_rfd_gradient_reaches_the_student_maps_only():
     t = torch.randn(3, 4, 6, 6, requires_grad=True)
     s = torch.randn(3, 4, 6, 6, requires_grad=True)
@@ -78,18 +93,63 @@ def test_map_discovery_on_resnets_and_a_custom_cnn():
     x32 = torch.zeros(2, 3, 32, 32)
     r20 = create_model("resnet20", in_channels=3)
     assert find_stages(r20, x32) == ["layer1", "layer2", "layer3"]
-    assert find_units(r20, x32) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
     r56 = create_model("resnet56", in_channels=3)
-    assert find_stages(r56, x32) == ["layer1", "layer2", "layer3"] and len(find_units(r56, x32)) == 27
+    assert find_stages(r56, x32) == ["layer1", "layer2", "layer3"] and len(find_units(r56)) == 27
     r18 = create_model("resnet18", in_channels=3)
     x224 = torch.zeros(2, 3, 224, 224)
     assert find_stages(r18, x224) == ["relu", "layer1", "layer2", "layer3", "layer4"]  # the stem is its own size
-    assert len(find_units(r18, x224)) == 8
+    assert len(find_units(r18)) == 8
     cnn = _custom_cnn().train()
     x = torch.zeros(2, 1, 32, 32)
     assert find_stages(cnn, x) == ["2", "6", "9"]  # the last ReLU before each pooling, before global pooling
     assert cnn.training and not cnn[0]._forward_hooks  # the probe leaves mode and hooks as they were
-    assert find_units(cnn, x) == []
+    assert find_units(cnn) == []
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c), nn.ReLU6(),
+                                  nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c), nn.BatchNorm2d(2 * c),
+                                  nn.ReLU6(), nn.Conv2d(2 * c, c, 1), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout // 2, 1), nn.BatchNorm2d(cout // 2)
+        self.conv2, self.bn2 = nn.Conv2d(cout // 2, cout // 2, 3, 2, 1), nn.BatchNorm2d(cout // 2)
+        self.conv3, self.bn3 = nn.Conv2d(cout // 2, cout, 1), nn.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, 2), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
+        out += self.downsample(x)
+        return self.relu(out)
+
+
+def test_units_are_the_residual_branches_before_the_add():
+    """HAST/AKT/SynQ align each residual unit's branch (conv + BN before the add, full precision), not the block
+    output after the add, the ReLU and the Q model's activation quantizer."""
+    r20 = create_model("resnet20", in_channels=1)
+    assert find_units(r20) == [f"layer{s}.{b}.bn2" for s in (1, 2, 3) for b in range(3)]
+    mixed = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _InvertedResidual(8), _Bottleneck(8, 16))
+    assert find_units(mixed) == ["1.conv.7", "2.bn3"]  # the add's other operand: identity, projection shortcut
+    teacher = r20.eval()
+    for bn in (m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)):
+        nn.init.uniform_(bn.weight, 0.5, 1.5)  # a fresh ResNet's branch BNs start at zero
+    q = quantize_model(teacher, 3, 3)
+    calibrate(q, gaussian_inputs(2, 8, (1, 32, 32)))
+    tap = FeatureTap(q, find_units(teacher))
+    with torch.no_grad():
+        q(torch.randn(8, 1, 32, 32))
+    maps = tap.take()
+    assert len(maps) == 9 and all(m.unique().numel() > 2**3 for m in maps.values())  # not 3-bit block outputs
 
 
 def _inputs(layers: list[str], seed: int = 0) -> TransferInputs:
@@ -123,6 +183,9 @@ def test_akt_default_lambda_and_base_losses():
     loss_fn = create_loss("akt", {"akt_layers": "units"})
     loss_fn.feature_layers(create_model("resnet20", in_channels=1), torch.zeros(2, 1, 32, 32))
     assert loss_fn.lam == OFFICIAL_MAP_WEIGHT * 9  # per map 2e5: the official code's effective weight
+    summed = create_loss("akt", {"akt_layers": "units", "akt_reduction": "sum"})
+    summed.feature_layers(create_model("resnet20", in_channels=1), torch.zeros(2, 1, 32, 32))
+    assert summed.lam == 1000 * 9  # the official lam on batch sums: at its batch of 200, the same weight
     inp = _inputs(["a"])
     gdfq = create_loss("akt", {"akt_base": "gdfq", "akt_layers": "a", "akt_alpha": 1.0})
     gdfq.layers = ["a"]

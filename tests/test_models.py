@@ -1,6 +1,8 @@
 """Architectures and `load_model` across zsq's format, bare state_dicts and third-party layouts."""
 from __future__ import annotations
 
+import pickle
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -94,6 +96,23 @@ def test_option_a_dataparallel_checkpoint_matches_reference(tmp_path):
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_checkpoint_from_before_pytorch_0_4_1_loads(tmp_path):
+    """Saved before BatchNorm had `num_batches_tracked` (many published CIFAR checkpoints): PyTorch's own
+    load_state_dict accepts it, and so must zsq; any other missing key is still refused."""
+    torch.manual_seed(0)
+    ref = OptionAResNet().eval()
+    _randomise_bn(ref)
+    old = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.th")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "old.th")(x), ref(x), rtol=1e-5, atol=1e-5)
+    old.pop("layer1.0.bn1.running_var")
+    torch.save(old, tmp_path / "broken.th")
+    with pytest.raises(UserError, match="missing: layer1.0.bn1.running_var"):
+        load_model(tmp_path / "broken.th")
+
+
 # ------------------------------------------------------------------------------ pytorchcv layout
 
 class ConvBlock(nn.Module):
@@ -184,8 +203,17 @@ def test_not_weights_and_corrupt_files(tmp_path):
     import argparse
 
     torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "obj.pt")  # a pickle that is not weights
-    with pytest.raises(UserError, match="not a weights-only checkpoint"):
+    with pytest.raises(UserError) as e:
         load_model("resnet20", checkpoint=tmp_path / "obj.pt")
+    # our words, never torch's hint to retry with weights_only=False (the unsafe way out)
+    assert str(e.value) == f"{tmp_path / 'obj.pt'} is not a weights-only PyTorch checkpoint (refused: loading it " \
+                           f"could run code)"
+    with open(tmp_path / "plain.pkl", "wb") as f:  # a plain pickle: torch warns about its protocol first
+        pickle.dump({"args": argparse.Namespace(lr=0.1)}, f, protocol=4)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(UserError, match="could run code"):
+        warnings.simplefilter("always")
+        load_model("resnet20", checkpoint=tmp_path / "plain.pkl")
+    assert not caught
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(UserError, match="corrupt|weights-only"):
         load_model("resnet20", checkpoint=tmp_path / "junk.pt")

@@ -12,10 +12,11 @@ from zsq.quant import (ActQuantizer, QuantAct, QuantConfig, QuantConv2d, QuantLi
 
 
 def reference(x: torch.Tensor, lo: float, hi: float, k: int) -> torch.Tensor:
-    """The spec's formula, written out in plain Python floats."""
+    """The spec's formula, written out in plain Python floats; x / S as x · (1 / S), as torch's kernels (at a
+    rounding tie the two can pick different codes)."""
     s = max((hi - lo) / (2**k - 1), 1e-8)
     z = round(-lo / s)
-    out = [s * (min(max(round(v / s) + z, 0), 2**k - 1) - z) for v in x.tolist()]
+    out = [s * (min(max(round(v * (1 / s)) + z, 0), 2**k - 1) - z) for v in x.tolist()]
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -25,6 +26,26 @@ def test_fake_quantize_matches_formula(k):
     got = fake_quantize(x, torch.tensor(-1.3, dtype=torch.float64), torch.tensor(2.1, dtype=torch.float64), k)
     torch.testing.assert_close(got, reference(x, -1.3, 2.1, k), rtol=0, atol=1e-12)
     assert got.unique().numel() <= 2**k
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_fake_quantize_equals_torch_in_float32(k):
+    """Bit for bit against torch's own fake quantizers in float32, on random values and on the rounding ties
+    (and their float neighbours) where x / S and x · (1 / S) part ways."""
+    lo, hi = torch.tensor(-1.1), torch.tensor(2.3)
+    s, z = quant_params(lo, hi, k)
+    mid = s * (torch.arange(-3, 2**k + 3) + 0.5)
+    x = torch.cat([torch.randn(200_000) * 1.3, mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1)])
+    got = fake_quantize(x, lo, hi, k)
+    assert torch.equal(got, torch.fake_quantize_per_tensor_affine(x, s.item(), int(z), 0, 2**k - 1))
+    assert got.unique().numel() <= 2**k  # every output exactly on the grid
+    w = torch.randn(16, 3, 3, 3)
+    q = QuantConv2d.from_float(nn.Conv2d(3, 16, 3, bias=False), wbits=k)
+    with torch.no_grad():
+        q.weight.copy_(w)
+    ws, wz = quant_params(*per_channel_range(w), k)
+    ref = torch.fake_quantize_per_channel_affine(w, ws.flatten(), wz.flatten().int(), 0, 0, 2**k - 1)
+    assert torch.equal(q.quantized_weight(), ref)
 
 
 def test_grid_points_are_fixed_and_range_ends_representable():
@@ -197,3 +218,64 @@ def test_frozen_eval_is_deterministic_and_state_dict_roundtrip():
     q2.load_state_dict(q.state_dict())
     q2.eval()
     assert torch.equal(q(x), q2(x))
+
+
+class _SharedReLUBlock(nn.Module):
+    """A torchvision-style basic block: one `self.relu`, called inside the branch and after the add."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class _SharedReLUNet(nn.Module):
+    def __init__(self, traceable: bool = True) -> None:
+        super().__init__()
+        self.stem, self.relu, self.block = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), _SharedReLUBlock()
+        self.fc, self.traceable = nn.Linear(4, 3), traceable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.traceable and x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace this
+            x = x * 0
+        return self.fc(self.block(self.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_module_called_twice_gets_a_quantizer_per_call():
+    torch.manual_seed(0)
+    net = _SharedReLUNet()
+    q = quantize_model(net, 4, 4)
+    x = torch.randn(8, 1, 8, 8)
+    seen = []  # what the shared ReLU returns at each call, before its quantizer
+    q.block.relu.act.register_forward_hook(lambda m, i, out: seen.append(out.max().item()))
+    calibrate(q, [x])  # one batch: the bias-corrected EMA is that batch's min and max
+    first, second = q.block.relu.quantizers()
+    assert first.hi.item() == pytest.approx(seen[0]) and second.hi.item() == pytest.approx(seen[1])
+    assert first.hi.item() != pytest.approx(second.hi.item())
+    q(x)
+    q(x)  # the counters start again at every forward
+    assert len(act_quantizers(q)) == 3
+    again = quantize_model(net, 4, 4)  # the checkpoint layout: a rebuilt model loads the saved ranges
+    again.load_state_dict(q.state_dict())
+    assert torch.equal(again(x), q(x))
+
+
+def test_an_untraceable_model_calling_a_module_twice_is_refused_by_name():
+    q = quantize_model(_SharedReLUNet(traceable=False), 4, 4)
+    with pytest.raises(UserError, match="module block.relu is called more than once"):
+        calibrate(q, [torch.randn(2, 1, 8, 8)])
+
+
+def test_bf16_autocast_quantizes_on_the_float32_grid():
+    q = ActQuantizer(3)
+    q.lo.fill_(-0.3)
+    q.hi.fill_(1.7)
+    q.calibrated = True
+    x = torch.randn(4096).to(torch.bfloat16)
+    want = fake_quantize(x.float(), q.lo, q.hi, 3).to(torch.bfloat16)
+    assert torch.equal(q(x), want)

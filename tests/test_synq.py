@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zsq.distill import (FeatureTap, TransferInputs, create_loss, find_cam_layer, grad_cam, low_pass, lowpass_mask,
@@ -15,7 +17,7 @@ from zsq.distill.synq import cam_weights, saliency
 from zsq.errors import UserError
 from zsq.models import create_model
 
-from conftest import quantize_tiny, run_cli
+from conftest import PROBE_KW, quantize_tiny, run_cli
 
 
 def test_lowpass_mask_formula():
@@ -100,7 +102,7 @@ def _pair() -> tuple[nn.Module, nn.Module]:
     return teacher, student
 
 
-def _inputs(loss, teacher, student, x, y, promoted=False) -> TransferInputs:
+def _inputs(loss, teacher, student, x, y) -> TransferInputs:
     """What the training loop hands the loss (train._iteration)."""
     layers = loss.feature_layers(teacher, x)
     t_tap, q_tap = FeatureTap(teacher, layers, loss.teacher_grad_layers), FeatureTap(student, layers)
@@ -109,7 +111,7 @@ def _inputs(loss, teacher, student, x, y, promoted=False) -> TransferInputs:
         t_logits = teacher(seen)
     t_feats = t_tap.take(detach=True)
     t_logits = t_logits if loss.teacher_grad_layers else t_logits.detach()
-    inp = TransferInputs(t_logits, student(seen), y, seen, t_feats, q_tap.take(), promoted=promoted)
+    inp = TransferInputs(t_logits, student(seen), y, seen, t_feats, q_tap.take())
     t_tap.remove()
     q_tap.remove()
     return inp
@@ -148,21 +150,65 @@ def test_synq_parts_remove_exactly_their_term(method):
     if method == "akt+synq":
         common["akt_lambda"] = 100.0
     full = create_loss(method, {**common, "synq_tau": 0.9})
-    loss, terms = full(_inputs(full, teacher, student, x, y))
+    loss, terms = _total(full, _inputs(full, teacher, student, x, y))
     assert {"kd", "selce", "selce_kept", "cam"} <= set(terms)
     assert ("fa" in terms) == (method == "synq") and ("rfd" in terms) == (method == "akt+synq")
     for part, removed, weight in (("cam", {"cam"}, 200.0), ("selce", {"selce", "selce_kept"}, 5.0)):
         keep = ",".join(p for p in ("lpf", "cam", "selce") if p != part)
         fewer = create_loss(method, {**common, "synq_tau": 0.9, "synq_parts": keep})
-        loss2, terms2 = fewer(_inputs(fewer, teacher, student, x, y))
+        loss2, terms2 = _total(fewer, _inputs(fewer, teacher, student, x, y))
         assert set(terms) - set(terms2) == removed
         term = terms["cam"] if part == "cam" else terms["selce"]
         assert loss.item() == pytest.approx(loss2.item() + weight * term.item(), rel=1e-5)
     no_lpf = create_loss(method, {**common, "synq_parts": "cam,selce"})
     assert no_lpf.prepare(x) is x and not torch.equal(full.prepare(x), x)
     assert create_loss(method, {**common, "synq_parts": "none"}).teacher_grad_layers == ()
-    promoted, p_terms = full(_inputs(full, teacher, student, x, y, promoted=True))
-    assert "cam" not in p_terms  # the CAM term is defined on the clean batch only
+
+
+def _total(loss_fn, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a clean batch as the loop adds it up: the transfer loss and its clean-only terms."""
+    loss, terms = loss_fn(inp)
+    extra = loss_fn.clean_only(inp)
+    return (loss, terms) if extra is None else (loss + extra[0], {**terms, **extra[1]})
+
+
+def test_the_promoted_batch_keeps_the_clean_selection_and_has_no_cam():
+    """synq.md §5: the promoted pass reuses the clean batch's selective-CE mask; the CAM term is clean-only."""
+    teacher, student = _pair()
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    loss_fn = create_loss("synq", {"hast_layers": "block"})
+    confident = 10 * F.one_hot(y, 3).float()  # the teacher is sure of the label on the first half only
+    sure = torch.cat([confident[:4], -confident[4:]])
+    real = _inputs(loss_fn, teacher, student, x, y)
+    clean = dataclasses.replace(real, t_logits=sure)
+    promoted = TransferInputs(-sure, clean.q_logits, y, clean.x, clean.t_feats, clean.q_feats, clean=clean)
+    _, terms = loss_fn(promoted)  # on the promoted batch, the teacher would pick the other half
+    ce, keep = selective_ce(clean.t_logits, clean.q_logits, y, 0.5)
+    assert keep.tolist() == [True] * 4 + [False] * 4
+    assert terms["selce"].item() == pytest.approx(ce.item()) and terms["selce_kept"] == keep.float().mean()
+    assert "cam" not in terms and "cam" in loss_fn.clean_only(real)[1]
+
+
+def test_promotion_direction_leaves_the_cam_term_out(tiny_teacher, fmnist_dir, tmp_path, monkeypatch):
+    """The FGSM direction is ∇ₓ of KD + λ_FA·FA + λ_CE·selective CE: the loop hands fgsm_promote that loss, never
+    the CAM term (measured on the shipped teacher, CAM's part of ∇ₓ flipped 21 % of the signs)."""
+    import zsq
+    import zsq.train
+
+    directions = []
+    real = zsq.train.fgsm_promote
+    monkeypatch.setattr(zsq.train, "fgsm_promote",
+                        lambda x, loss, eps: directions.append(loss.item()) or real(x, loss, eps))
+    r = zsq.quantize(str(tiny_teacher), generator="gdfq", method="synq", data_dir=str(fmnist_dir), epochs=2,
+                     iters_per_epoch=2, warmup_epochs=1, batch_size=6, eval_limit=8, synq_tau=0.9,
+                     out=str(tmp_path / "s"), quiet=True, **PROBE_KW)
+    rows = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in rows if not row["warmup"]]
+    assert len(directions) == len(trained) == 2
+    for direction, row in zip(directions, trained):
+        assert row["cam"] > 0
+        assert direction == pytest.approx(20 * row["kd"] + 1000 * row["fa"] + 5 * row["selce"], rel=1e-5)
+        assert row["loss_q"] == pytest.approx(row["loss_clean"] + row["loss_promoted"] + 200 * row["cam"], rel=1e-5)
 
 
 def test_cam_gradient_reaches_the_student_only():

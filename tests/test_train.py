@@ -91,10 +91,30 @@ def test_presets_and_overrides():
     quick = resolve_config("quick", "gdfq", "kd", batch_size=32, epochs=None, kd_temperature=4.0)
     assert quick.batch_size == 32 and quick.epochs == resolve_config("quick").epochs
     assert quick.options == {"kd_temperature": 4.0}
-    with pytest.raises(UserError, match="lambda_l"):
+    with pytest.raises(UserError, match="--lambda-l does not apply .* --generator adadfq"):
         resolve_config("quick", "gdfq", "kd", lambda_l=0.3)  # an AdaDFQ option on a GDFQ run
     with pytest.raises(UserError, match="preset"):
         resolve_config("fast")
+
+
+def test_options_that_do_not_apply_are_refused_and_not_recorded():
+    """An option the run's source, loss or range setter would ignore is refused by name (so that two runs that
+    compute the same thing never differ in config.json), and a preset's such value is dropped, not recorded."""
+    from zsq.cli import quantize_config
+
+    for argv, needle in ((["--method", "adadfq", "--kd-reduction", "elementwise"], "--kd-reduction"),
+                         (["--method", "akt", "--ce-weight", "2"], "--ce-weight .* --akt-base gdfq"),
+                         (["--method", "akt", "--akt-combine", "sum", "--akt-alpha", "0.3"], "--akt-combine convex"),
+                         (["--method", "synq", "--synq-parts", "lpf,selce", "--cam-type", "gradcampp"], "with cam"),
+                         (["--act-range", "ema-minmax", "--bn-k", "3"], "--bn-k .* bn-prior"),
+                         (["--act-range", "bn-prior", "--range-lr-scale", "2"], "--act-range learned"),
+                         (["--generator", "hast", "--synth-data", "x.pt", "--synth-iters", "5"], "--synth-data")):
+        with pytest.raises(UserError, match=needle):
+            quantize_config(argv)
+    assert quantize_config(["--method", "akt", "--akt-base", "gdfq", "--ce-weight", "2"]).options["ce_weight"] == 2
+    kd = resolve_config("quick", "gdfq", "gdfq")  # the quick preset's bn-k 2.5 does nothing under its percentile
+    assert (kd.act_range, kd.act_percentile, kd.bn_k, kd.bn_propagate) == ("percentile", 99.7, None, None)
+    assert resolve_config("paper", "adadfq", "akt", akt_base="adadfq").options == {"akt_base": "adadfq"}
 
 
 def test_bad_quantize_input(tiny_teacher):
@@ -166,3 +186,101 @@ def test_sigterm_saves_and_resumes(tiny_teacher, fmnist_dir, tmp_path):
     assert proc.returncode == 2 and "--resume" in err
     state = torch.load(out / "state.pt", weights_only=True)
     assert 0 < state["step"] < 600
+
+
+def _tiny(teacher, fmnist_dir, tmp_path, name: str, **kw):
+    """A 2-epoch in-process run (1 warm-up epoch of 3 iterations, 3 trained) on the tiny teacher (a checkpoint or
+    a module)."""
+    args = {"generator": "gdfq", "method": "kd", "data_dir": str(fmnist_dir), "epochs": 2, "iters_per_epoch": 3,
+            "warmup_epochs": 1, "batch_size": 6, "eval_limit": 8, "out": str(tmp_path / name), "quiet": True,
+            **PROBE_KW, **kw}
+    return zsq.quantize(teacher if isinstance(teacher, torch.nn.Module) else str(teacher), **args)
+
+
+def test_no_warmup_with_a_data_free_range_setter(tiny_teacher, fmnist_dir, tmp_path):
+    r = _tiny(tiny_teacher, fmnist_dir, tmp_path, "bn", warmup_epochs=0, act_range="bn-prior")
+    quants = [m for m in r.qmodel.modules() if isinstance(m, ActQuantizer)]
+    assert r.summary["iterations"] == 6 and all(q.hi > q.lo and q.steps == 0 for q in quants)  # never observed
+    with pytest.raises(UserError, match="--warmup-epochs 0 .* ema-minmax needs them"):
+        _tiny(tiny_teacher, fmnist_dir, tmp_path, "ema", warmup_epochs=0, act_range="ema-minmax")
+
+
+def test_set_epoch_runs_once_per_epoch(tiny_teacher, fmnist_dir, tmp_path, monkeypatch):
+    import zsq.train
+
+    epochs = []
+    real = zsq.train._set_epoch
+    monkeypatch.setattr(zsq.train, "_set_epoch", lambda job, epoch: epochs.append(epoch) or real(job, epoch))
+    _tiny(tiny_teacher, fmnist_dir, tmp_path, "r")
+    assert epochs == [0, 1]
+
+
+def test_a_nonfinite_generator_step_is_skipped_and_never_saved(tiny_teacher, fmnist_dir, tmp_path):
+    out = tmp_path / "g"
+    with pytest.raises(UserError, match=r"the generator loss or gradient was NaN/Inf .* lower --lr-g"):
+        _tiny(tiny_teacher, fmnist_dir, tmp_path, "g", lr_g=1e30, max_bad_steps=2, ckpt_every=1)
+    state = torch.load(out / "state.pt", weights_only=True)
+    saved = [*state["source"].values(), *state["qmodel"].values()]
+    assert all(torch.isfinite(t).all() for t in saved if t.is_floating_point())  # generator and EMA ranges alike
+
+
+def test_resume_never_starts_over_silently(tiny_teacher, fmnist_dir, tmp_path, monkeypatch, capsys):
+    import zsq.train
+
+    partial = tmp_path / "partial"  # killed before its first checkpoint: a config and some metrics
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    for kw in ({}, {"resume": True}):
+        with pytest.raises(UserError, match="stopped before its first checkpoint.* --restart"):
+            _tiny(tiny_teacher, fmnist_dir, tmp_path, "partial", **kw)
+    assert _tiny(tiny_teacher, fmnist_dir, tmp_path, "partial", restart=True).summary["iterations"] == 6
+    _tiny(tiny_teacher, fmnist_dir, tmp_path, "new", resume=True)
+    assert "no checkpoint in" in capsys.readouterr().out
+    calls = []  # a run that dies in its second epoch has the first epoch's end saved, whatever --ckpt-every
+    real = zsq.train._iteration
+    monkeypatch.setattr(zsq.train, "_iteration",
+                        lambda job, warm: real(job, warm) if len(calls) < 4 and not calls.append(1) else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        _tiny(tiny_teacher, fmnist_dir, tmp_path, "died", ckpt_every=1000)
+    assert torch.load(tmp_path / "died" / "state.pt", weights_only=True)["step"] == 3
+
+
+def test_threads_header_and_load_warning(tiny_teacher, fmnist_dir, tmp_path, monkeypatch, capsys):
+    from zsq.train import available_cores
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert available_cores() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert available_cores() == len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    r = _tiny(tiny_teacher, fmnist_dir, tmp_path, "t", threads=1)
+    assert json.loads((r.run_dir / "config.json").read_text())["threads"] == 1 and torch.get_num_threads() == before
+    out, err = capsys.readouterr()
+    assert f"zsq quantize: resnet20 W4A4, source gdfq, loss kd, preset quick: 6 iterations (3 warm-up) on cpu, " \
+           f"1 thread(s) → {r.run_dir}" in out
+    assert "warning: this machine's load (99.0) already exceeds" in err
+
+
+def test_the_users_teacher_module_is_left_as_it_was(tiny_teacher, fmnist_dir, tmp_path):
+    teacher = zsq.load_model(str(tiny_teacher)).train()
+    for kw in ({"method": "akt", "akt_layers": "nope"}, {}):  # a build that fails after the source hooked in
+        try:
+            _tiny(teacher, fmnist_dir, tmp_path, f"u{len(kw)}", dataset="fashion-mnist", **kw)
+        except UserError:
+            pass
+        assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
+
+
+def test_abbreviated_flags_are_refused_and_errors_name_the_command(tmp_path):
+    from zsq.cli import build_parser, quantize_config
+    from zsq.data import load_dataset
+
+    with pytest.raises(UserError, match=r"^quantize: unrecognized arguments: --wbit 4$"):
+        quantize_config(["--wbit", "4"])  # once a prefix of --wbits; a later flag could change its meaning
+    with pytest.raises(UserError, match=r"^quantize: unrecognized arguments: --ebochs 2$"):
+        build_parser().parse_args(["quantize", "--ebochs", "2"])
+    with pytest.raises(UserError) as e:
+        load_dataset("fashion-mnist", "test", tmp_path)
+    assert "--data-dir must hold Fashion-MNIST's IDX files" in str(e.value) and "install" not in str(e.value)

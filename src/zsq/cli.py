@@ -10,7 +10,7 @@ import functools
 import os
 import sys
 from dataclasses import fields
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .analysis import write_report
@@ -56,10 +56,24 @@ def _positive(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse prints usage + error and exits 2 already; keep it to one line."""
+    """One line per error, naming the command (argparse's own prints usage and exits 2); no abbreviated flags, so
+    that a flag added later cannot change what an old command line means (`--wbit` is not `--wbits`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("zsq").strip()
+        raise UserError(f"{command}: {message}" if command else message)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:  # argparse reports them at the top level; say which command they were given to
+            command = " ".join(filter(None, (getattr(parsed, "command", None),
+                                             getattr(parsed, "teacher_command", None))))
+            raise UserError(f"{command + ': ' if command else ''}unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def _cmd_teacher_train(args: argparse.Namespace) -> int:
@@ -136,6 +150,8 @@ QUANTIZE_HELP = {
     "eval_limit": "evaluate on the first N test images only", "ckpt_every": "iterations between resume checkpoints",
     "deterministic": "deterministic algorithms (a resumed run then ends identical to an uninterrupted one)",
     "precision": "fp32 or bf16 autocast", "device": "auto, cpu or cuda[:N]", "out": "run directory",
+    "threads": "CPU threads of the run (default: the cores it may use: OMP_NUM_THREADS, else its CPU affinity; "
+               "recorded in config.json)",
 }
 QUANTIZE_TYPES: dict[str, Callable] = {"wbits": _bits, "abits": _bits, "milestones": _int_list, "g_betas": _float_pair,
                                        "epochs": _positive, "iters_per_epoch": _positive, "batch_size": _positive}
@@ -170,13 +186,26 @@ def _add_quantize(sub) -> None:
         plugin.add_argument("--" + name.replace("_", "-"), type=_field_type(f), default=None,
                             help=f.metadata.get("help", ""))
     q.add_argument("--resume", action="store_true", help="continue the run in --out after a kill")
+    q.add_argument("--restart", action="store_true",
+                   help="start over in --out, discarding the unfinished run there (never a finished one)")
     q.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
     q.set_defaults(func=_cmd_quantize, plugin_options=sorted(options))
 
 
+def _quantize_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values of a parsed `zsq quantize` (None = not given)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in ("func", "command", "plugin_options", "resume", "restart", "quiet")}
+
+
 def _quantize_config(args: argparse.Namespace) -> TrainConfig:
-    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "plugin_options", "resume", "quiet")}
+    values = _quantize_values(args)
     return resolve_config(values.pop("preset"), values.pop("generator"), values.pop("method"), **values)
+
+
+def quantize_values(argv: list[str]) -> dict[str, Any]:
+    """The typed values that `zsq quantize ARGV` gives, before any preset (a bad flag or value raises UserError)."""
+    return {k: v for k, v in _quantize_values(_parser().parse_args(["quantize", *argv])).items() if v is not None}
 
 
 @functools.lru_cache(maxsize=1)
@@ -191,7 +220,7 @@ def quantize_config(argv: list[str]) -> TrainConfig:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     cfg = _quantize_config(args)
-    result = quantize_run(cfg, resume=args.resume, quiet=args.quiet)
+    result = quantize_run(cfg, resume=args.resume, quiet=args.quiet, restart=args.restart)
     s = result.summary
     if result.rank == 0:
         print(f"{cfg.out}: W{s['wbits']}A{s['abits']} {s['generator']}+{s['method']} ({s['preset']}): "

@@ -104,7 +104,10 @@ def _find(root: Path, names: Sequence[str]) -> Path:
     for n in names:
         if (root / n).is_file():
             return root / n
-    raise UserError(f"missing {names[0]} in {root} (install Debian's dataset-fashion-mnist or pass --data-dir)")
+    if root == FASHION_MNIST_DIR:
+        raise UserError(f"missing {names[0]} in {root} (install Debian's dataset-fashion-mnist or pass --data-dir)")
+    raise UserError(f"missing {names[0]} in {root}: --data-dir must hold Fashion-MNIST's IDX files "
+                    f"(train-/t10k-images-idx3-ubyte and -labels-idx1-ubyte, gzipped or not)")
 
 
 @DATASETS.register("fashion-mnist")

@@ -18,8 +18,10 @@ PAPER_COMMON: dict[str, Any] = {
     "milestones": [100, 200, 300],  # ×0.1 for both optimisers
 }
 # HAST (hast.md §3): 151 epochs, lr_q 1e-5 ×0.1 at 20/40/60, batch 64 from 5,120 stored images (the pixel
-# options' defaults are the paper's synthesis budget: 1,000 Adam steps per batch of 256).
-HAST_PAPER: dict[str, Any] = {"epochs": 151, "lr_q": 1e-5, "milestones": [20, 40, 60], "batch_size": 64}
+# options' defaults are the paper's synthesis budget: 1,000 Adam steps per batch of 256); the warm-up generator
+# that calibrates the ranges draws batches of 16 (hast.md §1b).
+HAST_PAPER: dict[str, Any] = {"epochs": 151, "lr_q": 1e-5, "milestones": [20, 40, 60], "batch_size": 64,
+                              "warmup_batch": 16}
 PAPER_BY_SOURCE: dict[str, dict[str, Any]] = {
     "gdfq": {"batch_size": 200},
     "adadfq": {"batch_size": 16},  # the AdaDFQ code's band loss is hard-wired to 16

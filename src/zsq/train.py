@@ -13,9 +13,12 @@ they freeze, logged terms are averaged over ranks, and only the main rank writes
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +40,7 @@ from .models import load_model, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
 from .provenance import code_version
 from .quant import QuantConfig, act_quantizers, calibrate, observe_ranges, quantize_model
-from .quant.ranges import RangeOptions, RangeSetter, create_range_setter
+from .quant.ranges import RANGE_SETTERS, RangeOptions, RangeSetter, create_range_setter, readers, unread_options
 from .synth import SOURCES, SourceContext, create_source
 from .validate import Health, ProbeOptions, health, probe_set
 
@@ -59,9 +62,12 @@ class TrainConfig:
     first_last: str = "same"
     act_momentum: float = 0.9
     act_range: str = "ema-minmax"  # activation range setter (zsq.quant.ranges)
-    act_percentile: float = 99.9  # the percentile setter's batch percentile
-    bn_k: float = 3.0  # the BN setters' standard deviations above the BN mean
-    bn_propagate: str = "bounds"  # how the BN setters carry statistics across ReLUs and residual sums
+    # The setters' options (zsq.quant.ranges.RangeOptions): None where the chosen setter does not use one, its
+    # default where it does and none was given.
+    act_percentile: float | None = None  # the percentile setter's batch percentile
+    bn_k: float | None = None  # the BN setters' standard deviations above the BN mean
+    bn_propagate: str | None = None  # how the BN setters carry statistics across ReLUs and residual sums
+    range_lr_scale: float | None = None  # the `learned` ranges' learning rate, × lr_q (same schedule)
     recalibrate_at: int = 0  # epoch at whose start the ranges are set again on the (trained) data source; 0 = off
     ste: str = "identity"
     epochs: int = 6
@@ -70,9 +76,6 @@ class TrainConfig:
     batch_size: int = 64
     lr_q: float = 1e-3
     lr_g: float = 1e-3
-    # LSQ's gradient scale lets a learned range share the weights' learning rate, which assumes the weights' long
-    # schedules: at the quick budget (500 steps, lr_q 1e-3 then 1e-4) the ranges moved under 0.3 % (README "Activation ranges")
-    range_lr_scale: float = 1.0  # the `learned` ranges' learning rate, × lr_q (same schedule)
     momentum: float = 0.9  # SGD Nesterov momentum of the Q model
     weight_decay: float = 1e-4  # on every Q-model parameter, as in the lineage
     milestones: list[int] = field(default_factory=list)  # epochs at which both learning rates are × lr_decay
@@ -80,6 +83,7 @@ class TrainConfig:
     g_betas: tuple[float, float] = (0.5, 0.999)  # Adam betas of the generator
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # CPU threads (torch.set_num_threads); 0 = the cores this process may use
     precision: str = "fp32"  # or bf16 autocast
     deterministic: bool = False
     dataset: str | None = None  # evaluation data; default: the teacher's recorded dataset
@@ -103,15 +107,27 @@ class TrainConfig:
         self.quant()  # validates the quantizer fields
         SOURCES.get(self.generator)
         LOSSES.get(self.method)
+        RANGE_SETTERS.get(self.act_range)
         for name in ("epochs", "iters_per_epoch", "batch_size", "ckpt_every", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise UserError(f"warmup-epochs must be in [0, epochs), got {self.warmup_epochs} of {self.epochs}")
-        if self.lr_q <= 0 or self.lr_g <= 0 or self.range_lr_scale <= 0:
-            raise UserError("learning rates (and range-lr-scale) must be > 0")
-        if self.range_lr_scale != 1.0 and self.act_range != "learned":
-            raise UserError(f"range-lr-scale applies to --act-range learned only, not '{self.act_range}'")
+        if self.lr_q <= 0 or self.lr_g <= 0:
+            raise UserError("learning rates must be > 0")
+        if self.threads < 0:
+            raise UserError(f"threads must be ≥ 1 (or 0: the cores this process may use), got {self.threads}")
+        unused = inapplicable({**dataclasses.asdict(self), **self.options})
+        if unused:
+            name, where = min(unused.items())
+            raise UserError(f"--{name.replace('_', '-')} does not apply to this run: it applies to {where}")
+        for f in dataclasses.fields(RangeOptions):  # the setter's own options default to the setter's defaults
+            if getattr(self, f.name) is None and f.name in RANGE_SETTERS.get(self.act_range).reads:
+                setattr(self, f.name, f.default)
+        if self.warmup_epochs == 0 and RANGE_SETTERS.get(self.act_range).needs_images:
+            raise UserError(f"--warmup-epochs 0 leaves no images to set activation ranges on: --act-range "
+                            f"{self.act_range} needs them; bn-prior and learned set them from the teacher's "
+                            f"BatchNorm statistics")
         if self.promote < 0:
             raise UserError(f"promote (FGSM ε) must be ≥ 0, got {self.promote}")
         if self.track_curvature < 0 or self.curvature_samples < 1:
@@ -132,7 +148,8 @@ class TrainConfig:
         return ProbeOptions(self.probe_images, self.probe_iters)
 
     def range_setter(self) -> RangeSetter:
-        return create_range_setter(self.act_range, RangeOptions(self.act_percentile, self.bn_k, self.bn_propagate))
+        return create_range_setter(self.act_range, RangeOptions(**{
+            f.name: getattr(self, f.name) for f in dataclasses.fields(RangeOptions) if getattr(self, f.name) is not None}))
 
     def quant(self) -> QuantConfig:
         return QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last,
@@ -141,34 +158,58 @@ class TrainConfig:
 
 def resolve_config(preset: str = "quick", generator: str = "gdfq", method: str = "kd", **overrides: Any) -> TrainConfig:
     """TrainConfig defaults → preset for (generator, method) → overrides; None values are ignored. Keys that are
-    not TrainConfig fields are plug-in options and must belong to the chosen generator or method."""
+    not TrainConfig fields are plug-in options. An option that the run's choices leave without effect is refused
+    when given (TrainConfig says so) and dropped when the preset set it: config.json records what applies."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     own = {f.name for f in dataclasses.fields(TrainConfig)}
-    values: dict[str, Any] = {"preset": preset, "generator": generator, "method": method}
-    options: dict[str, Any] = {}
-    for source in (preset_values(preset, generator, method), {k: v for k, v in overrides.items() if v is not None}):
-        for k, v in source.items():
-            (values if k in own else options)[k] = v
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**preset_values(preset, generator, method), **given, "preset": preset, "generator": generator,
+              "method": method}
+    for name in set(inapplicable(merged)) - set(given):
+        merged.pop(name, None)
+    if merged.get("akt_reduction") == "sum" and "akt_lambda" in merged and "akt_lambda" not in given:
+        raise UserError(f"--akt-reduction sum: the {preset} preset's --akt-lambda {merged['akt_lambda']:g} weighs "
+                        f"batch-mean KLs; give --akt-lambda for batch sums (the same weight is "
+                        f"{merged['akt_lambda']:g} / batch size), or omit both for the official weight")
+    values = {k: v for k, v in merged.items() if k in own}
     values.setdefault("out", f"runs/{generator}-{method}-w{values.get('wbits', 4)}a{values.get('abits', 4)}"
                              f"-{preset}-s{values.get('seed', 0)}")
-    values.setdefault("options", {})
-    options = {**values.pop("options"), **options}
-    allowed = plugin_fields(generator, method)
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise UserError(f"option(s) {', '.join(unknown)} do not apply to generator '{generator}' with method "
-                        f"'{method}'")
+    options = {**values.pop("options", {}), **{k: v for k, v in merged.items() if k not in own}}
     return TrainConfig(**values, options=options)
+
+
+def _option_names(registry: Any, name: str) -> set[str]:
+    cls = registry.options_class(name)
+    return {f.name for f in dataclasses.fields(cls)} if cls else set()
 
 
 def plugin_fields(generator: str, method: str) -> set[str]:
     """The option names that the data source `generator` and the transfer loss `method` take."""
-    names: set[str] = set()
+    return _option_names(SOURCES, generator) | _option_names(LOSSES, method)
+
+
+def inapplicable(values: dict[str, Any]) -> dict[str, str]:
+    """The options in `values` (TrainConfig fields and plug-in options by name; None = not set) that the run's
+    choices leave without effect, each with what it applies to: a range option the setter does not read, a plug-in
+    option that neither the data source nor the loss takes, or one their own switches turn off (`unused()` of
+    the plug-in's options, e.g. --ce-weight under --akt-base kd)."""
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    act_range = values.get("act_range") or TrainConfig.act_range
+    out = {name: "--act-range " + " or ".join(readers(name)) for name in unread_options(act_range)
+           if values.get(name) is not None}
+    plugin = {**{k: v for k, v in values.items() if k not in own and v is not None}, **(values.get("options") or {})}
+    generator, method = values.get("generator") or TrainConfig.generator, values.get("method") or TrainConfig.method
+    for name in set(plugin) - plugin_fields(generator, method):
+        takers = [f"--{flag} {' or '.join(names)}" for flag, registry in (("generator", SOURCES), ("method", LOSSES))
+                  if (names := [n for n in registry.names() if name in _option_names(registry, n)])]
+        out[name] = " / ".join(takers) or "no data source or method"
     for registry, name in ((SOURCES, generator), (LOSSES, method)):
         cls = registry.options_class(name)
-        names |= {f.name for f in dataclasses.fields(cls)} if cls else set()
-    return names
+        if cls is not None and hasattr(cls, "unused"):
+            opts = cls(**{k: v for k, v in plugin.items() if k in _option_names(registry, name)})
+            out.update({k: where for k, where in opts.unused().items() if k in plugin})
+    return out
 
 
 @dataclass
@@ -288,7 +329,7 @@ class Job:
     g_train: nn.Module | None = None  # the source whose generator trains, as the step calls it (likewise)
     step: int = 0
     wall_s: float = 0.0
-    bad_total: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # steps skipped (NaN/Inf) per optimiser, over the run
 
     def state_dict(self, rngs: list[torch.Tensor] | None = None) -> dict[str, Any]:
         """`rngs`: every rank's sampling state (the models and optimisers are the same on all ranks); by default
@@ -297,7 +338,7 @@ class Job:
         return {"step": self.step, "qmodel": self.qmodel.state_dict(), "source": self.source.state_dict(),
                 "warm_source": self.warm_source.state_dict() if self.warm_source is not None else None,
                 "q_opt": self.q_opt.state_dict(), "g_opt": self.g_opt.state_dict() if self.g_opt else None,
-                "rng": rngs[0], "rng_ranks": rngs[1:], "wall_s": self.wall_s, "bad_total": self.bad_total,
+                "rng": rngs[0], "rng_ranks": rngs[1:], "wall_s": self.wall_s, "skipped": self.skipped,
                 "curv_batches": self.curv_batches, "best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -309,7 +350,7 @@ class Job:
         if self.g_opt is not None:
             self.g_opt.load_state_dict(state["g_opt"])
         self.rng.set_state([state["rng"], *state.get("rng_ranks", [])][self.dist.rank])
-        self.step, self.wall_s, self.bad_total = state["step"], state["wall_s"], state["bad_total"]
+        self.step, self.wall_s, self.skipped = state["step"], state["wall_s"], state["skipped"]
         self.curv_batches = state.get("curv_batches")
         self.best = state.get("best")
 
@@ -331,8 +372,9 @@ class Job:
     def draw(self, warm: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """A training batch from this rank's stream, through DDP when this source's generator trains."""
         source = self.batch_source(warm)
+        size = (self.source.warmup_batch or self.cfg.batch_size) if source is self.warm_source else self.cfg.batch_size
         trained = self.g_train.module if isinstance(self.g_train, DistributedDataParallel) else self.g_train
-        return (self.g_train if source is trained else source)(self.cfg.batch_size, self.rng)
+        return (self.g_train if source is trained else source)(size, self.rng)
 
 
 def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool = False, d: Dist = SINGLE) -> Job:
@@ -360,7 +402,7 @@ def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool
     layers = loss_fn.feature_layers(teacher, torch.zeros(2, info.in_channels, info.image_size, info.image_size,
                                                          device=device))
     q_params = [p for p in qmodel.parameters() if p.requires_grad]
-    q_opt = torch.optim.SGD(_q_groups(qmodel, q_params, cfg.range_lr_scale), lr=cfg.lr_q, momentum=cfg.momentum,
+    q_opt = torch.optim.SGD(_q_groups(qmodel, q_params, cfg.range_lr_scale or 1.0), lr=cfg.lr_q, momentum=cfg.momentum,
                             nesterov=True, weight_decay=cfg.weight_decay)
     _set_lr(q_opt, cfg.lr_q)
     trained_source = source if source.online else warm_source
@@ -402,52 +444,126 @@ def run_config(cfg: TrainConfig, d: Dist = SINGLE) -> dict[str, Any]:
     return out
 
 
-def _open_run(cfg: TrainConfig, resume: bool, d: Dist = SINGLE) -> dict[str, Any] | None:
-    """The resume state of the run in cfg.out, or None for a fresh run; refuses to overwrite a run."""
+def _open_run(cfg: TrainConfig, resume: bool, restart: bool, d: Dist = SINGLE) -> dict[str, Any] | None:
+    """The resume state of the run in cfg.out, or None for a fresh run. Never overwrites a run silently: a finished
+    one is refused, an unfinished one is continued (--resume) or started over (--restart) only when asked."""
     out = Path(cfg.out)
     if (out / "result.json").exists():
         raise UserError(f"{out} already holds a finished run (result.json): choose another --out")
+    unfinished = (out / "config.json").exists() or (out / "metrics.jsonl").exists()
+    if restart:
+        return None
     if not (out / "state.pt").exists():
+        if unfinished:
+            raise UserError(f"{out} holds a run that stopped before its first checkpoint, so there is nothing to "
+                            f"resume: --restart starts it over, or choose another --out")
+        if resume and d.main:
+            print(f"no checkpoint in {out}: starting the run from iteration 0")
         return None
     if not resume:
-        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, --restart to start it over, or "
+                        f"choose another --out")
     saved = json.loads((out / "config.json").read_text())
     now = run_config(cfg, d)
     world = saved.get("distributed", {}).get("world_size", 1)
     if world != d.world:
         raise UserError(f"{out} was started on {world} process(es); resume it on as many (torchrun "
                         f"--nproc_per_node), not {d.world}")
-    if {k: v for k, v in saved.items() if k != "device"} != {k: v for k, v in now.items() if k != "device"}:
+    if {k: v for k, v in saved.items() if k not in MACHINE} != {k: v for k, v in now.items() if k not in MACHINE}:
         raise UserError(f"{out} was started with another configuration; resume with the same arguments "
                         f"or choose another --out")
     return read_checkpoint(out / "state.pt")
 
 
+MACHINE = ("device", "threads")  # where a run executes: a resumed run may change them
+
+
+def available_cores() -> int:
+    """The cores this process may use: OMP_NUM_THREADS when set, else its CPU affinity mask."""
+    try:
+        omp = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:
+        omp = 0
+    return omp if omp > 0 else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _warn_if_busy(cores: int) -> None:
+    """Other work on the cores makes every thread of this run wait (three jobs on two cores ran 10-40× slower)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    machine = os.cpu_count() or 1
+    if load > machine:
+        print(f"warning: this machine's load ({load:.1f}) already exceeds its {machine} cores: the run's {cores} "
+              f"thread(s) will wait for them (run fewer jobs at once, or lower --threads)", file=sys.stderr)
+
+
+def _header(job: Job) -> str:
+    cfg = job.cfg
+    model = getattr(job.teacher, "zsq_arch", None) or type(job.teacher).__name__
+    return (f"zsq quantize: {model} W{cfg.wbits}A{cfg.abits}, source {cfg.generator}, loss {cfg.method}, preset "
+            f"{cfg.preset}: {cfg.epochs * cfg.iters_per_epoch} iterations ({cfg.warmup_epochs * cfg.iters_per_epoch}"
+            f" warm-up) on {job.device}, {cfg.threads} thread(s) → {job.out}")
+
+
 def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: bool = False,
-                 quiet: bool = False) -> Result:
+                 quiet: bool = False, restart: bool = False) -> Result:
     """Run (or resume) one zero-shot quantization job and write its run directory. Under torchrun every rank calls
-    this alike (see zsq.dist)."""
+    this alike (see zsq.dist). A `teacher` module is copied: the user's module keeps its mode, gradients,
+    device and hooks."""
+    if resume and restart:
+        raise UserError("--resume continues the run in --out and --restart discards it: give one of them")
     if cfg.deterministic:
         deterministic()
-    with session(resolve_device(cfg.device)) as (d, device):
-        quiet = quiet or not d.main
-        state = d.from_main(lambda: _open_run(cfg, resume, d))
-        job = _build(cfg, teacher, device, quiet, d)
-        try:
-            info = job.test_set.info
-            ctx = SourceContext(job.teacher, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
-            job.probe = probe_set(ctx, cfg.probe()).to(device)
-            if state is not None:
-                job.load_state_dict(state)
-                if not quiet:
-                    print(f"resuming {job.out} at iteration {job.step}")
-            elif d.main:
-                job.out.mkdir(parents=True, exist_ok=True)
-                save_json(run_config(cfg, d), job.out / "config.json")
-            _loop(job, quiet)
-            return _finish(job)
-        finally:
-            job.close()
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or available_cores())
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with session(resolve_device(cfg.device)) as (d, device):
+            quiet = quiet or not d.main
+            state = d.from_main(lambda: _open_run(cfg, resume, restart, d))
+            job = _build(cfg, copy.deepcopy(teacher) if teacher is not None else None, device, quiet, d)
+            try:
+                if d.main:
+                    print(_header(job), flush=True)
+                    _warn_if_busy(cfg.threads)
+                info = job.test_set.info
+                ctx = SourceContext(job.teacher, info.num_classes, info.in_channels, info.image_size, device, quiet,
+                                    d)
+                job.probe = probe_set(ctx, cfg.probe()).to(device)
+                if state is not None:
+                    job.load_state_dict(state)
+                    if not quiet:
+                        print(f"resuming {job.out} at iteration {job.step}")
+                else:
+                    if d.main:
+                        _clear_run(job.out)
+                        save_json(run_config(cfg, d), job.out / "config.json")
+                    if cfg.warmup_epochs == 0:
+                        _set_ranges_without_images(job)
+                _loop(job, quiet)
+                return _finish(job)
+            finally:
+                job.close()
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _clear_run(out: Path) -> None:
+    """A fresh run's folder: what an earlier unfinished run left there (--restart) goes."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("state.pt", "metrics.jsonl", "config.json", "samples.pt", "student.pt"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _set_ranges_without_images(job: Job) -> None:
+    """--warmup-epochs 0: the range setter sets every activation range from the teacher alone (the BN prior), or
+    the run is refused by name before it trains."""
+    _freeze_ranges(job)
+    quants = act_quantizers(job.qmodel)
+    unset = [q for q in quants if not q.calibrated]
+    if unset:
+        raise UserError(f"--warmup-epochs 0: --act-range {job.cfg.act_range} derives {len(quants) - len(unset)} of "
+                        f"the {len(quants)} activation ranges of this model from its BatchNorm statistics; the "
+                        f"others need warm-up images (--warmup-epochs ≥ 1)")
 
 
 def _set_epoch(job: Job, epoch: int) -> None:
@@ -465,12 +581,17 @@ def _set_epoch(job: Job, epoch: int) -> None:
 def _loop(job: Job, quiet: bool) -> None:
     cfg, state_path = job.cfg, job.out / "state.pt"
     total = cfg.epochs * cfg.iters_per_epoch
-    t0, wall_before, bad_run = time.time(), job.wall_s, 0
+    t0, wall_before, first = time.time(), job.wall_s, job.step
+    bad_run = {name: 0 for name in BAD_STEP_HINT}
     metrics = Metrics(job.out / "metrics.jsonl", keep_below=job.step, clock=lambda: wall_before + time.time() - t0,
                       d=job.dist)
 
     def checkpoint() -> None:
         metrics.flush()
+        bad = _nonfinite_state(job)
+        if bad:
+            raise UserError(f"{bad} holds NaN/Inf at iteration {job.step}: not checkpointed (the last good checkpoint "
+                            f"is {state_path})")
         job.wall_s = wall_before + time.time() - t0
         rngs = job.dist.gather(job.rng.get_state())
         if job.dist.main:
@@ -482,24 +603,24 @@ def _loop(job: Job, quiet: bool) -> None:
         for step in bar:
             epoch, it = divmod(step, cfg.iters_per_epoch)
             warm = epoch < cfg.warmup_epochs
-            if it == 0 or step == job.step:
+            if it == 0 or step == first:
                 _set_epoch(job, epoch)
             if cfg.recalibrate_at and it == 0 and epoch == cfg.recalibrate_at:
                 _recalibrate(job)
                 metrics.event({"iter": step, "epoch": epoch, "recalibrated": True})
-            terms = _iteration(job, warm)
+            terms, skipped = _iteration(job, warm)
             trained = step - cfg.warmup_epochs * cfg.iters_per_epoch
             if cfg.track_curvature and not warm and trained % cfg.track_curvature == 0:
                 terms.update(_curvature(job))
-            skipped = terms.pop("_skipped", None)
-            if skipped is not None:
-                bad_run = bad_run + 1 if skipped else 0
-                job.bad_total += int(skipped)
-                if bad_run >= cfg.max_bad_steps:
+            for name, was_skipped in skipped.items():
+                bad_run[name] = bad_run[name] + 1 if was_skipped else 0
+                job.skipped[name] = job.skipped.get(name, 0) + int(was_skipped)
+                if bad_run[name] >= cfg.max_bad_steps:
                     metrics.flush()
-                    raise UserError(f"the Q-model loss or gradient was NaN/Inf for {bad_run} iterations in a row "
-                                    f"(iteration {step}): lower --lr-q (now {cfg.lr_q}); the last good checkpoint "
-                                    f"is {state_path}")
+                    flag = BAD_STEP_HINT[name]
+                    raise UserError(f"the {name} loss or gradient was NaN/Inf for {bad_run[name]} iterations in a "
+                                    f"row (iteration {step}): lower --{flag.replace('_', '-')} (now "
+                                    f"{getattr(cfg, flag)}); the last good checkpoint is {state_path}")
             metrics.add({"iter": step, "epoch": epoch, "lr_q": job.q_opt.param_groups[0]["lr"], "warmup": warm},
                         terms)
             job.step = step + 1
@@ -521,7 +642,7 @@ def _loop(job: Job, quiet: bool) -> None:
                                                   limit=cfg.eval_limit)["top1"]
                 metrics.event(row)
             stopping = job.dist.any(stop.signum is not None)  # a signal reaches the ranks at different steps
-            if job.step % cfg.ckpt_every == 0 or stopping:
+            if job.step % cfg.ckpt_every == 0 or end_of_epoch or stopping:
                 checkpoint()
             if stopping:
                 bar.close()
@@ -533,6 +654,18 @@ def _loop(job: Job, quiet: bool) -> None:
 
 
 RECALIBRATION_BATCHES = 20  # the EMA (momentum 0.9) forgets its start within about this many batches
+BAD_STEP_HINT = {"generator": "lr_g", "Q model": "lr_q"}  # each guarded optimiser step, and the LR to lower
+
+
+def _nonfinite_state(job: Job) -> str | None:
+    """What of the run's state holds a NaN/Inf (the Q model, the data source, the warm-up generator), if any:
+    such a state is never checkpointed."""
+    for name, part in (("the Q model", job.qmodel), ("the data source", job.source),
+                       ("the warm-up generator", job.warm_source)):
+        floats = [t for t in part.state_dict().values() if t.is_floating_point()] if part is not None else []
+        if floats and not bool(torch.stack([t.isfinite().all() for t in floats]).all()):
+            return name
+    return None
 
 
 def _freeze_ranges(job: Job) -> None:
@@ -597,7 +730,8 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
                "wbits": cfg.wbits, "abits": cfg.abits, "generator": cfg.generator, "method": cfg.method,
                "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.seed,
-               "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.bad_total,
+               "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.skipped.get("Q model", 0),
+               "skipped_generator_steps": job.skipped.get("generator", 0),
                "dataset": job.test_set.info.name, "model": getattr(job.teacher, "zsq_arch", None) or
                type(job.teacher).__name__, "code": code_version(),
                **job.source.describe(), **({"world_size": job.dist.world} if job.dist.on else {}),
@@ -612,19 +746,20 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
     return summary
 
 
-def _iteration(job: Job, warm: bool) -> dict[str, Any]:
-    """One generator step (online sources) and, after warm-up, one Q-model step; returns the loss terms."""
+def _iteration(job: Job, warm: bool) -> tuple[dict[str, Any], dict[str, bool]]:
+    """One generator step (online sources) and, after warm-up, one Q-model step. Returns the loss terms and, for
+    each optimiser that was due to step, whether its step was skipped because its loss or gradient was NaN/Inf
+    (a skipped step leaves the parameters and the optimiser state as they were)."""
     cfg, source, qmodel, loss_fn = job.cfg, job.batch_source(warm), job.qmodel, job.loss_fn
     terms: dict[str, Any] = {}
+    skipped: dict[str, bool] = {}
     with autocast(job.device, cfg.precision):
         x, y = job.draw(warm)
         t_logits = None
         if source.online and job.g_opt is not None:
             t_logits = job.teacher(x)
             g_loss, g_terms = source.generator_loss(x, y, t_logits, qmodel)
-            job.g_opt.zero_grad(set_to_none=True)
-            g_loss.backward(inputs=list(source.parameters()))
-            job.g_opt.step()
+            skipped["generator"], _ = _step(job, job.g_opt, g_loss, list(source.parameters()))
             terms.update(g_terms, loss_g=g_loss)
         x = x.detach()
         if warm:  # the Q model only calibrates its activation ranges
@@ -632,23 +767,36 @@ def _iteration(job: Job, warm: bool) -> dict[str, Any]:
                 qmodel(x)
             job.t_tap.take()
             job.q_tap.take()
-            return terms
+            return terms, skipped
         seen = loss_fn.prepare(x)
         generator_pass = t_logits if seen is x else None  # the teacher already saw this very batch
         x = seen.requires_grad_(True) if cfg.promote > 0 else seen
-        loss, q_terms = loss_fn(_transfer_inputs(job, x, y, generator_pass, synced=True))
+        inp = _transfer_inputs(job, x, y, generator_pass, synced=True)
+        loss, q_terms = loss_fn(inp)
         if cfg.promote > 0:
-            adv = _promoted_loss(job, x, y, loss)
+            adv = _promoted_loss(job, inp, loss)
             q_terms = {**q_terms, "loss_clean": loss, "loss_promoted": adv}
             loss = loss + adv
-    job.q_opt.zero_grad(set_to_none=True)
-    loss.backward(inputs=job.q_params)  # not into x, which requires grad when --promote is on
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in job.q_params if p.grad is not None])
-    skipped = job.dist.any(not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)))  # one sync: the guard must know now
+        extra = loss_fn.clean_only(inp)
+        if extra is not None:
+            loss, q_terms = loss + extra[0], {**q_terms, **extra[1]}
+    skipped["Q model"], grad_norm = _step(job, job.q_opt, loss, job.q_params)
+    terms.update(q_terms, loss_q=loss.detach(), grad_norm=grad_norm)
+    return terms, skipped
+
+
+def _step(job: Job, opt: torch.optim.Optimizer, loss: torch.Tensor,
+          params: list[torch.Tensor]) -> tuple[bool, torch.Tensor]:
+    """Backward into `params` alone (not into the batch, which requires grad under --promote), then the
+    optimiser's step unless the loss or the gradient is NaN/Inf on any rank (one sync: the guard must know now).
+    Returns whether the step was skipped, and the gradient norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    skipped = job.dist.any(not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)))
     if not skipped:
-        job.q_opt.step()
-    terms.update(q_terms, loss_q=loss.detach(), grad_norm=grad_norm, _skipped=skipped)
-    return terms
+        opt.step()
+    return skipped, grad_norm
 
 
 def _transfer_inputs(job: Job, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor | None = None,
@@ -673,8 +821,10 @@ def _transfer_inputs(job: Job, x: torch.Tensor, y: torch.Tensor, t_logits: torch
 def _clean_loss(job: Job, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The transfer loss of the Q model on a prepared batch, without promotion: what the curvature is taken of."""
     with autocast(job.device, job.cfg.precision):
-        loss, _ = job.loss_fn(_transfer_inputs(job, *batch))
-    return loss
+        inp = _transfer_inputs(job, *batch)
+        loss, _ = job.loss_fn(inp)
+        extra = job.loss_fn.clean_only(inp)
+    return loss if extra is None else loss + extra[0]
 
 
 def _curvature(job: Job) -> dict[str, torch.Tensor]:
@@ -693,16 +843,17 @@ def _curvature(job: Job) -> dict[str, torch.Tensor]:
             "hessian_trace_se": torch.tensor(se, device=job.device)}
 
 
-def _promoted_loss(job: Job, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor) -> torch.Tensor:
+def _promoted_loss(job: Job, clean: TransferInputs, clean_loss: torch.Tensor) -> torch.Tensor:
     """HAST's sample-difficulty promotion: the batch moved by ε·sign(∇ₓ loss), i.e. made harder for the Q model,
-    and the transfer loss on it. The direction follows the Q path only; the HAST code also let it flow through
+    and the transfer loss on it. `clean_loss` is the loss without its clean-only terms (SynQ's CAM), whose
+    gradient is the direction. The direction follows the Q path only; the HAST code also let it flow through
     the teacher, whose outputs it never detached (hast.md §5.4), a side effect rather than the method."""
-    x_adv = fgsm_promote(x, clean_loss, job.cfg.promote)
+    x_adv = fgsm_promote(clean.x, clean_loss, job.cfg.promote)
     with torch.no_grad():
         t_logits = job.teacher(x_adv)
     t_feats = job.t_tap.take(detach=True)
-    loss, _ = job.loss_fn(TransferInputs(t_logits, job.qmodel(x_adv), y, x_adv, t_feats, job.q_tap.take(),
-                                         promoted=True))
+    loss, _ = job.loss_fn(TransferInputs(t_logits, job.qmodel(x_adv), clean.labels, x_adv, t_feats,
+                                         job.q_tap.take(), clean=clean))
     return loss
 
 
@@ -713,7 +864,7 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def quantize(teacher: str | nn.Module = "resnet20_fmnist", wbits: int = 4, abits: int = 4, generator: str = "gdfq",
              method: str = "kd", preset: str = "quick", resume: bool = False, quiet: bool = False,
-             **overrides: Any) -> Result:
+             restart: bool = False, **overrides: Any) -> Result:
     """Python entry point: `zsq.quantize(teacher, wbits=4, abits=4, generator="adadfq", method="kd")`.
 
     `teacher` is a name/path (as for `zsq.load_model`) or any `nn.Module` classifier (then pass `dataset=`).
@@ -721,4 +872,4 @@ def quantize(teacher: str | nn.Module = "resnet20_fmnist", wbits: int = 4, abits
     module = teacher if isinstance(teacher, nn.Module) else None
     name = "module" if module is not None else str(teacher)
     cfg = resolve_config(preset, generator, method, teacher=name, wbits=wbits, abits=abits, **overrides)
-    return quantize_run(cfg, teacher=module, resume=resume, quiet=quiet)
+    return quantize_run(cfg, teacher=module, resume=resume, quiet=quiet, restart=restart)

@@ -20,8 +20,8 @@ from ..errors import UserError
 from ..io import save_bytes
 
 # Fields that say how a run was carried out, not what it computed: never part of a group's identity.
-BOOKKEEPING = {"seed", "out", "device", "ckpt_every", "log_every", "eval_every", "eval_limit", "deterministic",
-               "max_bad_steps", "track_curvature", "curvature_samples"}
+BOOKKEEPING = {"seed", "out", "device", "threads", "ckpt_every", "log_every", "eval_every", "eval_limit",
+               "deterministic", "max_bad_steps", "track_curvature", "curvature_samples"}
 
 
 def read_runs(paths: list[str | Path]) -> list[dict[str, Any]]:

@@ -76,9 +76,9 @@ class Grid:
             for generator, method in itertools.product(_as_list(row["generator"]), _as_list(row["method"])):
                 names = {"generator": generator, "method": method}
                 flags = _flags(row.get("options", {}), names)
-                applies = {k: v for k, v in self.options.items() if _applies(k, generator, method)}
-                used |= set(applies)
-                mine = {k: v for k, v in applies.items() if k not in row.get("options", {})}  # the row's own wins
+                own = {k: v for k, v in self.options.items() if k not in row.get("options", {})}  # the row's own wins
+                mine = _applicable(own, flags, names, self.preset)
+                used |= set(mine) | (set(self.options) & set(row.get("options", {})))
                 common = ("--teacher", self.teacher, "--preset", self.preset, *_flags(mine, names))
                 specs.append(RunSpec(run_name(generator, method, flags, wbits, abits, seed), generator, method,
                                      wbits, abits, seed, flags, common))
@@ -138,11 +138,20 @@ def load_grid(path: str | Path, teacher: str | None = None, data_dir: str | None
                 _int_list(seeds if seeds is not None else raw.get("seeds", [0]), "seeds", path), rows, options)
 
 
-def _applies(key: str, generator: str, method: str) -> bool:
-    from ..train import TrainConfig, plugin_fields  # the engine, loaded only when a grid is expanded
+def _applicable(grid_wide: dict[str, Any], row_flags: tuple[str, ...], names: dict[str, str],
+                preset: str) -> dict[str, Any]:
+    """The grid-wide options that a run's choices (preset, row, grid-wide: its range setter, SynQ parts, ...) leave
+    with an effect: the others are not passed, since zsq quantize refuses an option that does nothing."""
+    from ..cli import quantize_values  # the engine, loaded only when a grid is expanded
+    from ..presets import preset_values
+    from ..train import TrainConfig, inapplicable, plugin_fields
 
-    name = key.replace("-", "_")
-    return name in {f.name for f in fields(TrainConfig)} or name in plugin_fields(generator, method)
+    takes = {f.name for f in fields(TrainConfig)} | plugin_fields(names["generator"], names["method"])
+    known = {k: v for k, v in grid_wide.items() if k.replace("-", "_") in takes}
+    given = quantize_values([*row_flags, *_flags(known, names), "--generator", names["generator"], "--method",
+                             names["method"]])
+    unused = inapplicable({**preset_values(preset, names["generator"], names["method"]), **given})
+    return {k: v for k, v in known.items() if k.replace("-", "_") not in unused}
 
 
 def _as_list(value: Any) -> list[str]:

@@ -92,8 +92,10 @@ def _finished(store: Store, grid: Grid, spec: RunSpec, run_dir: Path, expected: 
 
 
 def _check_same(name: str, run_dir: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Fields in both must agree; a field missing from an older run's config took its then default."""
-    differ = sorted(k for k in set(stored) & set(expected) - BOOKKEEPING if k != "options" and stored[k] != expected[k])
+    """Fields in both must agree; a field missing from an older run's config took its then default, and one the
+    grid's run leaves unset (None: an option its choices do not use) cannot differ."""
+    differ = sorted(k for k in set(stored) & set(expected) - BOOKKEEPING
+                    if k != "options" and expected[k] is not None and stored[k] != expected[k])
     s_opt, e_opt = stored.get("options", {}), expected.get("options", {})
     differ += sorted(f"options.{k}" for k in set(s_opt) & set(e_opt) if s_opt[k] != e_opt[k])
     if differ:
@@ -153,7 +155,9 @@ def _run_all(todo: list[RunSpec], store: Store, grid: Grid, runs_dir: Path, logs
 
 
 def _launch(spec: RunSpec, run_dir: Path, log: Path, env: dict[str, str]) -> int:
-    resume = ["--resume"] if (run_dir / "state.pt").exists() else []
+    """The run as its own process: resumed from its checkpoint, or started over when it was killed before its
+    first one (the folder is the bench's own)."""
+    resume = ["--resume"] if (run_dir / "state.pt").exists() else ["--restart"] if run_dir.exists() else []
     cmd = [sys.executable, "-m", "zsq", "quantize", *spec.argv(run_dir), *resume, "--quiet"]
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd[2:]) + "\n")

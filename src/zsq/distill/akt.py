@@ -15,34 +15,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..graph import residual_branches
 from .base import LOSSES, TransferInputs, TransferLoss
 from .logits import GDFQLossOptions
 
 PARTS = ("spatial", "channel")
-OFFICIAL_MAP_WEIGHT = 2e5  # the official lam 1000 × its summed batch of 200, per map, in batch-mean terms
+OFFICIAL_LAM, OFFICIAL_BATCH = 1000.0, 200  # the official code's lam, on KLs summed over its batch of 200
+OFFICIAL_MAP_WEIGHT = OFFICIAL_LAM * OFFICIAL_BATCH  # the same weight per map, in batch-mean terms
 
 
 def spatial_attention(f: torch.Tensor) -> torch.Tensor:
     """[B,C,H,W] → [B,H·W]: channel mean of f², L2-normalised per sample (Eq. 6)."""
-    return F.normalize(f.float().pow(2).mean(1).flatten(1), dim=1, eps=1e-12)
+    return F.normalize(f.double().pow(2).mean(1).flatten(1), dim=1, eps=1e-12)
 
 
 def channel_attention(f: torch.Tensor) -> torch.Tensor:
     """[B,C,H,W] → [B,C]: softmax over channels of the spatial mean of f² (Eq. 7)."""
-    return f.float().pow(2).mean((2, 3)).softmax(1)
+    return f.double().pow(2).mean((2, 3)).softmax(1)
 
 
 ATTENTIONS = {"spatial": spatial_attention, "channel": channel_attention}
 
 
 def attention_kl(u: torch.Tensor, v: torch.Tensor, tau: float, reduction: str = "batchmean") -> torch.Tensor:
-    """KL(softmax(u/τ) ‖ softmax(v/τ)) summed over the vector; batch mean or, as the official code, batch sum."""
-    logp, logq = F.log_softmax(u / tau, 1), F.log_softmax(v / tau, 1)
+    """KL(softmax(u/τ) ‖ softmax(v/τ)) summed over the vector, computed in float64 and returned in float32 (which
+    holds a small value to full precision); batch mean or, as the official code, batch sum."""
+    logp, logq = F.log_softmax(u.double() / tau, 1), F.log_softmax(v.double() / tau, 1)
     kl = (logp.exp() * (logp - logq)).sum(1)
     if reduction == "batchmean":
-        return kl.mean()
+        return kl.mean().float()
     if reduction == "sum":
-        return kl.sum()
+        return kl.sum().float()
     raise UserError(f"rfd reduction must be batchmean or sum, got '{reduction}'")
 
 
@@ -79,9 +82,6 @@ def rfd_loss(teacher_feats: Maps, student_feats: Maps, lam: float = 1.0, tau: fl
 
 
 # ---- which maps: found on any nn.Module by one probing forward pass ----------------------------------------
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
 
 def finish_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """(name, module, output shape) of every submodule called exactly once, in the order their forwards end."""
@@ -121,17 +121,11 @@ def find_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
     return list(last.values())
 
 
-def find_units(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Every residual unit: the outermost non-container modules that hold a convolution (a ResNet's blocks)."""
-    names = []
-    for name, module, shape in finish_order(model, example):
-        parents = [model.get_submodule(".".join(name.split(".")[:i])) for i in range(1, name.count(".") + 1)]
-        outermost = all(isinstance(p, _CONTAINERS) for p in parents)
-        has_conv = any(isinstance(m, nn.Conv2d) for m in module.modules())
-        if (len(shape) == 4 and outermost and not isinstance(module, _CONTAINERS) and has_conv
-                and any(True for _ in module.children())):
-            names.append(name)
-    return names
+def find_units(model: nn.Module) -> list[str]:
+    """Every residual unit's branch output (conv + BN before the add, in full precision), found on the traced
+    graph: what the HAST, AKT and SynQ codes hook (hast.md §2, synq.md §5), not the whole block, whose output has
+    passed the add, the ReLU and, in the Q model, the activation quantizer."""
+    return residual_branches(model)
 
 
 def resolve_layers(model: nn.Module, example: torch.Tensor, layers: str, flag: str = "--akt-layers") -> list[str]:
@@ -140,7 +134,7 @@ def resolve_layers(model: nn.Module, example: torch.Tensor, layers: str, flag: s
     if layers == "stages":
         found = find_stages(model, example)
     elif layers == "units":
-        found = find_units(model, example)
+        found = find_units(model)
     else:
         found = [n.strip() for n in layers.split(",") if n.strip()]
         modules = dict(model.named_modules())
@@ -162,13 +156,15 @@ class RFDOptions:
     """The refined feature distillation's own options, shared by `akt` and `akt+synq`."""
 
     akt_lambda: float | None = field(default=None, metadata={
-        "help": f"λ of Eq. 8 (batch-mean KLs); default {OFFICIAL_MAP_WEIGHT:.0e}·N maps, the official code's weight"})
+        "help": f"λ of Eq. 8, on the KLs as --akt-reduction reduces them; default: the official code's weight, "
+                f"{OFFICIAL_MAP_WEIGHT:.0e}·N maps under batchmean, {OFFICIAL_LAM:.0f}·N under sum"})
     akt_tau: float = field(default=8.0, metadata={"help": "temperature of the attention KLs"})
     akt_layers: str = field(default="stages", metadata={
-        "help": "stages (last block per resolution, paper), units (every residual block, official code) or "
+        "help": "stages (last block per resolution, paper), units (every residual branch before its add, official "
+                "code) or "
                 "comma-separated module names"})
     akt_reduction: str = field(default="batchmean", metadata={
-        "help": "batchmean, or sum over the batch as the official code (λ then scales with the batch)"})
+        "help": "batchmean, or sum over the batch as the official code (a given λ then weighs B times more)"})
 
     def check_rfd(self) -> None:
         if self.akt_lambda is not None and self.akt_lambda < 0:
@@ -179,7 +175,12 @@ class RFDOptions:
             raise UserError(f"akt-reduction must be batchmean or sum, got '{self.akt_reduction}'")
 
     def rfd_weight(self, n_maps: int) -> float:
-        return self.akt_lambda if self.akt_lambda is not None else OFFICIAL_MAP_WEIGHT * max(n_maps, 1)
+        """λ: the given one, or the official effective weight for the chosen reduction (the official lam per map
+        on batch sums; under batchmean, lam × its batch)."""
+        if self.akt_lambda is not None:
+            return self.akt_lambda
+        per_map = OFFICIAL_LAM if self.akt_reduction == "sum" else OFFICIAL_MAP_WEIGHT
+        return per_map * max(n_maps, 1)
 
 
 @dataclass
@@ -198,6 +199,17 @@ class AKTOptions(GDFQLossOptions, RFDOptions):
             raise UserError(f"akt-combine must be convex or sum, got '{self.akt_combine}'")
         if self.akt_base not in ("kd", "gdfq", "adadfq"):
             raise UserError(f"akt-base must be kd, gdfq or adadfq, got '{self.akt_base}'")
+
+    def unused(self) -> dict[str, str]:
+        """The options these choices leave without effect, each with what it applies to."""
+        out = {}
+        if self.akt_base != "gdfq":
+            out["ce_weight"] = "--akt-base gdfq"
+        if self.akt_base == "adadfq":
+            out["kd_reduction"] = "--akt-base kd or gdfq"
+        if self.akt_combine == "sum":
+            out["akt_alpha"] = "--akt-combine convex"
+        return out
 
 
 class AKTLoss(TransferLoss):

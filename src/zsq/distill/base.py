@@ -24,7 +24,9 @@ class TransferInputs:
     x: torch.Tensor  # the (detached) batch both models saw
     t_feats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached
     q_feats: dict[str, torch.Tensor] = field(default_factory=dict)
-    promoted: bool = False  # the FGSM-promoted copy of the batch: terms defined on the clean batch only skip it
+    # On the FGSM-promoted copy of a batch: the clean batch's inputs (SynQ picks its selective-CE samples by the
+    # teacher's confidence on the clean batch, synq.md §5); None on a clean batch.
+    clean: TransferInputs | None = None
 
 
 class TransferLoss(nn.Module):
@@ -44,7 +46,14 @@ class TransferLoss(nn.Module):
         return x
 
     def forward(self, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its logged terms; with --promote, its gradient in x is also the promotion's direction, and
+        it is computed again on the promoted batch."""
         raise NotImplementedError
+
+    def clean_only(self, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Terms defined on the clean batch only (SynQ's Grad-CAM alignment): added to the loss, but neither part
+        of the promotion's direction nor computed on the promoted batch. None when the loss has none."""
+        return None
 
 
 LOSSES: Registry[Callable[[object], TransferLoss]] = Registry("method")

@@ -52,7 +52,8 @@ class WeightedKDOptions(KDOptions):
 class HASTLossOptions(WeightedKDOptions):
     hast_fa_weight: float = field(default=1000.0, metadata={"help": "λ of the channel-attention alignment (code: 1000)"})
     hast_layers: str = field(default="units", metadata={
-        "help": "maps aligned by the hast loss: units (every residual block), stages, or module names"})
+        "help": "maps aligned by the hast loss: units (every residual branch before its add, as the HAST and "
+                "SynQ codes), stages, or module names"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

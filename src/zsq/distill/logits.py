@@ -1,6 +1,7 @@
 """Logit-based transfer losses: `kd`, `gdfq` (KD + CE on the sampled labels), `adadfq` (entropy of the gap)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -11,14 +12,21 @@ from .base import LOSSES, TransferInputs, TransferLoss
 
 
 @dataclass
-class KDOptions:
+class TemperatureOptions:
     kd_temperature: float = field(default=20.0, metadata={"help": "softmax temperature T of the logit transfer"})
-    kd_reduction: str = field(default="batchmean", metadata={
-        "help": "batchmean: T²·KL per sample; elementwise: T²·KL/C, the GDFQ code's nn.KLDivLoss() default"})
 
     def __post_init__(self) -> None:
         if self.kd_temperature <= 0:
             raise UserError(f"kd temperature must be > 0, got {self.kd_temperature}")
+
+
+@dataclass
+class KDOptions(TemperatureOptions):
+    kd_reduction: str = field(default="batchmean", metadata={
+        "help": "batchmean: T²·KL per sample; elementwise: T²·KL/C, the GDFQ code's nn.KLDivLoss() default"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.kd_reduction not in ("batchmean", "elementwise"):
             raise UserError(f"kd reduction must be batchmean or elementwise, got '{self.kd_reduction}'")
 
@@ -58,9 +66,11 @@ class GDFQLoss(KD):
 
 
 class AdaDFQLoss(TransferLoss):
-    """−T² · mean H(softmax((z_t − z_q)/T)): maximal (−T² log C) when z_q = z_t + a constant."""
+    """T² · mean (log C − H(softmax((z_t − z_q)/T))): AdaDFQ's −T²·H, maximal entropy of the logit gap when
+    z_q = z_t + a constant, offset by the constant T²·log C. The gradient is the paper's; the value is 0 at the
+    optimum and moves, where −T²·H sat at −T²·log C (−921 at T = 20, C = 10) in every logged digit."""
 
-    def __init__(self, opts: KDOptions) -> None:
+    def __init__(self, opts: TemperatureOptions) -> None:
         super().__init__()
         self.opts = opts
 
@@ -68,7 +78,8 @@ class AdaDFQLoss(TransferLoss):
         T = self.opts.kd_temperature
         logp = F.log_softmax((inp.t_logits.float() - inp.q_logits.float()) / T, 1)
         h = -(logp.exp() * logp).sum(1).mean()
-        return -T * T * h, {"gap_entropy": h}
+        deficit = math.log(inp.t_logits.shape[1]) - h
+        return T * T * deficit, {"gap_entropy": h}
 
 
 @LOSSES.register("kd", options=KDOptions)
@@ -81,6 +92,6 @@ def gdfq(opts: GDFQLossOptions) -> GDFQLoss:
     return GDFQLoss(opts)
 
 
-@LOSSES.register("adadfq", options=KDOptions)
-def adadfq(opts: KDOptions) -> AdaDFQLoss:
+@LOSSES.register("adadfq", options=TemperatureOptions)
+def adadfq(opts: TemperatureOptions) -> AdaDFQLoss:
     return AdaDFQLoss(opts)

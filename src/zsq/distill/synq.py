@@ -6,8 +6,11 @@ Three parts, each switchable (`--synq-parts lpf,cam,selce`):
   images carry high-frequency noise that real images lack (§2);
 - cam: the Q model's Grad-CAM saliency at the last spatial conv follows the teacher's (§3);
 - selce: CE on the synthetic labels, for the samples the teacher finds easy only (§4).
-HAST's promotion is the loop's `--promote` pass (on by default in the synq presets); the CAM term is computed on
-the clean batch only, as in the official code.
+HAST's promotion is the loop's `--promote` pass (on by default in the synq presets): its direction is the gradient
+of KD + λ_CE·selective CE + the alignment, and on the promoted batch the selective CE keeps the samples chosen on
+the clean batch (synq.md §5); the CAM term is computed on the clean batch only and stays out of the direction, as
+in the official code. The promoted batch's loss keeps the alignment term, as HAST's and SynQ's ImageNet code do;
+SynQ's CIFAR code drops it there.
 """
 from __future__ import annotations
 
@@ -156,6 +159,13 @@ class SynQPartOptions:
         if self.cam_type not in ("gradcam", "gradcampp"):
             raise UserError(f"cam-type must be gradcam or gradcampp, got '{self.cam_type}'")
 
+    def unused(self) -> dict[str, str]:
+        """The options of the parts switched off, each with what it applies to."""
+        by_part = {"lpf": ("synq_d0",), "cam": ("synq_cam_weight", "cam_target", "cam_type", "cam_layer"),
+                   "selce": ("synq_tau", "synq_ce_weight")}
+        return {name: f"--synq-parts with {part}" for part, names in by_part.items() if part not in self.parts
+                for name in names}
+
     @property
     def parts(self) -> tuple[str, ...]:
         names = [p.strip() for p in self.synq_parts.split(",") if p.strip()]
@@ -222,14 +232,17 @@ class SynQLoss(TransferLoss):
             align, terms = o.hast_fa_weight * fa, {"kd": kd, "fa": fa}
         loss = o.hast_kd_weight * kd + align
         if "selce" in self.parts:
-            ce, keep = selective_ce(t_logits, inp.q_logits, inp.labels, o.synq_tau)
+            chooser = (inp.clean or inp).t_logits  # the promoted batch keeps the clean batch's easy samples
+            ce, keep = selective_ce(chooser, inp.q_logits, inp.labels, o.synq_tau)
             loss = loss + o.synq_ce_weight * ce
             terms.update(selce=ce, selce_kept=keep.float().mean())
-        if "cam" in self.parts and not inp.promoted:
-            cam = self.cam_loss(inp)
-            loss = loss + o.synq_cam_weight * cam
-            terms["cam"] = cam
         return loss, terms
+
+    def clean_only(self, inp: TransferInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        if "cam" not in self.parts:
+            return None
+        cam = self.cam_loss(inp)
+        return self.opts.synq_cam_weight * cam, {"cam": cam}
 
     def cam_loss(self, inp: TransferInputs) -> torch.Tensor:
         """MSE between the teacher's and the Q model's saliency maps (mean over B×H×W); only the Q model's

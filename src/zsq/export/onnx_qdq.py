@@ -26,6 +26,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UserError
+from ..graph import LeafTracer, call_index
 from ..io import save_bytes
 from ..models.resnet import PadShortcut
 from ..quant import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, quant_params
@@ -43,11 +44,6 @@ def _onnx():
     except ImportError:
         raise UserError("ONNX export needs the export extra: pip install 'zsq[export]'") from None
     return onnx, TensorProto, helper, numpy_helper
-
-
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LEAVES) or super().is_leaf_module(m, qualname)
 
 
 CONTAINERS = (("UINT4", 0, 15), ("INT4", -8, 7), ("UINT8", 0, 255), ("INT8", -128, 127), ("UINT16", 0, 65535),
@@ -160,7 +156,10 @@ def _pads(padding: Any, ndim: int = 2) -> list[int]:
     return list(p) + list(p)
 
 
-def _module(g: _Graph, name: str, m: nn.Module, x: str, bn: nn.BatchNorm2d | None, shape: torch.Size) -> str:
+def _module(g: _Graph, name: str, m: nn.Module, x: str, bn: nn.BatchNorm2d | None, shape: torch.Size,
+            call: int) -> str:
+    """The ONNX nodes of module `m` at its `call`-th place in the graph (a QuantAct quantizes each call with its
+    own range)."""
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise UserError(f"{name}: only zero padding given as numbers can be exported")
@@ -179,7 +178,7 @@ def _module(g: _Graph, name: str, m: nn.Module, x: str, bn: nn.BatchNorm2d | Non
                                              g.const(f"{name}.mean", mean), g.const(f"{name}.var", var)], name,
                       epsilon=m.eps)
     if isinstance(m, QuantAct):
-        return _act_qdq(g, _activation(g, x, name, m.act), name, m.quant)
+        return _act_qdq(g, _activation(g, x, name, m.act), name, m.quantizers()[call])
     if isinstance(m, (nn.ReLU, nn.ReLU6)):
         return _activation(g, x, name, m)
     if isinstance(m, nn.MaxPool2d) and m.dilation in (1, (1, 1)):
@@ -227,13 +226,14 @@ def build_onnx(model: nn.Module, image_size: int, in_channels: int, mean: tuple[
     g = _Graph()
     model = model.eval()
     try:
-        gm = torch.fx.GraphModule(model, _Tracer().trace(model))
+        gm = torch.fx.GraphModule(model, LeafTracer(LEAVES).trace(model))
     except Exception as e:  # symbolic tracing fails on data-dependent Python control flow
         raise UserError(f"{type(model).__name__} cannot be traced for ONNX export ({type(e).__name__}: "
                         f"{str(e)[:160]})") from None
     example = torch.zeros(1, in_channels, image_size, image_size)
     ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
+    calls = call_index(gm.graph)
     by_name = {n.name: n for n in gm.graph.nodes}
     folded = _bn_after_conv(gm)
     skip = set(folded.values())
@@ -249,7 +249,7 @@ def build_onnx(model: nn.Module, image_size: int, in_channels: int, mean: tuple[
             env[node.name] = args[0]  # folded into the conv before it
         elif node.op == "call_module":
             env[node.name] = _module(g, node.target, modules[node.target], args[0], bn_of.get(node.name),
-                                     node.meta["tensor_meta"].shape)
+                                     node.meta["tensor_meta"].shape, calls[node])
         elif node.op == "call_function" and node.target in (operator.add, torch.add) and len(args) == 2:
             env[node.name] = g.node("Add", args, node.name)
         elif node.op == "call_function" and node.target is torch.flatten and args[1:] in ([1], [1, -1]):

@@ -7,6 +7,7 @@ A zsq checkpoint is a plain dict, loadable with `torch.load(weights_only=True)`:
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -58,10 +59,12 @@ def read_checkpoint(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "not a weights file"
-        raise UserError(f"{path} is not a weights-only checkpoint ({first[:200]})") from None
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a plain pickle before refusing it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a weights-only PyTorch checkpoint (refused: loading it could run code)"
+                        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
         raise UserError(f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
@@ -130,8 +133,11 @@ def load_model(name_or_path: str | Path, checkpoint: str | Path | None = None, n
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load every tensor by name, refusing any mismatch, except what PyTorch itself accepts: a BatchNorm's
+    `num_batches_tracked`, absent from checkpoints saved before PyTorch 0.4.1 (many published CIFAR ResNets)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    older = {k for k in own if k.endswith(".num_batches_tracked") and k not in state}
+    missing = [k for k in own if k not in state and k not in older]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in own
              if k in state and state[k].shape != own[k].shape]
@@ -139,4 +145,4 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         parts = [f"{label}: {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''} ({len(keys)})"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise UserError(f"{path} does not match {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state)
+    model.load_state_dict({**state, **{k: own[k] for k in older}})

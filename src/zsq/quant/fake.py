@@ -2,6 +2,8 @@
 
 For a range [l, u] and k bits:  S = max((u − l) / (2ᵏ − 1), 1e-8),  Z = round(−l / S),
 q = clamp(round(x / S) + Z, 0, 2ᵏ − 1),  x̂ = S · (q − Z).
+x / S is computed as x · (1 / S), as torch's `fake_quantize_per_*_affine` kernels do: the two differ by one float
+step for some x, which at a rounding tie picks the other code, and the codes must be torch's bit for bit.
 """
 from __future__ import annotations
 
@@ -19,22 +21,24 @@ def quant_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer codes q in [0, 2ᵏ − 1], still as a float tensor."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+    return torch.clamp(torch.round(x * scale.reciprocal()) + zero, 0, 2**bits - 1)
 
 
 def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
                   ste: str = "identity") -> torch.Tensor:
-    """x̂ in the forward pass; the straight-through estimator backward.
+    """x̂ in the forward pass, exactly the grid value S·(q − Z); the straight-through estimator backward.
 
     `ste="identity"` passes the gradient everywhere (the lineage's choice); `"clipped"` zeroes it where x lies
-    outside [l, u]. l and u never receive a gradient: they are min/max statistics, not parameters.
+    outside [l, u]. l and u never receive a gradient: they are min/max statistics, not parameters. The forward
+    adds x − x.detach() (exactly 0) to x̂, never x̂ − x to x, whose rounding left some values one float step off
+    the grid.
     """
     lo, hi = lo.detach(), hi.detach()
     scale, zero = quant_params(lo, hi, bits)
     xq = scale * (quantize_int(x.detach(), scale, zero, bits) - zero)
     if ste == "clipped":
         x = torch.minimum(torch.maximum(x, lo), hi)
-    return x + (xq - x).detach()
+    return xq + (x - x.detach())
 
 
 def per_channel_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,12 +1,14 @@
 """Fake-quantized layers (module swaps, torchao-style `from_float` / `to_float`) and the activation quantizer."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .fake import fake_quantize, per_channel_range
 
 
@@ -123,15 +125,18 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        """Fold the batch's range into the EMA; a batch with a NaN/Inf range is left out (without a device sync),
+        so that one bad batch cannot poison the range for the rest of the run."""
         m = self.momentum
         self.calibrated = True
-        self.steps += 1
         lo, hi = batch_range(x.detach(), self.percentile)
-        self.ema_min.mul_(m).add_((1 - m) * lo)
-        self.ema_max.mul_(m).add_((1 - m) * hi)
+        ok = torch.isfinite(lo) & torch.isfinite(hi)
+        self.steps += ok.long()
+        self.ema_min.copy_(torch.where(ok, m * self.ema_min + (1 - m) * lo, self.ema_min))
+        self.ema_max.copy_(torch.where(ok, m * self.ema_max + (1 - m) * hi, self.ema_max))
         correction = 1 - torch.pow(torch.tensor(m, device=x.device), self.steps.float())
-        self.lo.copy_(self.ema_min / correction)
-        self.hi.copy_(self.ema_max / correction)
+        self.lo.copy_(torch.where(self.steps > 0, self.ema_min / correction, self.lo))
+        self.hi.copy_(torch.where(self.steps > 0, self.ema_max / correction, self.hi))
 
     def reset(self) -> None:
         for buf in (self.ema_min, self.ema_max, self.steps, self.lo, self.hi):
@@ -157,29 +162,62 @@ class ActQuantizer(nn.Module):
         if self.hi_param is not None and prefix + "hi" in state_dict:
             state_dict[prefix + "hi_param"] = state_dict[prefix + "hi"]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.calibrated = bool(self.steps.item() > 0)
+        self.calibrated = bool(self.steps.item() > 0 or self.hi.item() > self.lo.item())  # observed, or set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂ on the float32 grid of [lo, hi] whatever the input's dtype: under bf16 autocast the scale, zero point
+        and codes are those of evaluation and export, and only the result is carried in bf16."""
         if self.observing:
             self.observe(x)
         elif not self.calibrated:
             raise RuntimeError("activation range not calibrated: run zsq.quant.calibrate(model, batches) first")
+        xf = x.float()
         if self.learned and self.hi_param is not None:
             with torch.no_grad():
                 self.hi.copy_(self.hi_param)
-            return learned_fake_quantize(x, self.lo.to(x.dtype), self.hi_param.to(x.dtype), self.bits)
-        return fake_quantize(x, self.lo.to(x.dtype), self.hi.to(x.dtype), self.bits, self.ste)
+            return learned_fake_quantize(xf, self.lo, self.hi_param, self.bits).to(x.dtype)
+        return fake_quantize(xf, self.lo, self.hi, self.bits, self.ste).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, momentum={self.momentum}"
 
 
 class QuantAct(nn.Module):
-    """An activation function followed by its quantizer: the module that replaces each ReLU/ReLU6."""
+    """An activation function followed by its quantizers: the module that replaces each ReLU/ReLU6.
 
-    def __init__(self, act: nn.Module, quant: ActQuantizer) -> None:
+    A module called at several places of the forward (a torchvision block's one `self.relu`) quantizes tensors of
+    different ranges there, so each call gets its own quantizer: `quant` the first, `more[i]` the (i+2)-th, in
+    execution order. `calls` is how many calls the traced graph showed, or 0 when the model could not be traced;
+    then a second call in one forward is refused by name, since nothing else tells the calls apart. The call
+    counter is reset before every forward of the model (`count_calls`)."""
+
+    def __init__(self, act: nn.Module, quant: ActQuantizer, calls: int = 1, site: str = "") -> None:
         super().__init__()
-        self.act, self.quant = act, quant
+        self.act, self.quant, self.calls, self.site = act, quant, calls, site
+        self.more = nn.ModuleList(copy.deepcopy(quant) for _ in range(calls - 1))
+        self.call = 0
+
+    def quantizers(self) -> list[ActQuantizer]:
+        return [self.quant, *self.more]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant(self.act(x))
+        if self.calls == 1:
+            return self.quant(self.act(x))
+        i, self.call = self.call, self.call + 1
+        if self.calls == 0 and i > 0:
+            raise UserError(f"module {self.site} is called more than once per forward, so each call needs its own "
+                            f"activation quantizer, and the model cannot be traced by torch.fx to tell the calls "
+                            f"apart: give each call its own activation module")
+        return self.quantizers()[i % max(self.calls, 1)](self.act(x))
+
+
+def _reset_calls(model: nn.Module, args: tuple) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantAct):
+            m.call = 0
+
+
+def count_calls(model: nn.Module) -> None:
+    """Reset the per-call counters of `model`'s QuantActs before each of its forwards (a plain function as the
+    hook, so that a deep copy of the model resets its own)."""
+    model.register_forward_pre_hook(_reset_calls)

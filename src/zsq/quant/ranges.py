@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..graph import LeafTracer, call_index
 from ..registry import Registry
 from .modules import ActQuantizer, QuantAct
 from .surgery import act_quantizers
@@ -48,17 +49,24 @@ class RangeOptions:
     act_percentile: float = 99.9  # percentile setter: the batch percentile taken as hi (and 100 − p as lo)
     bn_k: float = 3.0  # BN setters: standard deviations above the mean taken as a channel's bound
     bn_propagate: str = "bounds"  # BN setters: how statistics cross ReLUs and residual sums (BN_PROPAGATE)
+    # LSQ's gradient scale lets a learned range share the weights' learning rate, which assumes the weights' long
+    # schedules: at the quick budget (500 steps, lr_q 1e-3 then 1e-4) the ranges moved under 0.3 % (README
+    # "Activation ranges")
+    range_lr_scale: float = 1.0  # learned setter: the ranges' learning rate, × lr_q (same schedule)
 
     def __post_init__(self) -> None:
         if not 50 < self.act_percentile <= 100:
             raise UserError(f"act-percentile must be in (50, 100], got {self.act_percentile}")
         if self.bn_k <= 0:
             raise UserError(f"bn-k must be > 0, got {self.bn_k}")
+        if self.range_lr_scale <= 0:
+            raise UserError(f"range-lr-scale must be > 0, got {self.range_lr_scale}")
         check_propagate(self.bn_propagate)
 
 
 class RangeSetter:
     reads: frozenset[str] = frozenset()  # the RangeOptions fields this setter uses
+    needs_images = True  # sets ranges from the warm-up's images (so --warmup-epochs 0 cannot run it)
 
     def __init__(self, opts: RangeOptions) -> None:
         self.opts = opts
@@ -90,6 +98,7 @@ class PercentileRange(RangeSetter):
 @RANGE_SETTERS.register("bn-prior")
 class BNPriorRange(RangeSetter):
     reads = frozenset({"bn_k", "bn_propagate"})
+    needs_images = False  # where the teacher's BN statistics bound a range; the others keep the warm-up's
     clamp = False
 
     def finish(self, qmodel: nn.Module) -> None:
@@ -102,11 +111,14 @@ class BNPriorRange(RangeSetter):
 
 @RANGE_SETTERS.register("bn-clamp")
 class BNClampRange(BNPriorRange):
+    needs_images = True  # the EMA range is what it clamps
     clamp = True
 
 
 @RANGE_SETTERS.register("learned")
 class LearnedRange(BNPriorRange):
+    reads = BNPriorRange.reads | {"range_lr_scale"}
+
     def prepare(self, qmodel: nn.Module) -> None:
         """The parameters exist from the start, so the Q optimizer (built before the warm-up) holds them."""
         super().prepare(qmodel)
@@ -130,16 +142,20 @@ def unread_options(name: str) -> set[str]:
     return {f.name for f in fields(RangeOptions)} - RANGE_SETTERS.get(name).reads
 
 
+def readers(option: str) -> list[str]:
+    """The setters that use a range option (for the line that refuses it elsewhere)."""
+    return [name for name in RANGE_SETTERS.names() if option in RANGE_SETTERS.get(name).reads]
+
+
 def create_range_setter(name: str, opts: RangeOptions | None = None) -> RangeSetter:
     return RANGE_SETTERS.get(name)(opts or RangeOptions())
 
 
-class _Tracer(torch.fx.Tracer):
+class _Tracer(LeafTracer):
     """Quantized activations, BN and parameter-free modules stay whole: bounds are propagated through them."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantAct, nn.BatchNorm2d)) or not list(m.children()) or super().is_leaf_module(
-            m, qualname)
+        return not list(m.children()) or super().is_leaf_module(m, qualname)
 
 
 Stats = tuple[torch.Tensor, torch.Tensor]  # per-channel mean and standard deviation, each (1, C, 1, 1)
@@ -151,10 +167,11 @@ def bn_bounds(qmodel: nn.Module, k: float, propagate: str = "bounds") -> dict[Ac
     (1, C, 1, 1); under `bounds` a ReLU turns them into (bound, 0), so a sum adds bounds."""
     check_propagate(propagate)  # a misspelt name must not fall back to `bounds` silently
     try:
-        graph = _Tracer().trace(qmodel)
+        graph = _Tracer((QuantAct, nn.BatchNorm2d)).trace(qmodel)
     except Exception as e:  # noqa: BLE001 - any untraceable model simply has no BN prior
         raise UserError(f"the BN range prior needs a torch.fx-traceable model ({type(e).__name__}: {e})") from None
     moments = propagate == "moments"
+    site = call_index(graph)
     modules = dict(qmodel.named_modules())
     stats: dict[str, Stats | None] = {}
     out: dict[ActQuantizer, float] = {}
@@ -168,7 +185,7 @@ def bn_bounds(qmodel: nn.Module, k: float, propagate: str = "bounds") -> dict[Ac
             elif isinstance(m, QuantAct):
                 if args[0] is not None:
                     mean, std = args[0]
-                    out[m.quant] = F.relu(m.act(mean + k * std)).max().item()
+                    out[m.quantizers()[site[node]]] = F.relu(m.act(mean + k * std)).max().item()
                     s = _relu(args[0], k, moments, m.act)
             elif isinstance(m, (nn.ReLU, nn.ReLU6)) and args[0] is not None:
                 s = _relu(args[0], k, moments, m)

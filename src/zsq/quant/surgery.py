@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..graph import module_calls, trace
 from .fake import STE_MODES
-from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear
+from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, count_calls
 
 FP_BITS = 32
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -64,10 +65,12 @@ def quantize_model(model: nn.Module, wbits: int | None = None, abits: int | None
     """A fake-quantized copy of `model` (the original is untouched).
 
     Every Conv2d/Linear becomes a per-channel weight-quantized layer (first and last = the first and last in
-    module order); every ReLU/ReLU6 module is followed by a per-tensor activation quantizer, so activations are
-    quantized wherever they feed the next layer, including after each residual add's ReLU. The input image stays
-    FP. Models must use ReLU *modules*, each used once (a functional relu cannot be seen by a module swap).
-    Activation ranges start uncalibrated: open them with `observe_ranges` or use `calibrate`.
+    module order); every ReLU/ReLU6 module is followed by a per-tensor activation quantizer at each place the
+    traced graph calls it (a module called twice gets two), so activations are quantized wherever they feed the
+    next layer, including after each residual add's ReLU. The input image stays FP. Models must use ReLU
+    *modules* (a functional relu cannot be seen by a module swap); in a model that torch.fx cannot trace, a
+    module called twice is refused by name at its second call. Activation ranges start uncalibrated: open them
+    with `observe_ranges` or use `calibrate`.
     """
     if cfg is None:
         cfg = QuantConfig(wbits=4 if wbits is None else wbits, abits=4 if abits is None else abits, **kwargs)
@@ -88,8 +91,13 @@ def quantize_model(model: nn.Module, wbits: int | None = None, abits: int | None
     if cfg.abits != FP_BITS:
         wrapped = {id(m.act) for m in qmodel.modules() if isinstance(m, QuantAct)}
         acts = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, ACTIVATIONS) and id(m) not in wrapped]
+        graph = trace(qmodel, (QuantAct,))
+        calls = module_calls(graph) if graph is not None else None
         for name, act in acts:
-            _set_child(qmodel, name, QuantAct(act, ActQuantizer(cfg.abits, cfg.act_momentum, cfg.ste)))
+            n = max(calls[name], 1) if calls is not None else 0
+            _set_child(qmodel, name, QuantAct(act, ActQuantizer(cfg.abits, cfg.act_momentum, cfg.ste), n, name))
+        if any(m.calls != 1 for m in qmodel.modules() if isinstance(m, QuantAct)):
+            count_calls(qmodel)
     qmodel.zsq_quant = asdict(cfg)
     return qmodel
 

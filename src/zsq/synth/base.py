@@ -32,6 +32,7 @@ class SourceContext:
 
 class DataSource(nn.Module):
     online: bool = True
+    warmup_batch: int | None = None  # an offline source's batch for the warm-up generator (None: the run's batch)
 
     def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -27,7 +27,8 @@ class ConditionalGenerator(nn.Module):
 
     The eps 0.8 BatchNorms are the lineage's (PyTorch-GAN's) quirk, kept because they shape the published
     results; the final non-affine BN standardises each channel, which is what the teacher's normalised input
-    expects. The generator always runs in train mode (batch statistics).
+    expects. The generator always normalises with batch statistics (as in train mode, which it never leaves), so
+    its BatchNorms keep no running statistics: nothing reads them, and a bad batch would leave NaN in them.
     """
 
     def __init__(self, num_classes: int, out_channels: int, image_size: int, latent_dim: int = 100,
@@ -38,16 +39,16 @@ class ConditionalGenerator(nn.Module):
         self.init_size = image_size // 2**n
         self.embed = nn.Embedding(num_classes, latent_dim)
         self.fc = nn.Linear(latent_dim, width * self.init_size**2)
-        self.bn0 = nn.BatchNorm2d(width)
+        self.bn0 = nn.BatchNorm2d(width, track_running_stats=False)
         widths = [width] * (n - 1) + [width // 2]
         blocks, cin = [], width
         for w in widths:
             blocks.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cin, w, 3, 1, 1),
-                                        nn.BatchNorm2d(w, eps=0.8), nn.LeakyReLU(0.2)))
+                                        nn.BatchNorm2d(w, eps=0.8, track_running_stats=False), nn.LeakyReLU(0.2)))
             cin = w
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Sequential(nn.Conv2d(cin, out_channels, 3, 1, 1), nn.Tanh(),
-                                 nn.BatchNorm2d(out_channels, affine=False))
+                                 nn.BatchNorm2d(out_channels, affine=False, track_running_stats=False))
         self.width = width
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

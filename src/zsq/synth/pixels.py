@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,17 +53,26 @@ class PixelOptions:
     synth_seed: int = field(default=0, metadata={"help": "seed of the synthesis (initial pixels and labels)"})
     synth_data: str | None = field(default=None, metadata={
         "help": "a set written by `zsq synth`; default: the cache (ZSQ_CACHE, else ~/.cache/zsq)"})
+    warmup_batch: int | None = field(default=None, metadata={
+        "help": "batch of the GDFQ generator whose images calibrate the ranges during the warm-up (HAST: 16, the "
+                "paper preset's; default: --batch-size)"})
 
     def __post_init__(self) -> None:
         for name in ("synth_images", "synth_batch", "synth_iters", "synth_patience"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.warmup_batch is not None and self.warmup_batch < 1:
+            raise UserError(f"warmup-batch must be ≥ 1, got {self.warmup_batch}")
         if self.synth_lr <= 0 or self.hard_weight < 0 or self.hard_gamma < 0:
             raise UserError("synth-lr must be > 0, hard-weight and hard-gamma ≥ 0")
 
     def recipe(self) -> dict[str, Any]:
-        """The fields that determine the images (not where they are stored)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "synth_data"}
+        """The fields that determine the images (not where they are stored, nor how training draws from them)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("synth_data", "warmup_batch")}
+
+    def unused(self) -> dict[str, str]:
+        """With --synth-data the set exists already: its recipe options have no effect."""
+        return {name: "a set built by this run (not --synth-data)" for name in self.recipe()} if self.synth_data else {}
 
 
 @dataclass
@@ -112,13 +122,17 @@ def _optimise(teacher: nn.Module, bns: BNStatistics, x: torch.Tensor, y: torch.T
     x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=opts.synth_lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=opts.synth_patience, min_lr=1e-4)
-    for _ in range(opts.synth_iters):
+    for step in range(opts.synth_iters):
         logits = teacher(x)
         loss = bns.loss() + opts.hard_weight * hardness_ce(logits, y, opts.hard_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward(inputs=[x])
+        value = loss.item()  # read for the plateau schedule anyway
+        if not math.isfinite(value):  # the pixels themselves diverged: skipping steps would not bring them back
+            raise UserError(f"the pixel synthesis loss went NaN/Inf at step {step} of a batch: lower --synth-lr "
+                            f"(now {opts.synth_lr})")
         opt.step()
-        plateau.step(loss.item())
+        plateau.step(value)
         bar.update()
     bar.set_postfix(loss=f"{loss.item():.3g}")
     return x.detach().cpu(), y.cpu(), loss.item()
@@ -186,6 +200,7 @@ class OfflineSource(DataSource):
 
     def __init__(self, ctx: SourceContext, name: str, opts: PixelOptions) -> None:
         super().__init__()
+        self.warmup_batch = opts.warmup_batch
         data, self.path, self.built = load_or_build(name, ctx, opts)
         self.images = data["images"].to(ctx.device)
         self.labels = data["labels"].to(ctx.device)
