@@ -73,7 +73,7 @@ def _changes(config: dict[str, Any]) -> dict[str, Any]:
 
     base = config_dict(resolve_config(config["preset"], config["generator"], config["method"],
                                       teacher=config["teacher"]))
-    config = {**_defaults(), **config}  # an older run's missing field held TrainConfig's default, not the preset's
+    config = _complete(config)
     shown = BOOKKEEPING | _unread(config) | {"options", "wbits", "abits", "generator", "method", "preset"}
     own = {k: v for k, v in config.items() if k not in shown and base.get(k) != v}
     opts = {k: v for k, v in config.get("options", {}).items() if base["options"].get(k) != v}
@@ -87,22 +87,28 @@ def _unread(config: dict[str, Any]) -> set[str]:
     return unread_options(config["act_range"])
 
 
-def _defaults() -> dict[str, Any]:
-    """TrainConfig's defaults: a field missing from an older run's config.json held its default (it did not
-    exist yet), so it must not split that run from newer ones."""
+def _complete(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config with every field: one missing from an older run's config.json held its default then (it did
+    not exist yet), so it must not split that run from newer ones; for a range option its setter reads, that is
+    the setter's default (TrainConfig leaves unread ones unset)."""
+    from ..quant.ranges import RANGE_SETTERS, RangeOptions
     from ..train import TrainConfig
 
-    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainConfig)
-                                  if f.default is not dataclasses.MISSING}))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    full = json.loads(json.dumps({**defaults, **config}))
+    reads = RANGE_SETTERS.get(full["act_range"]).reads if full["act_range"] in RANGE_SETTERS else set()
+    for f in dataclasses.fields(RangeOptions):
+        if f.name in reads and full.get(f.name) is None:
+            full[f.name] = f.default
+    return full
 
 
 def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs that differ only in seed (and bookkeeping), as one row each: accuracies per seed, mean, std."""
     groups: dict[str, dict[str, Any]] = {}
-    defaults = _defaults()
     for run in runs:
         cfg, res = run["config"], run["result"]
-        full = {**defaults, **cfg}
+        full = _complete(cfg)
         key = json.dumps({k: v for k, v in full.items() if k not in BOOKKEEPING | _unread(full)}, sort_keys=True)
         quoted = published(res.get("dataset", ""), res.get("model", ""), cfg["wbits"], cfg["abits"],
                            cfg["generator"], cfg["method"])
