@@ -212,6 +212,8 @@ def test_export_onnx_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "m.onnx.json").read_text())
     assert report["ort_max_abs_logit_diff_rel"] <= 1e-3 and report["ort_top1_agreement"] >= 0.99
+    assert report["ort_codes"] == 64 * (7 * 16 * 32 * 32 + 6 * 32 * 16 * 16 + 6 * 64 * 8 * 8)  # every ReLU's codes
+    assert report["ort_codes_differing"] <= 1e-4 * report["ort_codes"]  # only ties within float rounding
     assert report["files"]["onnx"] == out.stat().st_size
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["zsq_wbits"] == "4" and json.loads(meta["classes"])[3] == "c3" and meta["dataset"] == "fashion-mnist"

@@ -279,3 +279,14 @@ def test_bf16_autocast_quantizes_on_the_float32_grid():
     x = torch.randn(4096).to(torch.bfloat16)
     want = fake_quantize(x.float(), q.lo, q.hi, 3).to(torch.bfloat16)
     assert torch.equal(q(x), want)
+
+
+def test_a_nonfinite_batch_never_reaches_the_range_ema():
+    q = ActQuantizer(4)
+    q.observing = True
+    q(torch.tensor([0.0, 2.0]))
+    q(torch.tensor([float("nan"), 1.0]))  # skipped: one bad generator batch must not poison the range
+    q(torch.tensor([float("inf"), 1.0]))
+    assert (q.lo.item(), q.hi.item(), q.steps.item()) == (0.0, pytest.approx(2.0), 1)
+    q(torch.tensor([-1.0, 1.0]))
+    assert q.steps.item() == 2 and q.lo.item() == pytest.approx(-1.0 * 0.1 / (1 - 0.81))

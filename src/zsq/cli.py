@@ -305,9 +305,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "packed":
         print(f"{result['out']}: round trip max |Δlogit| {result['roundtrip_max_abs_logit_diff']:.2e} on 64 inputs")
     else:
+        first = result["ort_first_differing_quantizer"]
         print(f"{result['out']}: onnxruntime vs PyTorch on 64 images: max |Δlogit| "
               f"{result['ort_max_abs_logit_diff_rel']:.2e} of the logit range, top-1 agreement "
-              f"{100 * result['ort_top1_agreement']:.1f} %")
+              f"{100 * result['ort_top1_agreement']:.1f} %, activation codes differing: "
+              f"{result['ort_codes_differing']} of {result['ort_codes']}"
+              + (f" (from quantizer {first} on: float-order differences at rounding ties, then their spread)"
+                 if first is not None else ""))
     return 0
 
 
