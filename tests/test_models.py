@@ -221,3 +221,128 @@ def test_not_weights_and_corrupt_files(tmp_path):
         load_model("resnet20", checkpoint=tmp_path / "missing.pt")
     with pytest.raises(UserError, match="unknown model 'resnet99'"):
         load_model("resnet99")
+
+
+# ------------------------------------------------------------------------------ torchvision layouts (written independently)
+
+class TvBasic(nn.Module):
+    """torchvision's BasicBlock: one ReLU module called twice."""
+
+    expansion = 1
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TvBottleneck(nn.Module):
+    """torchvision's Bottleneck (v1.5: the stride on the 3×3), one ReLU module called three times."""
+
+    expansion = 4
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TvResNet(nn.Module):
+    def __init__(self, block, layers, num_classes=1000, in_channels=3):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        self.relu, self.maxpool = nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, planes, 2 if i > 0 and j == 0 else 1))
+                cin = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _divisible(v, d=8):
+    new = max(d, int(v + d / 2) // d * d)
+    return new + d if new < 0.9 * v else new
+
+
+class TvConvBNReLU6(nn.Sequential):
+    def __init__(self, cin, cout, k, stride=1, groups=1):
+        super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU6())
+
+
+class TvInvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, t):
+        super().__init__()
+        hidden = cin * t
+        self.res = stride == 1 and cin == cout
+        layers = ([TvConvBNReLU6(cin, hidden, 1)] if t != 1 else []) + [
+            TvConvBNReLU6(hidden, hidden, 3, stride, hidden), nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.res else self.conv(x)
+
+
+class TvMobileNetV2(nn.Module):
+    """The paper's Table 2 in torchvision's layout."""
+
+    def __init__(self, num_classes=1000, width=1.0, in_channels=3):
+        super().__init__()
+        cin = _divisible(32 * width)
+        last = _divisible(1280 * max(1.0, width))
+        feats = [TvConvBNReLU6(in_channels, cin, 3, 2)]
+        for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                           (6, 160, 3, 2), (6, 320, 1, 1)):
+            for j in range(n):
+                feats.append(TvInvertedResidual(cin, _divisible(c * width), s if j == 0 else 1, t))
+                cin = _divisible(c * width)
+        feats.append(TvConvBNReLU6(cin, last, 1))
+        self.features = nn.Sequential(*feats)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+@pytest.mark.parametrize("name,make", [
+    ("resnet34", lambda: TvResNet(TvBasic, (3, 4, 6, 3), 10)),
+    ("resnet50", lambda: TvResNet(TvBottleneck, (3, 4, 6, 3), 10)),
+    ("mobilenet_v2", lambda: TvMobileNetV2(10, width=0.5))])
+def test_torchvision_layouts_match_an_independent_reference(name, make, tmp_path):
+    torch.manual_seed(0)
+    ref = make().eval()
+    _randomise_bn(ref)
+    torch.save(ref.state_dict(), tmp_path / "tv.pth")
+    model = load_model(tmp_path / "tv.pth")  # architecture and width read from the keys and shapes alone
+    assert model.zsq_arch == name
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)

@@ -1,5 +1,5 @@
 """Architectures (a registry, `create_model`) and `load_model` for checkpoints of any supported layout."""
-from . import resnet  # noqa: F401  (registers the architectures)
+from . import mobilenet, resnet  # noqa: F401  (registers the architectures)
 from .checkpoint import (
            dataset_info,
            load_model,

@@ -1,12 +1,13 @@
-"""Recognise third-party ResNet state_dicts and rename them to zsq's (torchvision-style) parameter names.
+"""Recognise third-party state_dicts (ResNets, MobileNetV2) and rename them to zsq's (torchvision) parameter names.
 
 Layouts recognised from their keys:
 - pytorchcv (`features.init_block.conv.conv.weight`, `features.stage1.unit1.body.conv1.conv.weight`,
   `identity_conv` projection shortcuts, `output`): the ResNet-20 of GDFQ/AdaDFQ/HAST/AKT;
 - "option A/B" CIFAR ResNets (`conv1`, `layer1..3`, `shortcut.0/1` when projected, `linear`): option A has
   parameter-free zero-padding shortcuts, so its downsampling blocks have no shortcut keys;
-- torchvision / zsq names (`conv1`, `layerN.M`, `downsample.0/1`, `fc`).
-The depth, widths, stem, shortcut type, classes and input channels are then read off the tensors.
+- torchvision / zsq names (`conv1`, `layerN.M`, `downsample.0/1`, `fc`; `conv3` marks a bottleneck ResNet);
+- torchvision's MobileNetV2 (`features.0.0`, `features.N.conv.…`, `classifier.1`).
+The depth, widths, block type, stem, shortcut type, classes and input channels are then read off the tensors.
 """
 from __future__ import annotations
 
@@ -51,12 +52,34 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
         return "pytorchcv"
     if "linear.weight" in state:
         return "option-ab"
+    if "features.0.0.weight" in state and "classifier.1.weight" in state:
+        return "torchvision-mobilenet"
     return "torchvision"
+
+
+WIDTH_MULTS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)  # the widths MobileNetV2 is published at
+
+
+def _mobilenet(state: dict[str, torch.Tensor], path: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """A torchvision MobileNetV2: the width multiplier is the one whose layer shapes all match (the strides are
+    not in the weights: torchvision's are assumed)."""
+    args = {"num_classes": state["classifier.1.weight"].shape[0], "in_channels": state["features.0.0.weight"].shape[1]}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for width in WIDTH_MULTS:
+        with torch.device("meta"):
+            own = MODELS.get("mobilenet_v2")(width_mult=width, **args).state_dict()
+        if {k: tuple(v.shape) for k, v in own.items() if not k.endswith("num_batches_tracked")} == {
+                k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}:
+            return "mobilenet_v2", {**args, "width_mult": width}, state
+    raise UserError(f"{path}: a torchvision-style MobileNetV2 whose layer shapes match no width multiplier "
+                    f"({', '.join(map(str, WIDTH_MULTS))}) of the registered mobilenet_v2")
 
 
 def match_layout(state: dict[str, torch.Tensor], path: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """(registered arch name, its constructor args, the state_dict under zsq's names)."""
     layout = detect_layout(state)
+    if layout == "torchvision-mobilenet":
+        return _mobilenet(state, path)
     if layout == "pytorchcv":
         state = _rename(state, _PYTORCHCV)
     elif layout == "option-ab":
@@ -81,18 +104,23 @@ def match_layout(state: dict[str, torch.Tensor], path: Path) -> tuple[str, dict,
     conv1 = state["conv1.weight"]
     stem = "imagenet" if conv1.shape[-1] == 7 else "cifar"
     shortcut = "B" if any(".downsample." in k for k in state) else "A"
-    arch = _arch_for(blocks, widths, stem)
+    block = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
+    arch = _arch_for(blocks, widths, stem, block)
     if arch is None:
-        raise UserError(f"{path}: a ResNet with blocks {blocks}, widths {widths}, {stem} stem matches no "
+        raise UserError(f"{path}: a ResNet with {block} blocks {blocks}, widths {widths}, {stem} stem matches no "
                         f"registered model ({', '.join(MODELS.names('resnet*'))})")
     args = {"num_classes": state["fc.weight"].shape[0], "in_channels": conv1.shape[1], "shortcut": shortcut}
     return arch, args, state
 
 
-def _arch_for(blocks: tuple[int, ...], widths: tuple[int, ...], stem: str) -> str | None:
-    if stem == "cifar" and len(blocks) == 3 and len(set(blocks)) == 1 and widths == (16, 32, 64):
+IMAGENET_RESNETS = {((2, 2, 2, 2), "basic"): "resnet18", ((3, 4, 6, 3), "basic"): "resnet34",
+                    ((3, 4, 6, 3), "bottleneck"): "resnet50"}
+
+
+def _arch_for(blocks: tuple[int, ...], widths: tuple[int, ...], stem: str, block: str) -> str | None:
+    if stem == "cifar" and block == "basic" and len(blocks) == 3 and len(set(blocks)) == 1 and widths == (16, 32, 64):
         name = f"resnet{6 * blocks[0] + 2}"
         return name if name in MODELS else None
-    if stem == "imagenet" and blocks == (2, 2, 2, 2) and widths == (64, 128, 256, 512):
-        return "resnet18"
+    if stem == "imagenet" and widths == (64, 128, 256, 512):
+        return IMAGENET_RESNETS.get((blocks, block))
     return None

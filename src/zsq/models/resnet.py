@@ -1,9 +1,9 @@
-"""ResNets for the ZSQ literature: CIFAR-style ResNet-20/32/44/56 and ImageNet-style ResNet-18.
+"""ResNets for the ZSQ literature: CIFAR-style ResNet-20/32/44/56 and ImageNet-style ResNet-18/34/50.
 
-Parameter names follow torchvision (`conv1`, `bn1`, `layerN.M.conv1`, `downsample.0/1`, `fc`), so a
-torchvision ResNet-18 state_dict loads as it is; the third-party CIFAR layouts are renamed in
-`zsq.models.layouts`. Every ReLU is its own module, used once, so that fake quantization can put one
-activation quantizer behind each of them.
+Parameter names follow torchvision (`conv1`, `bn1`, `layerN.M.conv1`, `downsample.0/1`, `fc`; ResNet-50's
+bottleneck adds `conv3`/`bn3` and puts the stride on its 3×3 conv, torchvision's "v1.5"), so a torchvision
+state_dict loads as it is; the third-party CIFAR layouts are renamed in `zsq.models.layouts`. Every ReLU is its
+own module, used once (torchvision shares one per block; parameter-free, so the names of the weights agree).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class ResNetConfig:
     in_channels: int = 3
     stem: str = "cifar"  # "cifar": one 3×3 conv; "imagenet": 7×7 stride-2 conv + max-pool
     shortcut: str = "B"  # downsampling shortcut: "B" 1×1 conv + BN (pytorchcv, GDFQ), "A" zero-padding (option A)
+    block: str = "basic"  # "basic": two 3×3 convs; "bottleneck": 1×1, 3×3, 1×1 with 4× wider output (ResNet-50)
 
     def __post_init__(self) -> None:
         self.blocks, self.widths = tuple(self.blocks), tuple(self.widths)
@@ -34,6 +35,10 @@ class ResNetConfig:
             raise UserError(f"ResNet stem must be 'cifar' or 'imagenet', got '{self.stem}'")
         if self.shortcut not in ("A", "B"):
             raise UserError(f"ResNet shortcut must be 'A' or 'B', got '{self.shortcut}'")
+        if self.block not in BLOCKS:
+            raise UserError(f"ResNet block must be one of {', '.join(BLOCKS)}, got '{self.block}'")
+        if self.block == "bottleneck" and self.shortcut != "B":
+            raise UserError("a bottleneck ResNet needs projection shortcuts (shortcut 'B')")
         if self.num_classes < 1 or self.in_channels < 1:
             raise UserError(f"num_classes and in_channels must be ≥ 1, got {self.num_classes}, {self.in_channels}")
 
@@ -50,7 +55,16 @@ class PadShortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, lo, self.extra - lo))
 
 
+def _projection(cin: int, cout: int, stride: int, shortcut: str) -> nn.Module:
+    """The shortcut of a block whose shape changes: option A pads, option B projects (1×1 conv + BN)."""
+    if shortcut == "A":
+        return PadShortcut(cout - cin)
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
 class BasicBlock(nn.Module):
+    expansion = 1
+
     def __init__(self, cin: int, cout: int, stride: int, shortcut: str) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -58,17 +72,45 @@ class BasicBlock(nn.Module):
         self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            if shortcut == "A":
-                self.downsample = PadShortcut(cout - cin)
-            else:
-                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = _projection(cin, cout, stride, shortcut) if stride != 1 or cin != cout else nn.Identity()
         self.relu2 = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
         return self.relu2(out + self.downsample(x))
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+
+class Bottleneck(nn.Module):
+    """1×1 reduce, 3×3 (with the stride), 1×1 expand to `expansion`× the width; torchvision's layout."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = _projection(cin, cout, stride, shortcut) if stride != 1 or cin != cout else nn.Identity()
+        self.relu3 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+        return self.relu3(self.bn3(self.conv3(out)) + self.downsample(x))
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class ResNet(nn.Module):
@@ -84,11 +126,13 @@ class ResNet(nn.Module):
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = nn.BatchNorm2d(w0)
         self.relu = nn.ReLU(inplace=True)
-        cin = w0
+        cin, block = w0, BLOCKS[cfg.block]
         for i, (n, w) in enumerate(zip(cfg.blocks, cfg.widths, strict=True)):
-            units = [BasicBlock(cin if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1, cfg.shortcut) for j in range(n)]
+            units = []
+            for j in range(n):
+                units.append(block(cin, w, 2 if (i > 0 and j == 0) else 1, cfg.shortcut))
+                cin = w * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*units))
-            cin = w
         self.num_features = cin
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, cfg.num_classes)
@@ -100,8 +144,8 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
         # Zero-init of each residual branch's last BN: every block starts as identity, which trains faster.
         for m in self.modules():
-            if isinstance(m, BasicBlock):
-                nn.init.zeros_(m.bn2.weight)
+            if isinstance(m, tuple(BLOCKS.values())):
+                nn.init.zeros_(m.last_bn().weight)
 
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{i + 1}") for i in range(len(self.cfg.blocks))]
@@ -119,7 +163,7 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def model_args(self) -> dict:
-        """The factory keywords that rebuild this model (depth and widths are implied by the arch name)."""
+        """The factory keywords that rebuild this model (depth, widths and block are implied by the arch name)."""
         return {"num_classes": self.cfg.num_classes, "in_channels": self.cfg.in_channels, "shortcut": self.cfg.shortcut}
 
 
@@ -148,7 +192,21 @@ def resnet56(**kwargs) -> ResNet:
     return _cifar_resnet(56, **kwargs)
 
 
+def _imagenet_resnet(blocks: tuple[int, ...], block: str, **kwargs) -> ResNet:
+    kwargs.setdefault("num_classes", 1000)
+    return ResNet(ResNetConfig(blocks=blocks, widths=(64, 128, 256, 512), stem="imagenet", block=block, **kwargs))
+
+
 @register_model
 def resnet18(**kwargs) -> ResNet:
-    kwargs.setdefault("num_classes", 1000)
-    return ResNet(ResNetConfig(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", **kwargs))
+    return _imagenet_resnet((2, 2, 2, 2), "basic", **kwargs)
+
+
+@register_model
+def resnet34(**kwargs) -> ResNet:
+    return _imagenet_resnet((3, 4, 6, 3), "basic", **kwargs)
+
+
+@register_model
+def resnet50(**kwargs) -> ResNet:
+    return _imagenet_resnet((3, 4, 6, 3), "bottleneck", **kwargs)
