@@ -108,7 +108,9 @@ def test_options_that_do_not_apply_are_refused_and_not_recorded():
                          (["--method", "synq", "--synq-parts", "lpf,selce", "--cam-type", "gradcampp"], "with cam"),
                          (["--act-range", "ema-minmax", "--bn-k", "3"], "--bn-k .* bn-prior"),
                          (["--act-range", "bn-prior", "--range-lr-scale", "2"], "--act-range learned"),
-                         (["--generator", "hast", "--synth-data", "x.pt", "--synth-iters", "5"], "--synth-data")):
+                         (["--generator", "hast", "--synth-data", "x.pt", "--synth-iters", "5"], "--synth-data"),
+                         (["--generator", "hast", "--act-range", "bn-prior", "--warmup-epochs", "0",
+                           "--warmup-batch", "16"], "--warmup-epochs ≥ 1")):
         with pytest.raises(UserError, match=needle):
             quantize_config(argv)
     assert quantize_config(["--method", "akt", "--akt-base", "gdfq", "--ce-weight", "2"]).options["ce_weight"] == 2

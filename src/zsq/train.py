@@ -36,7 +36,7 @@ from .distill import LOSSES, FeatureTap, TransferInputs, create_loss, fgsm_promo
 from .errors import UserError
 from .evaluate import evaluate, eval_set_for
 from .io import save_json, save_torch
-from .models import load_model, read_checkpoint, save_checkpoint
+from .models import load_model, model_name, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
 from .provenance import code_version
 from .quant import QuantConfig, act_quantizers, calibrate, observe_ranges, quantize_model
@@ -148,8 +148,8 @@ class TrainConfig:
         return ProbeOptions(self.probe_images, self.probe_iters)
 
     def range_setter(self) -> RangeSetter:
-        return create_range_setter(self.act_range, RangeOptions(**{
-            f.name: getattr(self, f.name) for f in dataclasses.fields(RangeOptions) if getattr(self, f.name) is not None}))
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(RangeOptions)}
+        return create_range_setter(self.act_range, RangeOptions(**{k: v for k, v in given.items() if v is not None}))
 
     def quant(self) -> QuantConfig:
         return QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last,
@@ -209,6 +209,8 @@ def inapplicable(values: dict[str, Any]) -> dict[str, str]:
         if cls is not None and hasattr(cls, "unused"):
             opts = cls(**{k: v for k, v in plugin.items() if k in _option_names(registry, name)})
             out.update({k: where for k, where in opts.unused().items() if k in plugin})
+    if values.get("warmup_epochs") == 0 and "warmup_batch" in plugin:  # no warm-up: no generator draws it
+        out["warmup_batch"] = "--warmup-epochs ≥ 1"
     return out
 
 
@@ -444,6 +446,9 @@ def run_config(cfg: TrainConfig, d: Dist = SINGLE) -> dict[str, Any]:
     return out
 
 
+MACHINE = ("device", "threads")  # where a run executes: a resumed run may change them
+
+
 def _open_run(cfg: TrainConfig, resume: bool, restart: bool, d: Dist = SINGLE) -> dict[str, Any] | None:
     """The resume state of the run in cfg.out, or None for a fresh run. Never overwrites a run silently: a finished
     one is refused, an unfinished one is continued (--resume) or started over (--restart) only when asked."""
@@ -475,9 +480,6 @@ def _open_run(cfg: TrainConfig, resume: bool, restart: bool, d: Dist = SINGLE) -
     return read_checkpoint(out / "state.pt")
 
 
-MACHINE = ("device", "threads")  # where a run executes: a resumed run may change them
-
-
 def available_cores() -> int:
     """The cores this process may use: OMP_NUM_THREADS when set, else its CPU affinity mask."""
     try:
@@ -498,10 +500,10 @@ def _warn_if_busy(cores: int) -> None:
 
 def _header(job: Job) -> str:
     cfg = job.cfg
-    model = getattr(job.teacher, "zsq_arch", None) or type(job.teacher).__name__
-    return (f"zsq quantize: {model} W{cfg.wbits}A{cfg.abits}, source {cfg.generator}, loss {cfg.method}, preset "
-            f"{cfg.preset}: {cfg.epochs * cfg.iters_per_epoch} iterations ({cfg.warmup_epochs * cfg.iters_per_epoch}"
-            f" warm-up) on {job.device}, {cfg.threads} thread(s) → {job.out}")
+    return (f"zsq quantize: {model_name(job.teacher)} W{cfg.wbits}A{cfg.abits}, source {cfg.generator}, loss "
+            f"{cfg.method}, preset {cfg.preset}: {cfg.epochs * cfg.iters_per_epoch} iterations "
+            f"({cfg.warmup_epochs * cfg.iters_per_epoch} warm-up) on {job.device}, {cfg.threads} thread(s) "
+            f"→ {job.out}")
 
 
 def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: bool = False,
@@ -732,8 +734,7 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
                "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.seed,
                "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.skipped.get("Q model", 0),
                "skipped_generator_steps": job.skipped.get("generator", 0),
-               "dataset": job.test_set.info.name, "model": getattr(job.teacher, "zsq_arch", None) or
-               type(job.teacher).__name__, "code": code_version(),
+               "dataset": job.test_set.info.name, "model": model_name(job.teacher), "code": code_version(),
                **job.source.describe(), **({"world_size": job.dist.world} if job.dist.on else {}),
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)],
                "select": cfg.select, "selected_iter": selected, "health": h.summary(),

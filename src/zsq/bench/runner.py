@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..analysis.report import BOOKKEEPING as REPORT_BOOKKEEPING
 from ..analysis.report import curve_stats
 from ..errors import UserError
-from ..models import dataset_info, load_model
+from ..models import dataset_info, load_model, model_name
 from ..train import config_dict
 from .grid import Grid, RunSpec
 from .store import Store
@@ -122,7 +122,7 @@ def _teacher_facts(config: dict[str, Any]) -> tuple[str, str]:
     teacher = load_model(config["teacher"], checkpoint=config.get("checkpoint"))
     info = dataset_info(teacher)
     dataset = config.get("dataset") or (info.name if info is not None else "unknown")
-    return dataset, getattr(teacher, "zsq_arch", None) or type(teacher).__name__
+    return dataset, model_name(teacher)
 
 
 def _run_all(todo: list[RunSpec], store: Store, grid: Grid, runs_dir: Path, logs: Path, jobs: int, quiet: bool,

@@ -7,7 +7,7 @@ from .checkpoint import (
            save_checkpoint,
            shipped_models,
 )
-from .registry import create_model, list_models, register_model
+from .registry import create_model, list_models, model_name, register_model
 
-__all__ = ["create_model", "dataset_info", "list_models", "load_model", "read_checkpoint", "register_model",
-           "save_checkpoint", "shipped_models"]
+__all__ = ["create_model", "dataset_info", "list_models", "load_model", "model_name", "read_checkpoint",
+           "register_model", "save_checkpoint", "shipped_models"]

@@ -18,6 +18,11 @@ def list_models(pattern: str = "*") -> list[str]:
     return MODELS.names(pattern)
 
 
+def model_name(model: nn.Module) -> str:
+    """The registered architecture of a model, or its class name for any other module (for reports)."""
+    return getattr(model, "zsq_arch", None) or type(model).__name__
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered architecture. Arguments that are None are dropped, so CLI flags left unset never
     override an architecture's own defaults."""
