@@ -110,6 +110,21 @@ def test_channel_mismatch(tiny_teacher, cifar10_dir):
     assert_one_line_error(proc, "1-channel", "3")
 
 
+def test_teacher_train_takes_the_architectures_own_arguments(fmnist_dir, tmp_path):
+    out = tmp_path / "m.pt"
+    proc = run_cli("teacher", "train", "--model", "mobilenet_v2", "--model-arg", "width_mult=0.35",
+                   "--model-arg", "stem_stride=1", "--data-dir", str(fmnist_dir), "--epochs", "1", "--batch-size", "32",
+                   "--precision", "fp32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model = load_model(out)
+    assert model.zsq_arch == "mobilenet_v2" and model.cfg.width_mult == 0.35 and model.cfg.stem_stride == 1
+    assert model.features[0][0].stride == (1, 1) and model.features[0][0].in_channels == 1
+    assert_one_line_error(run_cli("teacher", "train", "--model", "resnet20", "--model-arg", "width_mult=0.5",
+                                  "--data-dir", str(fmnist_dir), "--out", str(tmp_path / "r.pt")),
+                          "model resnet20 takes no argument 'width_mult'")
+    assert not (tmp_path / "r.pt").exists()
+
+
 def test_teacher_train_bad_data_leaves_nothing(tmp_path):
     out = tmp_path / "t.pt"
     proc = run_cli("teacher", "train", "--data-dir", str(tmp_path / "nope"), "--out", str(out))

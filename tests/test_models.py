@@ -346,3 +346,126 @@ def test_torchvision_layouts_match_an_independent_reference(name, make, tmp_path
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ pytorchcv layouts (written independently)
+
+class PcvConvBlock(nn.Module):
+    """pytorchcv's conv block: `conv` (no bias), `bn`, an optional activation."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, act: type | None = nn.ReLU):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = act() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class PcvBody(nn.Module):
+    """ResBlock (two 3×3) or ResBottleneck with pytorchcv's default for resnet50: the stride on conv1."""
+
+    def __init__(self, cin, cout, stride, bottleneck):
+        super().__init__()
+        if bottleneck:
+            mid = cout // 4
+            self.conv1 = PcvConvBlock(cin, mid, 1, stride)
+            self.conv2 = PcvConvBlock(mid, mid, 3)
+            self.conv3 = PcvConvBlock(mid, cout, 1, act=None)
+        else:
+            self.conv1 = PcvConvBlock(cin, cout, 3, stride)
+            self.conv2 = PcvConvBlock(cout, cout, 3, act=None)
+
+    def forward(self, x):
+        return nn.Sequential(*self.children())(x)
+
+
+class PcvResUnit(nn.Module):
+    def __init__(self, cin, cout, stride, bottleneck):
+        super().__init__()
+        self.body = PcvBody(cin, cout, stride, bottleneck)
+        self.identity_conv = PcvConvBlock(cin, cout, 1, stride, act=None) if cin != cout or stride != 1 else None
+
+    def forward(self, x):
+        return F.relu(self.body(x) + (x if self.identity_conv is None else self.identity_conv(x)))
+
+
+class PcvResNet(nn.Module):
+    def __init__(self, layers, bottleneck, num_classes):
+        super().__init__()
+        self.features = nn.Sequential()
+        init = nn.Module()
+        init.conv = PcvConvBlock(3, 64, 7, 2)
+        self.features.add_module("init_block", init)
+        cin = 64
+        for i, n in enumerate(layers):
+            stage = nn.Sequential()
+            cout = 64 * 2 ** i * (4 if bottleneck else 1)
+            for j in range(n):
+                stage.add_module(f"unit{j + 1}", PcvResUnit(cin, cout, 2 if i and not j else 1, bottleneck))
+                cin = cout
+            self.features.add_module(f"stage{i + 1}", stage)
+        self.output = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.features.init_block.conv(x), 3, 2, 1)
+        for name, stage in self.features.named_children():
+            if name.startswith("stage"):
+                x = stage(x)
+        return self.output(torch.flatten(F.avg_pool2d(x, 7), 1))
+
+
+class PcvLinearBottleneck(nn.Module):
+    def __init__(self, cin, cout, stride, expansion):
+        super().__init__()
+        mid = cin * 6 if expansion else cin
+        self.residual = cin == cout and stride == 1
+        self.conv1 = PcvConvBlock(cin, mid, 1, act=nn.ReLU6)  # present even without expansion (mobilenetv2_w1)
+        self.conv2 = PcvConvBlock(mid, mid, 3, stride, groups=mid, act=nn.ReLU6)
+        self.conv3 = PcvConvBlock(mid, cout, 1, act=None)
+
+    def forward(self, x):
+        y = self.conv3(self.conv2(self.conv1(x)))
+        return x + y if self.residual else y
+
+
+class PcvMobileNetV2(nn.Module):
+    """pytorchcv's mobilenetv2_w1: its stages group the units by downsampling (16 | 24×2 | 32×3 | 64×4, 96×3 |
+    160×3, 320), a 7×7 average pool and a bias-free 1×1 conv classifier."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        stages = [[16], [24] * 2, [32] * 3, [64] * 4 + [96] * 3, [160] * 3 + [320]]
+        self.features = nn.Sequential()
+        self.features.add_module("init_block", PcvConvBlock(3, 32, 3, 2, act=nn.ReLU6))
+        cin = 32
+        for i, widths in enumerate(stages):
+            stage = nn.Sequential()
+            for j, cout in enumerate(widths):
+                stage.add_module(f"unit{j + 1}", PcvLinearBottleneck(cin, cout, 2 if i and not j else 1, i or j))
+                cin = cout
+            self.features.add_module(f"stage{i + 1}", stage)
+        self.features.add_module("final_block", PcvConvBlock(cin, 1280, 1, act=nn.ReLU6))
+        self.features.add_module("final_pool", nn.AvgPool2d(7, 1))
+        self.output = nn.Conv2d(1280, num_classes, 1, bias=False)
+
+    def forward(self, x):
+        return self.output(self.features(x)).flatten(1)
+
+
+@pytest.mark.parametrize("name,make", [
+    ("resnet18", lambda: PcvResNet((2, 2, 2, 2), False, 10)),
+    ("resnet50", lambda: PcvResNet((3, 4, 6, 3), True, 10)),
+    ("mobilenet_v2", lambda: PcvMobileNetV2(10))])
+def test_pytorchcv_layouts_match_an_independent_reference(name, make, tmp_path):
+    torch.manual_seed(0)
+    ref = make().eval()
+    _randomise_bn(ref)
+    torch.save(ref.state_dict(), tmp_path / "pcv.pth")
+    assert any(k.startswith("features.stage1.unit1.") for k in ref.state_dict())
+    model = load_model(tmp_path / "pcv.pth")
+    assert model.zsq_arch == name
+    x = torch.randn(1, 3, 224, 224)  # pytorchcv's fixed 7×7 final pool needs 224×224
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)

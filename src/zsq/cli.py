@@ -5,6 +5,7 @@ A `UserError` (bad input the user can fix) prints one line and exits with code 2
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import functools
 import os
@@ -76,7 +77,18 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. width_mult=0.5), got '{text}'")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def _cmd_teacher_train(args: argparse.Namespace) -> int:
+    args.model_args = dict(args.model_args or [])
     names = {f.name for f in fields(TeacherConfig)}
     cfg = TeacherConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     metrics = train_teacher(cfg)
@@ -422,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", help="train a teacher and save it in zsq's checkpoint format",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--model", default="resnet20", choices=list_models(), help="architecture")
+    t.add_argument("--model-arg", dest="model_args", type=_model_arg, action="append", metavar="KEY=VALUE",
+                   help="an architecture keyword, repeatable (e.g. width_mult=0.5, stem_stride=1)")
     t.add_argument("--dataset", default="fashion-mnist", choices=list_datasets())
     t.add_argument("--data-dir", help="dataset folder (default: the Debian Fashion-MNIST files)")
     t.add_argument("--epochs", type=_positive, default=20)

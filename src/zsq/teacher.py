@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from .models import create_model, read_checkpoint, save_checkpoint
 @dataclass
 class TeacherConfig:
     model: str = "resnet20"
+    model_args: dict = field(default_factory=dict)  # the architecture's own keywords, e.g. width_mult
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     out: str = "teacher.pt"
@@ -72,7 +73,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     test_set = load_dataset(cfg.dataset, "test", cfg.data_dir)
     info = train_set.info
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels)
+    model = create_model(cfg.model, **{"num_classes": info.num_classes, "in_channels": info.in_channels,
+                                        **cfg.model_args})
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     steps_per_epoch = -(-len(train_set) // cfg.batch_size)

@@ -1,8 +1,13 @@
 """Recognise third-party state_dicts (ResNets, MobileNetV2) and rename them to zsq's (torchvision) parameter names.
 
 Layouts recognised from their keys:
-- pytorchcv (`features.init_block.conv.conv.weight`, `features.stage1.unit1.body.conv1.conv.weight`,
-  `identity_conv` projection shortcuts, `output`): the ResNet-20 of GDFQ/AdaDFQ/HAST/AKT;
+- pytorchcv ResNets (`features.init_block.conv.conv.weight`, `features.stage1.unit1.body.conv1.conv.weight`,
+  `identity_conv` projection shortcuts, `output`): the ResNet-20 of GDFQ/AdaDFQ/HAST/AKT, `resnet18`, `resnet50`
+  (pytorchcv's `resnet50` strides in the bottleneck's first 1×1 conv, ResNet v1: loaded with `stride_in_1x1`;
+  its `resnet50b`, strided like torchvision, has the same keys and cannot be told apart from them);
+- pytorchcv's MobileNetV2 (`features.init_block.conv.weight`, `features.stageI.unitJ.conv1/2/3`,
+  `features.final_block`, a bias-free 1×1 conv `output`): `mobilenetv2_wN` has a 1×1 conv in its first unit
+  (`expand_first`), `mobilenetv2b_wN` has not;
 - "option A/B" CIFAR ResNets (`conv1`, `layer1..3`, `shortcut.0/1` when projected, `linear`): option A has
   parameter-free zero-padding shortcuts, so its downsampling blocks have no shortcut keys;
 - torchvision / zsq names (`conv1`, `layerN.M`, `downsample.0/1`, `fc`; `conv3` marks a bottleneck ResNet);
@@ -48,6 +53,8 @@ def _rename(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
+    if "features.init_block.conv.weight" in state and "features.final_block.conv.weight" in state:
+        return "pytorchcv-mobilenet"
     if any(k.startswith("features.init_block.") for k in state):
         return "pytorchcv"
     if "linear.weight" in state:
@@ -60,10 +67,38 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
 WIDTH_MULTS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)  # the widths MobileNetV2 is published at
 
 
+def _pytorchcv_mobilenet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """pytorchcv's MobileNetV2 under torchvision's names: units numbered through the stages, `conv1/2/3` as the
+    `conv.N` of an inverted residual (one index fewer where a unit has no 1×1 expansion), the 1×1 conv classifier
+    as `classifier.1` with a zero bias."""
+    units = sorted({(int(m[1]), int(m[2])) for k in state
+                    if (m := re.match(r"^features\.stage(\d+)\.unit(\d+)\.", k))})
+    index = {f"features.stage{s}.unit{u}.": i + 1 for i, (s, u) in enumerate(units)}
+    out = {}
+    for key, value in state.items():
+        new = key
+        blocks = {"features.init_block.": "features.0.", "features.final_block.": f"features.{len(units) + 1}."}
+        if block := next((b for b in blocks if key.startswith(b)), None):  # a conv + BN + ReLU6 block
+            new = blocks[block] + key.removeprefix(block).replace("conv.", "0.", 1).replace("bn.", "1.", 1)
+        elif m := re.match(r"^(features\.stage\d+\.unit\d+\.)conv(\d)\.(conv|bn)\.(.*)$", key):
+            pos = int(m[2]) - (1 if m[1] + "conv1.conv.weight" in state else 2)  # place in the unit's `conv`
+            bn = int(m[3] == "bn")
+            new = (f"features.{index[m[1]]}.conv.{pos + bn}.{m[4]}" if m[2] == "3"  # the bare projection conv, BN
+                   else f"features.{index[m[1]]}.conv.{pos}.{bn}.{m[4]}")  # a ConvBNReLU6
+        elif key == "output.weight":
+            new, value = "classifier.1.weight", value.flatten(1)
+        out[new] = value
+    if "classifier.1.weight" in out and "classifier.1.bias" not in out:
+        out["classifier.1.bias"] = torch.zeros(out["classifier.1.weight"].shape[0])
+    return out
+
+
 def _mobilenet(state: dict[str, torch.Tensor], path: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """A torchvision MobileNetV2: the width multiplier is the one whose layer shapes all match (the strides are
     not in the weights: torchvision's are assumed)."""
     args = {"num_classes": state["classifier.1.weight"].shape[0], "in_channels": state["features.0.0.weight"].shape[1]}
+    if "features.1.conv.3.weight" in state:  # the first unit has an expansion conv (pytorchcv)
+        args["expand_first"] = True
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for width in WIDTH_MULTS:
         with torch.device("meta"):
@@ -71,14 +106,17 @@ def _mobilenet(state: dict[str, torch.Tensor], path: Path) -> tuple[str, dict, d
         if {k: tuple(v.shape) for k, v in own.items() if not k.endswith("num_batches_tracked")} == {
                 k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}:
             return "mobilenet_v2", {**args, "width_mult": width}, state
-    raise UserError(f"{path}: a torchvision-style MobileNetV2 whose layer shapes match no width multiplier "
-                    f"({', '.join(map(str, WIDTH_MULTS))}) of the registered mobilenet_v2")
+    raise UserError(f"{path}: a MobileNetV2 whose layer shapes match no width multiplier "
+                    f"({', '.join(map(str, WIDTH_MULTS))}) of the registered mobilenet_v2 (channels rounded to "
+                    f"multiples of 8, as torchvision's; pytorchcv's widths below 1 round differently)")
 
 
 def match_layout(state: dict[str, torch.Tensor], path: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """(registered arch name, its constructor args, the state_dict under zsq's names)."""
     layout = detect_layout(state)
-    if layout == "torchvision-mobilenet":
+    if layout == "pytorchcv-mobilenet":
+        state = _pytorchcv_mobilenet(state)
+    if layout in ("torchvision-mobilenet", "pytorchcv-mobilenet"):
         return _mobilenet(state, path)
     if layout == "pytorchcv":
         state = _rename(state, _PYTORCHCV)
@@ -110,6 +148,8 @@ def match_layout(state: dict[str, torch.Tensor], path: Path) -> tuple[str, dict,
         raise UserError(f"{path}: a ResNet with {block} blocks {blocks}, widths {widths}, {stem} stem matches no "
                         f"registered model ({', '.join(MODELS.names('resnet*'))})")
     args = {"num_classes": state["fc.weight"].shape[0], "in_channels": conv1.shape[1], "shortcut": shortcut}
+    if block == "bottleneck" and layout == "pytorchcv":
+        args["stride_in_1x1"] = True
     return arch, args, state
 
 

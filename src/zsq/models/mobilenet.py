@@ -5,7 +5,8 @@ Parameter names are torchvision's (`features.0.0` stem conv, `features.N.conv.�
 `features.18` last 1×1 conv, `classifier.1`), so its state_dicts load as they are; `width_mult` scales the
 channels as torchvision does (rounded to multiples of 8). `stem_stride` 1 (torchvision: 2) suits small inputs: a
 32×32 image then ends at 2×2 instead of 1×1, at about 4× the compute (a 1×32×32 step at width 0.5 costs about
-twice ResNet-20's on the CPU). Every ReLU6 is its own module, used once.
+twice ResNet-20's on the CPU). `expand_first` gives the first inverted residual (expansion 1) a 1×1 conv
+anyway, as pytorchcv's `mobilenetv2_w1` has. Every ReLU6 is its own module, used once.
 """
 from __future__ import annotations
 
@@ -38,11 +39,11 @@ class InvertedResidual(nn.Module):
     """1×1 expand (t > 1), 3×3 depthwise with the stride, 1×1 linear projection; the input is added back when
     the shape allows."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, expand_conv: bool = False) -> None:
         super().__init__()
         hidden = cin * expand
         self.use_res_connect = stride == 1 and cin == cout
-        layers: list[nn.Module] = [ConvBNReLU6(cin, hidden, 1)] if expand != 1 else []
+        layers: list[nn.Module] = [ConvBNReLU6(cin, hidden, 1)] if expand_conv or expand != 1 else []
         layers += [ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False),
                    nn.BatchNorm2d(cout)]
         self.conv = nn.Sequential(*layers)
@@ -58,6 +59,7 @@ class MobileNetV2Config:
     width_mult: float = 1.0
     stem_stride: int = 2
     dropout: float = 0.2
+    expand_first: bool = False  # a 1×1 conv in the first unit too (pytorchcv's mobilenetv2_wN; torchvision: none)
 
     def __post_init__(self) -> None:
         if self.width_mult <= 0 or self.num_classes < 1 or self.in_channels < 1 or not 0 <= self.dropout < 1:
@@ -77,7 +79,8 @@ class MobileNetV2(nn.Module):
         for t, c, n, s in SETTING:
             cout = make_divisible(c * cfg.width_mult)
             for j in range(n):
-                layers.append(InvertedResidual(cin, cout, s if j == 0 else 1, t))
+                first = len(layers) == 1
+                layers.append(InvertedResidual(cin, cout, s if j == 0 else 1, t, cfg.expand_first and first))
                 cin = cout
         layers.append(ConvBNReLU6(cin, self.num_features, 1))
         self.features = nn.Sequential(*layers)
@@ -106,7 +109,7 @@ class MobileNetV2(nn.Module):
         """The factory keywords that rebuild this model."""
         c = self.cfg
         return {"num_classes": c.num_classes, "in_channels": c.in_channels, "width_mult": c.width_mult,
-                "stem_stride": c.stem_stride}
+                "stem_stride": c.stem_stride, **({"expand_first": True} if c.expand_first else {})}
 
 
 @register_model

@@ -1,8 +1,9 @@
 """ResNets for the ZSQ literature: CIFAR-style ResNet-20/32/44/56 and ImageNet-style ResNet-18/34/50.
 
 Parameter names follow torchvision (`conv1`, `bn1`, `layerN.M.conv1`, `downsample.0/1`, `fc`; ResNet-50's
-bottleneck adds `conv3`/`bn3` and puts the stride on its 3×3 conv, torchvision's "v1.5"), so a torchvision
-state_dict loads as it is; the third-party CIFAR layouts are renamed in `zsq.models.layouts`. Every ReLU is its
+bottleneck adds `conv3`/`bn3` and puts the stride on its 3×3 conv, torchvision's "v1.5"; `stride_in_1x1` puts it
+on the first 1×1 conv instead, as the original ResNet and pytorchcv's `resnet50` do), so a torchvision state_dict
+loads as it is; the third-party CIFAR layouts are renamed in `zsq.models.layouts`. Every ReLU is its
 own module, used once (torchvision shares one per block; parameter-free, so the names of the weights agree).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ResNetConfig:
     stem: str = "cifar"  # "cifar": one 3×3 conv; "imagenet": 7×7 stride-2 conv + max-pool
     shortcut: str = "B"  # downsampling shortcut: "B" 1×1 conv + BN (pytorchcv, GDFQ), "A" zero-padding (option A)
     block: str = "basic"  # "basic": two 3×3 convs; "bottleneck": 1×1, 3×3, 1×1 with 4× wider output (ResNet-50)
+    stride_in_1x1: bool = False  # bottleneck only: downsample in the 1×1 reduce conv (ResNet v1) not the 3×3 (v1.5)
 
     def __post_init__(self) -> None:
         self.blocks, self.widths = tuple(self.blocks), tuple(self.widths)
@@ -39,6 +41,8 @@ class ResNetConfig:
             raise UserError(f"ResNet block must be one of {', '.join(BLOCKS)}, got '{self.block}'")
         if self.block == "bottleneck" and self.shortcut != "B":
             raise UserError("a bottleneck ResNet needs projection shortcuts (shortcut 'B')")
+        if self.stride_in_1x1 and self.block != "bottleneck":
+            raise UserError("stride_in_1x1 applies to bottleneck ResNets only (resnet50)")
         if self.num_classes < 1 or self.in_channels < 1:
             raise UserError(f"num_classes and in_channels must be ≥ 1, got {self.num_classes}, {self.in_channels}")
 
@@ -88,13 +92,13 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int, shortcut: str) -> None:
+    def __init__(self, cin: int, width: int, stride: int, shortcut: str, stride_in_1x1: bool = False) -> None:
         super().__init__()
         cout = width * self.expansion
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.conv1 = nn.Conv2d(cin, width, 1, stride if stride_in_1x1 else 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, 1 if stride_in_1x1 else stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.relu2 = nn.ReLU(inplace=True)
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
@@ -127,10 +131,11 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(w0)
         self.relu = nn.ReLU(inplace=True)
         cin, block = w0, BLOCKS[cfg.block]
+        extra = {"stride_in_1x1": True} if cfg.stride_in_1x1 else {}
         for i, (n, w) in enumerate(zip(cfg.blocks, cfg.widths, strict=True)):
             units = []
             for j in range(n):
-                units.append(block(cin, w, 2 if (i > 0 and j == 0) else 1, cfg.shortcut))
+                units.append(block(cin, w, 2 if (i > 0 and j == 0) else 1, cfg.shortcut, **extra))
                 cin = w * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*units))
         self.num_features = cin
@@ -164,7 +169,9 @@ class ResNet(nn.Module):
 
     def model_args(self) -> dict:
         """The factory keywords that rebuild this model (depth, widths and block are implied by the arch name)."""
-        return {"num_classes": self.cfg.num_classes, "in_channels": self.cfg.in_channels, "shortcut": self.cfg.shortcut}
+        c = self.cfg
+        return {"num_classes": c.num_classes, "in_channels": c.in_channels, "shortcut": c.shortcut,
+                **({"stride_in_1x1": True} if c.stride_in_1x1 else {})}
 
 
 def _cifar_resnet(depth: int, **kwargs) -> ResNet:
