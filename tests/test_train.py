@@ -199,6 +199,19 @@ def _tiny(teacher, fmnist_dir, tmp_path, name: str, **kw):
     return zsq.quantize(teacher if isinstance(teacher, torch.nn.Module) else str(teacher), **args)
 
 
+def test_a_users_module_is_placed_deployable_and_the_result_says_what_stays_float(fmnist_dir, tmp_path):
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AvgPool2d(4), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(8, 10))
+    r = _tiny(cnn, fmnist_dir, tmp_path, "user", dataset="fashion-mnist")
+    config = json.loads((r.run_dir / "config.json").read_text())
+    assert config["placement"] == r.summary["placement"] == "deployable" and r.summary["float_tensors"] == []
+    r = _tiny(cnn, fmnist_dir, tmp_path, "lineage", dataset="fashion-mnist", placement="lineage")
+    assert r.summary["float_tensors"] == ["input", "3", "7"]  # the image and both average pools
+
+
 def test_no_warmup_with_a_data_free_range_setter(tiny_teacher, fmnist_dir, tmp_path):
     r = _tiny(tiny_teacher, fmnist_dir, tmp_path, "bn", warmup_epochs=0, act_range="bn-prior")
     quants = [m for m in r.qmodel.modules() if isinstance(m, ActQuantizer)]
@@ -259,8 +272,8 @@ def test_threads_header_and_load_warning(tiny_teacher, fmnist_dir, tmp_path, mon
     r = _tiny(tiny_teacher, fmnist_dir, tmp_path, "t", threads=1)
     assert json.loads((r.run_dir / "config.json").read_text())["threads"] == 1 and torch.get_num_threads() == before
     out, err = capsys.readouterr()
-    assert f"zsq quantize: resnet20 W4A4, source gdfq, loss kd, preset quick: 6 iterations (3 warm-up) on cpu, " \
-           f"1 thread(s) → {r.run_dir}" in out
+    assert f"zsq quantize: resnet20 W4A4 (lineage), source gdfq, loss kd, preset quick: 6 iterations (3 warm-up) " \
+           f"on cpu, 1 thread(s) → {r.run_dir}" in out
     assert "warning: this machine's load (99.0) already exceeds" in err
 
 

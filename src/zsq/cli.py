@@ -28,7 +28,7 @@ from .export.run import FORMATS, export_run
 from .io import save_json
 from .models import dataset_info, list_models, load_model, shipped_models
 from .presets import PRESETS, preset_values
-from .quant import check_bits
+from .quant import PLACEMENTS, check_bits
 from .quant.ranges import BN_PROPAGATE, RANGE_SETTERS
 from .synth import SOURCES, list_sources
 from .synth.pixels import PIXEL_SOURCES, build_set
@@ -162,6 +162,9 @@ QUANTIZE_HELP = {
     "eval_limit": "evaluate on the first N test images only", "ckpt_every": "iterations between resume checkpoints",
     "deterministic": "deterministic algorithms (a resumed run then ends identical to an uninterrupted one)",
     "precision": "fp32 or bf16 autocast", "device": "auto, cpu or cuda[:N]", "out": "run directory",
+    "placement": "where activations are quantized: lineage (after each ReLU/ReLU6, the papers) or deployable "
+                 "(also every tensor entering a conv, linear or add: an integer graph); default: lineage for a "
+                 "registered architecture, deployable for a --model-def module",
     "threads": "CPU threads of the run (default: the cores it may use: OMP_NUM_THREADS, else its CPU affinity; "
                "recorded in config.json)",
 }
@@ -181,7 +184,7 @@ def _add_quantize(sub) -> None:
     choices = {"generator": list_sources(), "method": list_methods(), "preset": list(PRESETS),
                "first_last": ["same", "8bit"], "act_range": RANGE_SETTERS.names(), "ste": ["identity", "clipped"],
                "bn_propagate": list(BN_PROPAGATE),
-               "precision": ["fp32", "bf16"], "select": list(SELECT)}
+               "precision": ["fp32", "bf16"], "select": list(SELECT), "placement": list(PLACEMENTS)}
     for f in fields(TrainConfig):
         if f.name == "options":
             continue

@@ -54,7 +54,7 @@ def call_index(graph: torch.fx.Graph) -> dict[torch.fx.Node, int]:
     return out
 
 
-def _is_add(node: torch.fx.Node) -> bool:
+def is_add(node: torch.fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in ADDS and len(node.args) >= 2 and all(
         isinstance(a, torch.fx.Node) for a in node.args[:2])
 
@@ -81,7 +81,7 @@ def residual_branches(model: nn.Module) -> list[str]:
     anc = _ancestors(graph)
     names = []
     for node in graph.nodes:
-        if not _is_add(node):
+        if not is_add(node):
             continue
         a, b = node.args[:2]
         anc_a, anc_b = anc[a], anc[b]

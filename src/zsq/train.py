@@ -39,7 +39,15 @@ from .io import save_json, save_torch
 from .models import load_model, model_name, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
 from .provenance import code_version
-from .quant import QuantConfig, act_quantizers, calibrate, observe_ranges, quantize_model
+from .quant import (
+                    QuantConfig,
+                    act_quantizers,
+                    calibrate,
+                    default_placement,
+                    float_tensors,
+                    observe_ranges,
+                    quantize_model,
+)
 from .quant.ranges import RANGE_SETTERS, RangeOptions, RangeSetter, create_range_setter, readers, unread_options
 from .synth import SOURCES, SourceContext, create_source
 from .validate import Health, ProbeOptions, health, probe_set
@@ -70,6 +78,8 @@ class TrainConfig:
     range_lr_scale: float | None = None  # the `learned` ranges' learning rate, × lr_q (same schedule)
     recalibrate_at: int = 0  # epoch at whose start the ranges are set again on the (trained) data source; 0 = off
     ste: str = "identity"
+    placement: str | None = None  # activation quantizers (zsq.quant.placement); None: lineage for a registered
+    # architecture, deployable for a user's module (resolved when the run starts, recorded in config.json)
     epochs: int = 6
     iters_per_epoch: int = 100
     warmup_epochs: int = 1
@@ -153,7 +163,7 @@ class TrainConfig:
 
     def quant(self) -> QuantConfig:
         return QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last,
-                           act_momentum=self.act_momentum, ste=self.ste)
+                           act_momentum=self.act_momentum, ste=self.ste, placement=self.placement or "lineage")
 
 
 def resolve_config(preset: str = "quick", generator: str = "gdfq", method: str = "kd", **overrides: Any) -> TrainConfig:
@@ -500,7 +510,8 @@ def _warn_if_busy(cores: int) -> None:
 
 def _header(job: Job) -> str:
     cfg = job.cfg
-    return (f"zsq quantize: {model_name(job.teacher)} W{cfg.wbits}A{cfg.abits}, source {cfg.generator}, loss "
+    return (f"zsq quantize: {model_name(job.teacher)} W{cfg.wbits}A{cfg.abits} ({cfg.placement}), source "
+            f"{cfg.generator}, loss "
             f"{cfg.method}, preset {cfg.preset}: {cfg.epochs * cfg.iters_per_epoch} iterations "
             f"({cfg.warmup_epochs * cfg.iters_per_epoch} warm-up) on {job.device}, {cfg.threads} thread(s) "
             f"→ {job.out}")
@@ -515,7 +526,8 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
         raise UserError("--resume continues the run in --out and --restart discards it: give one of them")
     if cfg.deterministic:
         deterministic()
-    cfg = dataclasses.replace(cfg, threads=cfg.threads or available_cores())
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or available_cores(),
+                              placement=cfg.placement or default_placement(teacher))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -737,6 +749,7 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
                "dataset": job.test_set.info.name, "model": model_name(job.teacher), "code": code_version(),
                **job.source.describe(), **({"world_size": job.dist.world} if job.dist.on else {}),
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)],
+               "placement": cfg.placement, "float_tensors": float_tensors(job.qmodel),
                "select": cfg.select, "selected_iter": selected, "health": h.summary(),
                **({"final_q_top1": final_top1} if final_top1 is not None else {})}
     with torch.no_grad(), autocast(job.device, cfg.precision):  # what the data source made, for zsq analyze

@@ -135,7 +135,7 @@ def _act_qdq(g: _Graph, x: str, name: str, q: ActQuantizer) -> str:
     lo, hi = q.lo.detach().float().reshape(1), q.hi.detach().float().reshape(1)
     scale, zero = quant_params(lo, hi, q.bits)
     s, z = float(scale), int(zero)
-    if not 0 <= z <= 255 - (2**q.bits - 1):
+    if not 0 <= z <= 255:  # the Clip keeps the codes in [0, 2ᵏ − 1]; Z itself must fit the container
         raise UserError(f"activation range of {name} ([{float(lo):.4g}, {float(hi):.4g}]) has zero point {z}, "
                         f"outside a UINT8 container")
     clipped = g.node("Clip", [x, g.const(f"{name}.min", np.float32(s * -z)),
@@ -146,6 +146,8 @@ def _act_qdq(g: _Graph, x: str, name: str, q: ActQuantizer) -> str:
 
 
 def _activation(g: _Graph, x: str, name: str, act: nn.Module) -> str:
+    if isinstance(act, nn.Identity):  # a deployable place: the quantizer alone
+        return x
     if isinstance(act, nn.ReLU):
         return g.node("Relu", [x], name)
     return g.node("Clip", [x, g.const(f"{name}.min", np.float32(0)), g.const(f"{name}.max", np.float32(6))], name)

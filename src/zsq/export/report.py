@@ -50,4 +50,8 @@ def format_report(report: dict[str, Any]) -> str:
                  f"({report['compression']:.2f}×; other tensors {report['other_bytes'] / kb:.1f} KiB)")
     for name, size in report["files"].items():
         lines.append(f"file {name}: {size / kb:.1f} KiB")
+    if report.get("float_tensors"):
+        floats = report["float_tensors"]
+        lines.append(f"activations: placement {report['placement']} leaves {len(floats)} tensors float where they "
+                     f"enter a conv, linear or add: {', '.join(floats[:8])}{' …' if len(floats) > 8 else ''}")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..evaluate import input_channels
 from ..io import save_json
 from ..models import dataset_info, load_model
-from ..quant import ActQuantizer, act_quantizers, quant_params, quantize_int
+from ..quant import ActQuantizer, act_quantizers, float_tensors, quant_params, quantize_int
 from .onnx_qdq import save_onnx
 from .packed import load_packed, quantized_layers, save_packed
 from .report import size_report
@@ -41,10 +41,18 @@ def roundtrip_error(model: torch.nn.Module, rebuilt: torch.nn.Module, n: int = 6
     return float((model(x) - rebuilt(x)).abs().max())
 
 
+def placement_report(model: torch.nn.Module) -> dict[str, Any]:
+    """The activation placement and the tensors it leaves float (read by a deployer before trusting `abits`)."""
+    quant = getattr(model, "zsq_quant", {}) or {}
+    return {"placement": quant.get("placement", "lineage"), "float_tensors": float_tensors(model)}
+
+
 def onnx_metadata(model: torch.nn.Module, info: Any) -> dict[str, str]:
     quant = getattr(model, "zsq_quant", {}) or {}
+    placed = placement_report(model)
     return {"zsq_wbits": str(quant.get("wbits")), "zsq_abits": str(quant.get("abits")),
-            "zsq_first_last": str(quant.get("first_last")), "dataset": info.name,
+            "zsq_first_last": str(quant.get("first_last")), "zsq_placement": placed["placement"],
+            "zsq_float_tensors": json.dumps(placed["float_tensors"]), "dataset": info.name,
             "classes": json.dumps(list(info.classes)), "mean": json.dumps(list(info.mean)),
             "std": json.dumps(list(info.std)),
             "input": f"image: float32 N×{info.in_channels}×{info.image_size}×{info.image_size} in [0, 1]"}
@@ -108,6 +116,6 @@ def export_run(run: str | Path, fmt: str, out: str | Path, report: str | Path | 
                         onnx_metadata(model, info))
         check = onnx_check(model, out, info)
     result = size_report(model, {fmt: out})
-    result.update(format=fmt, out=str(out), source=str(run), **check)
+    result.update(format=fmt, out=str(out), source=str(run), **placement_report(model), **check)
     save_json(result, report or Path(f"{out}.json"))
     return result

@@ -1,6 +1,7 @@
 """Fake quantization: asymmetric uniform quantizer, per-channel weights, per-tensor EMA activation ranges."""
 from .fake import fake_quantize, per_channel_range, quant_params, quantize_int
 from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, batch_range
+from .placement import PLACEMENTS, default_placement, float_tensors
 from .ranges import RANGE_SETTERS, RangeOptions, bn_bounds, create_range_setter
 from .surgery import (
                       QuantConfig,
@@ -12,7 +13,7 @@ from .surgery import (
                       quantize_model,
 )
 
-__all__ = ["ActQuantizer", "QuantAct", "QuantConfig", "QuantConv2d", "QuantLinear", "RANGE_SETTERS", "RangeOptions",
-           "act_quantizers", "batch_range", "bn_bounds", "calibrate", "create_range_setter",
-           "check_bits", "fake_quantize", "gaussian_inputs", "observe_ranges", "per_channel_range",
+__all__ = ["ActQuantizer", "PLACEMENTS", "QuantAct", "QuantConfig", "QuantConv2d", "QuantLinear", "RANGE_SETTERS",
+           "RangeOptions", "act_quantizers", "batch_range", "bn_bounds", "calibrate", "create_range_setter",
+           "check_bits", "default_placement", "fake_quantize", "float_tensors", "gaussian_inputs", "observe_ranges", "per_channel_range",
            "quant_params", "quantize_int", "quantize_model"]

@@ -116,6 +116,7 @@ class ActQuantizer(nn.Module):
         self.percentile = 100.0  # the batch statistic observed: min/max at 100, else these percentiles
         self.calibrated = False  # a Python flag, so the frozen forward never syncs to read `steps`
         self.learned = False  # hi trained by gradient (the `learned` range setter), mirrored into `hi`
+        self.zero_in_range = False  # widen each batch range to hold 0 (a tensor a zero-padded conv reads)
         self.hi_param: nn.Parameter | None = None
         self.register_buffer("ema_min", torch.zeros(()))
         self.register_buffer("ema_max", torch.zeros(()))
@@ -130,6 +131,8 @@ class ActQuantizer(nn.Module):
         m = self.momentum
         self.calibrated = True
         lo, hi = batch_range(x.detach(), self.percentile)
+        if self.zero_in_range:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         ok = torch.isfinite(lo) & torch.isfinite(hi)
         self.steps += ok.long()
         self.ema_min.copy_(torch.where(ok, m * self.ema_min + (1 - m) * lo, self.ema_min))

@@ -182,6 +182,8 @@ def bn_bounds(qmodel: nn.Module, k: float, propagate: str = "bounds") -> dict[Ac
             m = modules[node.target]
             if isinstance(m, nn.BatchNorm2d) and m.affine:
                 s = (m.bias.detach().view(1, -1, 1, 1), m.weight.detach().abs().view(1, -1, 1, 1))
+            elif isinstance(m, QuantAct) and not isinstance(m.act, (nn.ReLU, nn.ReLU6)):
+                s = args[0]  # a deployable place (signed, before an add or a conv): its range is the EMA's
             elif isinstance(m, QuantAct):
                 if args[0] is not None:
                     mean, std = args[0]

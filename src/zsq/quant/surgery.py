@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..graph import module_calls, trace
 from .fake import STE_MODES
 from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, count_calls
+from .placement import check_placement, place_deployable
 
 FP_BITS = 32
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -30,6 +31,7 @@ class QuantConfig:
     act_momentum: float = 0.9  # EMA momentum of activation ranges (the lineage uses 0.9)
     ste: str = "identity"  # straight-through estimator: "identity" everywhere (lineage) or "clipped" to [l, u]
     layer_bits: dict[str, int] = field(default_factory=dict)  # weight bits per module name, overriding the rest
+    placement: str = "lineage"  # activation quantizers: "lineage" (after each ReLU) or "deployable" (zsq.quant.placement)
 
     def __post_init__(self) -> None:
         check_bits(self.wbits, "weight bits")
@@ -40,6 +42,7 @@ class QuantConfig:
             raise UserError(f"first/last-layer policy must be 'same' or '8bit', got '{self.first_last}'")
         if self.ste not in STE_MODES:
             raise UserError(f"ste must be one of {STE_MODES}, got '{self.ste}'")
+        check_placement(self.placement)
         if not 0 <= self.act_momentum < 1:
             raise UserError(f"activation EMA momentum must be in [0, 1), got {self.act_momentum}")
 
@@ -67,7 +70,9 @@ def quantize_model(model: nn.Module, wbits: int | None = None, abits: int | None
     Every Conv2d/Linear becomes a per-channel weight-quantized layer (first and last = the first and last in
     module order); every ReLU/ReLU6 module is followed by a per-tensor activation quantizer at each place the
     traced graph calls it (a module called twice gets two), so activations are quantized wherever they feed the
-    next layer, including after each residual add's ReLU. The input image stays FP. Models must use ReLU
+    next layer, including after each residual add's ReLU (placement `lineage`); the input image stays FP, as do
+    the other tensors `zsq.quant.placement.float_tensors` lists, unless `placement="deployable"` quantizes them
+    too. Models must use ReLU
     *modules* (a functional relu cannot be seen by a module swap); in a model that torch.fx cannot trace, a
     module called twice is refused by name at its second call. Activation ranges start uncalibrated: open them
     with `observe_ranges` or use `calibrate`.
@@ -98,6 +103,8 @@ def quantize_model(model: nn.Module, wbits: int | None = None, abits: int | None
             _set_child(qmodel, name, QuantAct(act, ActQuantizer(cfg.abits, cfg.act_momentum, cfg.ste), n, name))
         if any(m.calls != 1 for m in qmodel.modules() if isinstance(m, QuantAct)):
             count_calls(qmodel)
+        if cfg.placement == "deployable":
+            place_deployable(qmodel, cfg.abits, cfg.act_momentum, cfg.ste)
     qmodel.zsq_quant = asdict(cfg)
     return qmodel
 
