@@ -19,6 +19,7 @@ from zsq.quant import ActQuantizer
 from zsq.synth import list_sources
 from zsq.synth.pixels import PIXEL_SOURCES
 from zsq.train import resolve_config
+from zsq.validate import ProbeOptions
 
 from conftest import PROBE_KW, TINY, TINY_PROBE, run_cli
 
@@ -208,6 +209,10 @@ def test_a_users_module_is_placed_deployable_and_the_result_says_what_stays_floa
     r = _tiny(cnn, fmnist_dir, tmp_path, "user", dataset="fashion-mnist")
     config = json.loads((r.run_dir / "config.json").read_text())
     assert config["placement"] == r.summary["placement"] == "deployable" and r.summary["float_tensors"] == []
+    report = zsq.export(r.qmodel, tmp_path / "user.onnx")  # the public API: no internal names needed
+    assert report["ort_top1_agreement"] == 1.0 and report["float_tensors"] == [] and (tmp_path / "user.onnx").is_file()
+    h = zsq.health(cnn, r.qmodel, ProbeOptions(**PROBE_KW))
+    assert 0 <= h.score <= 100 and h.probe_images == PROBE_KW["probe_images"]
     r = _tiny(cnn, fmnist_dir, tmp_path, "lineage", dataset="fashion-mnist", placement="lineage")
     assert r.summary["float_tensors"] == ["input", "3", "7"]  # the image and both average pools
 

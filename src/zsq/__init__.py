@@ -9,6 +9,8 @@ from .evaluate import evaluate
 from .models import create_model, list_models, load_model
 from .provenance import VERSION as __version__
 from .train import Result, TrainConfig, quantize
+from . import export  # noqa: F401  (callable: zsq.export(qmodel, "model.onnx") is export.export_model)
+from .validate import check_health as health
 
-__all__ = ["__version__", "Result", "TrainConfig", "create_model", "evaluate", "list_datasets", "list_models",
-           "load_dataset", "load_model", "quantize"]
+__all__ = ["__version__", "Result", "TrainConfig", "create_model", "evaluate", "export", "health", "list_datasets",
+           "list_models", "load_dataset", "load_model", "quantize"]

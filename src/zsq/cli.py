@@ -77,6 +77,12 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+def _add_model_def(parser: argparse.ArgumentParser, default: str = "") -> None:
+    parser.add_argument("--model-def", metavar="FILE.py:FACTORY",
+                        help=f"a user's own architecture: FACTORY in FILE.py builds the module with no arguments "
+                             f"(imported only when named) {default}".strip())
+
+
 def _model_arg(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -98,7 +104,8 @@ def _cmd_teacher_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    result = run_eval(model=args.model, checkpoint=args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+    result = run_eval(model=args.model, checkpoint=args.checkpoint, model_def=args.model_def, dataset=args.dataset,
+                      data_dir=args.data_dir,
                       wbits=args.wbits, abits=args.abits, first_last=args.first_last, batch_size=args.batch_size,
                       limit=args.eval_limit, device=args.device, calib_batches=args.calib_batches, seed=args.seed)
     q = result["quant"]
@@ -162,6 +169,8 @@ QUANTIZE_HELP = {
     "eval_limit": "evaluate on the first N test images only", "ckpt_every": "iterations between resume checkpoints",
     "deterministic": "deterministic algorithms (a resumed run then ends identical to an uninterrupted one)",
     "precision": "fp32 or bf16 autocast", "device": "auto, cpu or cuda[:N]", "out": "run directory",
+    "model_def": "a user's own architecture: FACTORY in FILE.py builds the module with no arguments (imported only "
+                 "when named); --teacher is then its weights file",
     "placement": "where activations are quantized: lineage (after each ReLU/ReLU6, the papers) or deployable "
                  "(also every tensor entering a conv, linear or add: an integer graph); default: lineage for a "
                  "registered architecture, deployable for a --model-def module",
@@ -247,7 +256,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _cmd_health(args: argparse.Namespace) -> int:
     h, where = run_health(args.run, args.teacher, args.checkpoint, args.qmodel, resolve_device(args.device),
-                          ProbeOptions(args.probe_images, args.probe_iters), args.quiet)
+                          ProbeOptions(args.probe_images, args.probe_iters), args.quiet, model_def=args.model_def)
     print(f"{args.run or where['qmodel']}: {h.line()}")
     if args.json:
         save_json({**where, **h.summary()}, args.json)
@@ -262,6 +271,7 @@ def _add_health(sub) -> None:
     h.add_argument("--teacher", help="teacher (shipped name or checkpoint), instead of the run's")
     h.add_argument("--checkpoint", help="weights for an architecture given by --teacher")
     h.add_argument("--qmodel", help="a quantized model checkpoint (student.pt), instead of the run's")
+    _add_model_def(h, "of the teacher and the Q model (default: the one the run recorded)")
     h.add_argument("--probe-images", type=_positive, default=ProbeOptions.probe_images)
     h.add_argument("--probe-iters", type=_positive, default=ProbeOptions.probe_iters)
     h.add_argument("--device", default="auto")
@@ -315,7 +325,7 @@ def _add_synth(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    result = export_run(args.run, args.format, args.out, args.report)
+    result = export_run(args.run, args.format, args.out, args.report, args.model_def)
     print(format_report(result))
     if args.format == "packed":
         print(f"{result['out']}: round trip max |Δlogit| {result['roundtrip_max_abs_logit_diff']:.2e} on 64 inputs")
@@ -340,6 +350,7 @@ def _add_export(sub) -> None:
     x.add_argument("--format", default="onnx", choices=list(FORMATS))
     x.add_argument("--out", required=True, help="file to write (e.g. model.zsq)")
     x.add_argument("--report", help="size report JSON (default: OUT.json)")
+    _add_model_def(x, "(default: the one the run recorded)")
     x.set_defaults(func=_cmd_export)
 
 
@@ -461,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"shipped teacher ({', '.join(shipped_models()) or 'none'}), architecture "
                         f"({', '.join(list_models())}) or checkpoint path")
     e.add_argument("--checkpoint", help="weights for an architecture given by --model")
+    _add_model_def(e, "(then --model is its weights file)")
     e.add_argument("--dataset", choices=list_datasets(),
                    help="default: the dataset recorded in the checkpoint, else fashion-mnist")
     e.add_argument("--data-dir", help="dataset folder")

@@ -9,7 +9,7 @@ from .data import ImageSet, batches, load_dataset, normalize
 from .device import resolve_device
 from .errors import UserError
 from .models import dataset_info, load_model
-from .quant import QuantConfig, calibrate, gaussian_inputs, quantize_model
+from .quant import QuantConfig, calibrate, default_placement, gaussian_inputs, quantize_model
 
 
 @torch.no_grad()
@@ -57,11 +57,13 @@ def eval_set_for(model: nn.Module, dataset: str | None = None, data_dir: str | N
 
 def run_eval(model: str, checkpoint: str | None = None, dataset: str | None = None, data_dir: str | None = None,
              wbits: int = 32, abits: int = 32, first_last: str = "same", batch_size: int = 500,
-             limit: int | None = None, device: str = "auto", calib_batches: int = 4, seed: int = 0) -> dict:
+             limit: int | None = None, device: str = "auto", calib_batches: int = 4, seed: int = 0,
+             model_def: str | None = None) -> dict:
     """Load a model, optionally fake-quantize it with Gaussian-noise activation ranges (the 'no training'
-    baseline), and evaluate it on a real test set. Returns the JSON-ready result."""
+    baseline; placed as `default_placement` says), and evaluate it on a real test set. Returns the JSON-ready
+    result."""
     device = resolve_device(device)
-    net = load_model(model, checkpoint=checkpoint)
+    net = load_model(model, checkpoint=checkpoint, model_def=model_def)
     ds = eval_set_for(net, dataset, data_dir)
     quant = None
     net = net.to(device)
@@ -73,11 +75,11 @@ def run_eval(model: str, checkpoint: str | None = None, dataset: str | None = No
         quant = {"wbits": trained["wbits"], "abits": trained["abits"], "first_last": trained["first_last"],
                  "calibration": "trained student (ranges frozen in the checkpoint)"}
     elif wbits != 32 or abits != 32:
-        qcfg = QuantConfig(wbits=wbits, abits=abits, first_last=first_last)
+        qcfg = QuantConfig(wbits=wbits, abits=abits, first_last=first_last, placement=default_placement(net))
         net = quantize_model(net, cfg=qcfg)
         shape = (ds.info.in_channels, ds.info.image_size, ds.info.image_size)
         calibrate(net, gaussian_inputs(calib_batches, 256, shape, seed=seed, device=device))
-        quant = {"wbits": wbits, "abits": abits, "first_last": first_last,
+        quant = {"wbits": wbits, "abits": abits, "first_last": first_last, "placement": qcfg.placement,
                  "calibration": f"{calib_batches}×256 Gaussian-noise images, no training"}
     acc = evaluate(net, ds, batch_size=batch_size, device=device, limit=limit, progress=True)
     return {"model": model, "checkpoint": checkpoint, "dataset": ds.info.name, "quant": quant, **acc}

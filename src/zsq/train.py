@@ -78,6 +78,7 @@ class TrainConfig:
     range_lr_scale: float | None = None  # the `learned` ranges' learning rate, × lr_q (same schedule)
     recalibrate_at: int = 0  # epoch at whose start the ranges are set again on the (trained) data source; 0 = off
     ste: str = "identity"
+    model_def: str | None = None  # FILE.py:FACTORY building a user's teacher module (--teacher: its weights)
     placement: str | None = None  # activation quantizers (zsq.quant.placement); None: lineage for a registered
     # architecture, deployable for a user's module (resolved when the run starts, recorded in config.json)
     epochs: int = 6
@@ -306,7 +307,7 @@ class Metrics:
 def _teacher_and_data(cfg: TrainConfig, teacher: nn.Module | None, device: str):
     """The frozen teacher, the evaluation set and the input geometry the generator must produce."""
     if teacher is None:
-        teacher = load_model(cfg.teacher, checkpoint=cfg.checkpoint)
+        teacher = load_model(cfg.teacher, checkpoint=cfg.checkpoint, model_def=cfg.model_def)
     test_set = eval_set_for(teacher, cfg.dataset, cfg.data_dir)
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
@@ -526,6 +527,8 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
         raise UserError("--resume continues the run in --out and --restart discards it: give one of them")
     if cfg.deterministic:
         deterministic()
+    if teacher is None and cfg.model_def:  # built now: its placement default depends on the module
+        teacher = load_model(cfg.teacher, checkpoint=cfg.checkpoint, model_def=cfg.model_def)
     cfg = dataclasses.replace(cfg, threads=cfg.threads or available_cores(),
                               placement=cfg.placement or default_placement(teacher))
     threads_before = torch.get_num_threads()
@@ -741,6 +744,10 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
     save_checkpoint(job.qmodel.cpu(), out / "student.pt", job.test_set.info, {"top1": q["top1"], "top5": q["top5"]},
                     quant=asdict(cfg.quant()))
     job.qmodel.to(job.device)
+    job.qmodel.zsq_dataset = job.test_set.info  # zsq.export(result.qmodel, ...) needs no dataset= then
+    if cfg.teacher == "module":  # a module passed to zsq.quantize: `zsq health RUN` finds its weights here
+        save_checkpoint(job.teacher.cpu(), out / "teacher.pt", job.test_set.info, {"top1": fp["top1"]})
+        job.teacher.to(job.device)
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
                "wbits": cfg.wbits, "abits": cfg.abits, "generator": cfg.generator, "method": cfg.method,
                "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.seed,
@@ -885,5 +892,7 @@ def quantize(teacher: str | nn.Module = "resnet20_fmnist", wbits: int = 4, abits
     """
     module = teacher if isinstance(teacher, nn.Module) else None
     name = "module" if module is not None else str(teacher)
+    if module is not None and getattr(module, "zsq_model_def", None):
+        overrides.setdefault("model_def", module.zsq_model_def)  # later commands rebuild it from the same code
     cfg = resolve_config(preset, generator, method, teacher=name, wbits=wbits, abits=abits, **overrides)
     return quantize_run(cfg, teacher=module, resume=resume, quiet=quiet, restart=restart)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import DatasetInfo
 from .dist import SINGLE, Dist
 from .errors import UserError
 from .synth import SourceContext
@@ -164,11 +165,27 @@ def health(teacher: nn.Module, qmodel: nn.Module, probe: torch.Tensor, device: s
                   threshold=threshold)
 
 
+def check_health(teacher: nn.Module, qmodel: nn.Module, probe: ProbeOptions | None = None, device: str = "cpu",
+                 info: DatasetInfo | None = None, quiet: bool = True) -> Health:
+    """`zsq.health(teacher, qmodel)`: the data-free health of any Q model against its FP teacher (modules), on the
+    teacher's probe set (built on first use, cached). `info`: the input geometry, when neither model records it."""
+    from .models import dataset_info
+
+    info = info or dataset_info(teacher) or dataset_info(qmodel)
+    if info is None:
+        raise UserError("neither model records its dataset, so the probe's image size is unknown: pass "
+                        "info=zsq.load_dataset(NAME).info")
+    teacher, qmodel = teacher.to(device).eval(), qmodel.to(device).eval()
+    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet, SINGLE)
+    return health(teacher, qmodel, probe_set(ctx, probe).to(device), device)
+
+
 def run_health(run_dir: str | Path | None = None, teacher: str | None = None, checkpoint: str | None = None,
                qmodel: str | None = None, device: str = "cpu", opts: ProbeOptions | None = None,
-               quiet: bool = False, d: Dist = SINGLE) -> tuple[Health, dict[str, Any]]:
+               quiet: bool = False, d: Dist = SINGLE, model_def: str | None = None) -> tuple[Health, dict[str, Any]]:
     """`zsq health`: the health of a finished run (its config.json names the teacher, student.pt is the Q model)
-    or of any (teacher, Q-model checkpoint) pair. Returns the health and where it came from."""
+    or of any (teacher, Q-model checkpoint) pair; `model_def` builds a user's own module for both (default: the
+    run's). Returns the health and where it came from."""
     from .models import dataset_info, load_model
 
     if run_dir is not None:
@@ -176,20 +193,20 @@ def run_health(run_dir: str | Path | None = None, teacher: str | None = None, ch
         if not (run / "config.json").is_file() or not (run / "student.pt").is_file():
             raise UserError(f"{run} is not a finished run (it needs config.json and student.pt)")
         cfg = json.loads((run / "config.json").read_text())
-        if teacher is None and cfg["teacher"] == "module":
-            raise UserError(f"{run} was trained from a Python module: save the teacher and pass --teacher")
-        teacher, checkpoint = teacher or cfg["teacher"], checkpoint or cfg.get("checkpoint")
+        model_def = model_def or cfg.get("model_def")
+        recorded = str(run / "teacher.pt") if cfg["teacher"] == "module" else cfg["teacher"]  # zsq.quantize(module)
+        teacher, checkpoint = teacher or recorded, checkpoint or cfg.get("checkpoint")
         qmodel = qmodel or str(run / "student.pt")
     if teacher is None or qmodel is None:
         raise UserError("give a run directory, or both --teacher and --qmodel")
-    t = load_model(teacher, checkpoint=checkpoint).to(device)
-    q = load_model(qmodel).to(device)
+    t = load_model(teacher, checkpoint=checkpoint, model_def=model_def).to(device)
+    q = load_model(qmodel, model_def=model_def).to(device)
     if getattr(q, "zsq_quant", None) is None:
         raise UserError(f"{qmodel} is not a quantized model (a zsq student.pt)")
-    info = dataset_info(t)
+    info = dataset_info(t) or dataset_info(q)
     if info is None:
-        raise UserError("the teacher's checkpoint records no dataset, so the probe's image size is unknown: "
-                        "use a zsq teacher checkpoint")
+        raise UserError("neither checkpoint records a dataset, so the probe's image size is unknown: use a zsq "
+                        "teacher checkpoint or the run's student.pt")
     ctx = SourceContext(t, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
     h = health(t, q, probe_set(ctx, opts).to(device), device)
-    return h, {"teacher": teacher, "checkpoint": checkpoint, "qmodel": qmodel}
+    return h, {"teacher": teacher, "checkpoint": checkpoint, "qmodel": qmodel, "model_def": model_def}

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -209,6 +210,13 @@ def _module(g: _Graph, name: str, m: nn.Module, x: str, bn: nn.BatchNorm2d | Non
                     f"ReLU/ReLU6 and their quantizers, Max/AvgPool2d, global average pooling, flatten, residual adds")
 
 
+def _spatial_mean(node: torch.fx.Node, args: list) -> bool:
+    dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+    return (node.op == "call_method" and node.target == "mean" or node.op == "call_function"
+            and node.target is torch.mean) and dims in ((2, 3), [2, 3], (-2, -1), [-2, -1]) and not node.kwargs.get(
+        "keepdim", False)
+
+
 def _bn_after_conv(gm: torch.fx.GraphModule) -> dict[str, str]:
     """{conv node: bn node} for every BatchNorm2d whose input is a convolution used by nothing else."""
     modules = dict(gm.named_modules())
@@ -256,6 +264,11 @@ def build_onnx(model: nn.Module, image_size: int, in_channels: int, mean: tuple[
             env[node.name] = g.node("Add", args, node.name)
         elif node.op == "call_function" and node.target is torch.flatten and args[1:] in ([1], [1, -1]):
             env[node.name] = g.node("Flatten", [args[0]], node.name, axis=1)
+        elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d and args[1] in (1, (1, 1), [1, 1]):
+            env[node.name] = g.node("GlobalAveragePool", [args[0]], node.name)
+        elif _spatial_mean(node, args):  # x.mean((2, 3)): the pooled features, flattened
+            pooled = g.node("GlobalAveragePool", [args[0]], f"{node.name}.pool")
+            env[node.name] = g.node("Flatten", [pooled], node.name, axis=1)
         elif node.op == "output":
             env["logits"] = args[0]
         else:

@@ -23,7 +23,7 @@ from torch import nn
 from ..data import DatasetInfo
 from ..errors import UserError
 from ..io import save_torch
-from ..models import create_model, read_checkpoint
+from ..models import build_model_def, create_model, read_checkpoint
 from ..quant import QuantConfig, QuantConv2d, QuantLinear, per_channel_range, quant_params, quantize_int, quantize_model
 
 FORMAT = "packed"
@@ -86,6 +86,7 @@ def pack_model(model: nn.Module) -> dict[str, Any]:
     arch = getattr(model, "zsq_arch", None)
     return {"zsq": FORMAT, "version": VERSION, "arch": arch,
             "model_args": model.model_args() if arch is not None else None,
+            "model_def": getattr(model, "zsq_model_def", None),
             "quant": getattr(model, "zsq_quant", None), "dataset": asdict(info) if info is not None else None,
             "metrics": getattr(model, "zsq_metrics", {}), "layers": index, "codes": torch.cat(codes),
             "scales": torch.cat(scales), "zeros": _smallest_int(torch.cat(zeros)), "state": state,
@@ -138,13 +139,18 @@ def read_packed(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load_packed(path: str | Path, model: nn.Module | None = None, model_def: str | None = None) -> nn.Module:
     """Rebuild the Q model from a `.zsq` file, in eval mode. A registered architecture is rebuilt from the file;
-    a custom one needs its FP module (`model`, any weights), which is quantized with the recorded config."""
+    a user's own one needs its FP module (`model`, any weights, or the `model_def` FILE.py:FACTORY that builds
+    it), which is quantized with the recorded config."""
     obj = read_packed(path)
+    if model is None and model_def is not None:
+        model = build_model_def(model_def)
     if model is None:
         if obj["arch"] is None:
-            raise UserError(f"{path} holds a custom (unregistered) model: pass its FP module, load_packed(path, model)")
+            built = f" built by {obj['model_def']}" if obj.get("model_def") else ""
+            raise UserError(f"{path} holds a user's own module{built}: pass its FP module or the FILE.py:FACTORY "
+                            f"that builds it, load_packed(path, model) or load_packed(path, model_def=...)")
         model = create_model(obj["arch"], **obj["model_args"])
     qmodel = quantize_model(model, cfg=QuantConfig(**obj["quant"])) if obj.get("quant") else model
     state = {**_unflatten(obj["state"], obj["tensors"]), **dequantized_weights(obj)}

@@ -11,7 +11,7 @@ import torch
 from ..errors import UserError
 from ..evaluate import input_channels
 from ..io import save_json
-from ..models import dataset_info, load_model
+from ..models import build_model_def, dataset_info, load_model
 from ..quant import ActQuantizer, act_quantizers, float_tensors, quant_params, quantize_int
 from .onnx_qdq import save_onnx
 from .packed import load_packed, quantized_layers, save_packed
@@ -20,12 +20,20 @@ from .report import size_report
 FORMATS = ("onnx", "packed")
 
 
-def _student(run: str | Path) -> torch.nn.Module:
+def run_model_def(run: str | Path, model_def: str | None) -> str | None:
+    """The --model-def of a command on a run directory: the one given, else the one its config.json recorded."""
+    config = Path(run) / "config.json"
+    if model_def is None and config.is_file():
+        model_def = json.loads(config.read_text()).get("model_def")
+    return model_def
+
+
+def _student(run: str | Path, model_def: str | None = None) -> torch.nn.Module:
     path = Path(run)
     path = path / "student.pt" if path.is_dir() else path
     if not path.exists():
         raise UserError(f"{path} not found: name a run directory of zsq quantize or its student.pt")
-    model = load_model(path)
+    model = load_model(path, model_def=run_model_def(run, model_def))
     if not quantized_layers(model):
         raise UserError(f"{path} is a full-precision model: export takes a quantized student (zsq quantize)")
     return model
@@ -99,23 +107,40 @@ def onnx_check(model: torch.nn.Module, path: Path, info: Any, n: int = 64, seed:
             "ort_first_differing_quantizer": next((i for i, d in enumerate(differ) if d), None)}
 
 
-def export_run(run: str | Path, fmt: str, out: str | Path, report: str | Path | None = None) -> dict[str, Any]:
-    """Write the export and `report` (default OUT.json): sizes, per-layer bits and the check against the Q model
-    (packed: round-trip logit error; onnx: onnxruntime against PyTorch)."""
+def export_model(qmodel: torch.nn.Module, out: str | Path, fmt: str = "onnx", report: str | Path | None = None,
+                 info: Any = None, source: str = "module") -> dict[str, Any]:
+    """Write a fake-quantized model as `fmt` and `report` (default OUT.json): sizes, per-layer bits, which tensors
+    stay float, and the check against the Q model (packed: round-trip logit error; onnx: onnxruntime against
+    PyTorch). `info`: the dataset (normalisation, input size), when the model does not record it."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
-    model = _student(run).eval()
+    model = qmodel.eval()
+    if not quantized_layers(model):
+        raise UserError(f"{source} is a full-precision model: export takes a quantized one (zsq quantize)")
     if fmt == "packed":
         out = save_packed(model, out)
-        check = {"roundtrip_max_abs_logit_diff": roundtrip_error(model, load_packed(out))}
+        fp = build_model_def(model.zsq_model_def) if getattr(model, "zsq_model_def", None) else None
+        if fp is None and getattr(model, "zsq_arch", None) is None:
+            raise UserError(f"{source} is a user's own module without a --model-def: the packed format rebuilds "
+                            f"the module from it; export to onnx instead, or build it with --model-def")
+        check = {"roundtrip_max_abs_logit_diff": roundtrip_error(model, load_packed(out, fp))}
     else:
-        info = dataset_info(model)
+        info = info or dataset_info(model)
         if info is None:
-            raise UserError(f"{run} records no dataset: the ONNX graph needs its normalisation and input size")
+            raise UserError(f"{source} records no dataset: the ONNX graph needs its normalisation and input size "
+                            f"(the Python API: dataset=...)")
         out = save_onnx(model, out, info.image_size, info.in_channels, info.mean, info.std,
                         onnx_metadata(model, info))
         check = onnx_check(model, out, info)
     result = size_report(model, {fmt: out})
-    result.update(format=fmt, out=str(out), source=str(run), **placement_report(model), **check)
+    result.update(format=fmt, out=str(out), source=source, **placement_report(model), **check)
     save_json(result, report or Path(f"{out}.json"))
     return result
+
+
+def export_run(run: str | Path, fmt: str, out: str | Path, report: str | Path | None = None,
+               model_def: str | None = None) -> dict[str, Any]:
+    """`zsq export`: the student of a run directory (or a student.pt) through `export_model`."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    return export_model(_student(run, model_def), out, fmt, report, source=str(run))

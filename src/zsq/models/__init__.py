@@ -8,6 +8,7 @@ from .checkpoint import (
            shipped_models,
 )
 from .registry import create_model, list_models, model_name, register_model
+from .userdef import build_model_def
 
-__all__ = ["create_model", "dataset_info", "list_models", "load_model", "model_name", "read_checkpoint",
+__all__ = ["build_model_def", "create_model", "dataset_info", "list_models", "load_model", "model_name", "read_checkpoint",
            "register_model", "save_checkpoint", "shipped_models"]

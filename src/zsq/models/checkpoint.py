@@ -22,6 +22,7 @@ from ..io import save_torch
 from ..quant import QuantConfig, quantize_model
 from .layouts import match_layout
 from .registry import MODELS, create_model
+from .userdef import build_model_def
 
 FORMAT_VERSION = 1
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -37,7 +38,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, info: DatasetInfo | None
     """Save a registered architecture (FP, or fake-quantized with its `quant` config) in zsq's format.
 
     A model that is not a registered architecture (any user `nn.Module`) is saved with `arch=None`: its
-    state_dict is all there is, and the user rebuilds the module to load it.
+    state_dict is all there is, with the `--model-def` that built it if one did (`load_model(..., model_def=)`).
     """
     arch = getattr(model, "zsq_arch", None)
     ckpt = {
@@ -45,6 +46,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, info: DatasetInfo | None
         "version": FORMAT_VERSION,
         "arch": arch,
         "model_args": model.model_args() if arch is not None else None,
+        "model_def": getattr(model, "zsq_model_def", None),  # FILE.py:FACTORY of a user's module, else None
         "quant": quant,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "dataset": asdict(info) if info is not None else None,
@@ -85,14 +87,18 @@ def dataset_info(model: nn.Module) -> DatasetInfo | None:
 
 
 def load_model(name_or_path: str | Path, checkpoint: str | Path | None = None, num_classes: int | None = None,
-               in_channels: int | None = None) -> nn.Module:
+               in_channels: int | None = None, model_def: str | None = None) -> nn.Module:
     """A ready model in eval mode: FP, or fake-quantized when the checkpoint is a zsq student (`student.pt`).
 
     `name_or_path`: a shipped teacher (`resnet20_fmnist`), a registered architecture (`resnet20`, random
     weights unless `checkpoint` is given), or a checkpoint file. Checkpoints may be zsq's own format, a bare
     state_dict of a registered architecture, or a pytorchcv / option-A CIFAR ResNet state_dict; the
-    architecture variant (depth, shortcut type, classes, channels) is read from the keys.
+    architecture variant (depth, shortcut type, classes, channels) is read from the keys. `model_def`
+    (`FILE.py:FACTORY`, zsq.models.userdef) builds a user's own module instead, and `name_or_path` (or
+    `checkpoint`) holds its weights: a state_dict, or a zsq checkpoint of that module (FP or a student).
     """
+    if model_def is not None:
+        return _load_user_model(model_def, Path(checkpoint or name_or_path))
     name = str(name_or_path)
     if checkpoint is None and name in shipped_models():
         checkpoint, name = WEIGHTS_DIR / f"{name}.pt", None
@@ -107,9 +113,12 @@ def load_model(name_or_path: str | Path, checkpoint: str | Path | None = None, n
     path = Path(checkpoint)
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and obj.get("zsq") == "model":
+        if obj["arch"] is None and obj.get("model_def"):
+            raise UserError(f"{path} holds a model built by --model-def {obj['model_def']}: pass --model-def "
+                            f"{obj['model_def']} (the Python API: model_def=...) to load it")
         if obj["arch"] is None:
-            raise UserError(f"{path} holds the state_dict of a custom (unregistered) model: build the module, "
-                            f"quantize it with zsq.quant.quantize_model if needed, and load_state_dict")
+            raise UserError(f"{path} holds the state_dict of a user's own module: pass --model-def FILE.py:FACTORY "
+                            f"naming the code that builds that module (the Python API: model_def=...)")
         if name is not None and name != obj["arch"]:
             raise UserError(f"{path} holds a {obj['arch']}, not a {name}")
         model = create_model(obj["arch"], **obj["model_args"])
@@ -129,6 +138,23 @@ def load_model(name_or_path: str | Path, checkpoint: str | Path | None = None, n
             raise UserError(f"{path} has {key}={args[key]}, but {want} was asked for")
     model = create_model(arch, **args)
     _load_strict(model, state, path)
+    return model.eval()
+
+
+def _load_user_model(spec: str, path: Path) -> nn.Module:
+    model = build_model_def(spec)
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and obj.get("zsq") == "model":
+        if obj["arch"] is not None:
+            raise UserError(f"{path} holds a registered {obj['arch']}: drop --model-def {spec}")
+        if obj.get("quant"):
+            model = quantize_model(model, cfg=QuantConfig(**obj["quant"]))
+        _load_strict(model, obj["state_dict"], path)
+        if obj.get("dataset"):
+            model.zsq_dataset = DatasetInfo(**obj["dataset"])
+        model.zsq_metrics = obj.get("metrics", {})
+    else:
+        _load_strict(model, _as_state_dict(obj, path), path)
     return model.eval()
 
 
