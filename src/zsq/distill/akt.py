@@ -83,16 +83,20 @@ def rfd_loss(teacher_feats: Maps, student_feats: Maps, lam: float = 1.0, tau: fl
 
 # ---- which maps: found on any nn.Module by one probing forward pass ----------------------------------------
 
-def finish_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-    """(name, module, output shape) of every submodule called exactly once, in the order their forwards end."""
-    calls: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+Call = tuple[str, nn.Module, torch.Tensor | None, torch.Tensor]  # name, module, its input, its output
+
+
+def _calls(model: nn.Module, example: torch.Tensor) -> list[Call]:
+    """Every submodule called exactly once, with its input and output tensors, in the order their forwards end."""
+    calls: list[Call] = []
     count: dict[str, int] = {}
 
     def hook(name: str):
         def fn(module: nn.Module, inputs: tuple, output: object) -> None:
             count[name] = count.get(name, 0) + 1
             if isinstance(output, torch.Tensor):
-                calls.append((name, module, tuple(output.shape)))
+                x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+                calls.append((name, module, x, output))
 
         return fn
 
@@ -109,16 +113,37 @@ def finish_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.
     return [c for c in calls if count[c[0]] == 1]
 
 
+def finish_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(name, module, output shape) of every submodule called exactly once, in the order their forwards end."""
+    return [(name, module, tuple(y.shape)) for name, module, _, y in _calls(model, example)]
+
+
+def _area(t: torch.Tensor | None) -> int:
+    return t.shape[2] * t.shape[3] if t is not None and t.ndim == 4 else 0
+
+
 def find_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """The module that finishes last at each spatial resolution before global pooling, in forward order: for a
-    ResNet the stages (`layer1`, `layer2`, ...), for a plain CNN the last module before each down-sampling.
-    An ImageNet-style stem counts as its own resolution."""
-    last: dict[tuple[int, int], str] = {}
-    for name, _, shape in finish_order(model, example):
-        if len(shape) == 4 and shape[2] * shape[3] > 1:
-            last.pop(shape[2:], None)  # re-insert so that dict order follows the latest finish
-            last[shape[2:]] = name
-    return list(last.values())
+    """The output of each stage before global pooling, in forward order: wherever a module down-samples its input
+    map, the module that produced that input (the last to finish with it: `layer1`, not `layer1.2.relu3`). When
+    several nested modules down-sample one resolution (a ResNet stage, its first block, a bottleneck's strided 3×3
+    after its 1×1, an inverted residual's strided depthwise after its expansion), the outermost decides, so a
+    block's inner layers never stand for a stage. An ImageNet-style stem counts as its own resolution; a final map
+    pooled by a function rather than a module is the last 4-D output with more than one pixel."""
+    calls = _calls(model, example)
+    producer = {id(y): (i, name) for i, (name, _, _, y) in enumerate(calls)}  # the last finisher wins
+    chosen: dict[tuple[int, ...], tuple[int, int, str]] = {}  # resolution: (depth, finish index, producer)
+    for name, _, x, y in calls:
+        if _area(x) > 1 and 0 < _area(y) < _area(x) or (_area(x) > 1 and y.ndim == 2):  # down-sampling or pooling
+            if id(x) in producer:
+                depth, (index, source) = name.count("."), producer[id(x)]
+                res = tuple(x.shape[2:])
+                if res not in chosen or depth < chosen[res][0]:
+                    chosen[res] = (depth, index, source)
+    last = [(i, name, tuple(y.shape[2:])) for i, (name, _, _, y) in enumerate(calls) if _area(y) > 1]
+    if last and last[-1][2] not in chosen:
+        i, name, res = last[-1]
+        chosen[res] = (0, i, name)
+    return [source for _, _, source in sorted(chosen.values(), key=lambda c: c[1])]
 
 
 def find_units(model: nn.Module) -> list[str]:

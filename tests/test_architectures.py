@@ -1,0 +1,143 @@
+"""Every plug-in on the ImageNet architectures users hold: ResNet-18/34/50 (basic and bottleneck blocks) and
+MobileNetV2 (depthwise convs, ReLU6, linear bottlenecks). ResNet-20 runs the full source × loss product in
+test_train.py; here MobileNetV2 runs it too, the ResNets every loss (bottleneck) or one feature loss (basic blocks,
+whose blocks are ResNet-20's), each two trained iterations."""
+from __future__ import annotations
+
+import itertools
+import resource
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import zsq
+from zsq.distill import create_loss, find_cam_layer, find_stages, list_methods
+from zsq.export.onnx_qdq import build_onnx
+from zsq.models import create_model
+from zsq.quant import QuantAct, act_quantizers, bn_bounds, calibrate, gaussian_inputs, quantize_model
+from zsq.synth import SourceContext, create_source, list_sources
+from zsq.synth.pixels import PIXEL_SOURCES
+
+from conftest import PROBE_KW
+
+ARCHS = {"resnet18": {}, "resnet34": {}, "resnet50": {}, "mobilenet_v2": {"width_mult": 0.25}}
+
+
+def _model(arch: str, channels: int = 1, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model(arch, num_classes=10, in_channels=channels, **{**ARCHS[arch], **kw}).eval()
+
+
+def _run(model: nn.Module, generator: str, method: str, fmnist_dir, out) -> zsq.Result:
+    offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if generator in PIXEL_SOURCES else {}
+    return zsq.quantize(model, wbits=4, abits=4, generator=generator, method=method, dataset="fashion-mnist",
+                        data_dir=str(fmnist_dir), epochs=3, iters_per_epoch=1, warmup_epochs=1, batch_size=4,
+                        eval_limit=8, out=str(out), quiet=True, **offline, **PROBE_KW)
+
+
+def _check(r: zsq.Result) -> None:
+    assert r.summary["iterations"] == 3 and r.summary["skipped_steps"] == 0 and 0 <= r.q_top1 <= 100
+    assert all(not q.observing and q.hi > q.lo for q in act_quantizers(r.qmodel))
+
+
+@pytest.mark.parametrize("generator,method", list(itertools.product(list_sources(), list_methods())))
+def test_mobilenet_v2_with_every_source_and_loss(generator, method, fmnist_dir, tmp_path):
+    _check(_run(_model("mobilenet_v2"), generator, method, fmnist_dir, tmp_path / "r"))
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_resnet50_with_every_loss(method, fmnist_dir, tmp_path):
+    sources = list_sources()
+    generator = sources[list_methods().index(method) % len(sources)]  # every source on the bottleneck too
+    _check(_run(_model("resnet50"), generator, method, fmnist_dir, tmp_path / "r"))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34"])
+def test_basic_block_resnets_train(arch, fmnist_dir, tmp_path):
+    _check(_run(_model(arch), "adadfq", "akt+synq", fmnist_dir, tmp_path / "r"))
+
+
+def test_feature_layers_are_the_architectures_own():
+    r50, mb = _model("resnet50", 3), _model("mobilenet_v2", 3, width_mult=1.0)
+    x = torch.zeros(2, 3, 224, 224)
+    # the stages end where the next stage starts, never inside a block before its strided conv
+    assert find_stages(r50, x) == ["relu", "layer1", "layer2", "layer3", "layer4"]
+    assert find_stages(mb, x) == ["features.1", "features.3", "features.6", "features.13", "features"]
+    # Grad-CAM at the last 7×7 conv, never the classifier's map after pooling
+    assert find_cam_layer(r50, x) == "layer4.2.conv3" and find_cam_layer(mb, x) == "features.18.0"
+    units = create_loss("hast", {}).feature_layers(mb, x)
+    assert units[0] == "features.3.conv.3" and len(units) == 10  # the 10 inverted residuals with a shortcut
+
+
+def test_bn_prior_bounds_every_mobilenet_activation_through_relu6_and_depthwise():
+    model = _model("mobilenet_v2", 1, width_mult=0.5)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # wide BN outputs: the ReLU6 cap must show in the bound
+            m.weight.data = torch.rand(m.num_features, generator=g) * 3 + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=g)
+    q = quantize_model(model, 4, 4)
+    bounds = bn_bounds(q, 3.0)
+    assert set(bounds) == set(act_quantizers(q))  # every activation, the depthwise ones included
+    depthwise = q.features[2].conv[1][2]
+    assert isinstance(depthwise, QuantAct) and isinstance(depthwise.act, nn.ReLU6)
+    bn = model.features[2].conv[1][1]
+    assert bounds[depthwise.quant] == pytest.approx(min(6.0, float((bn.bias + 3 * bn.weight.abs()).max().detach())))
+    assert max(bounds.values()) == 6.0
+
+
+@pytest.mark.parametrize("source", ["gdfq", "adadfq"])
+def test_generators_at_224(source):
+    teacher = _model("mobilenet_v2", 3)
+    src = create_source(source, SourceContext(teacher, 10, 3, 224, "cpu", True))
+    x, y = src.sample(2, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 224, 224) and y.shape == (2,) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("arch,placement", [("resnet50", "lineage"), ("mobilenet_v2", "lineage"),
+                                            ("resnet34", "deployable")])
+def test_architectures_export_to_onnx_and_match_onnxruntime(arch, placement):
+    model = _model(arch, 3)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():  # BN gains of a trained net: with γ ~ 1 a random ResNet-50 amplifies one code that
+        if isinstance(m, nn.BatchNorm2d):  # the engines round apart at a tie (x/S = 8.5000019) into 16 % of its logits
+            m.weight.data = (torch.rand(m.num_features, generator=g) + 0.5) * 0.3
+            m.bias.data = torch.rand(m.num_features, generator=g) * 0.2  # and signal through every ReLU6
+            m.running_var = torch.rand(m.num_features, generator=g) + 0.5
+    q = calibrate(quantize_model(model, 4, 4, placement=placement), gaussian_inputs(2, 8, (3, 64, 64))).eval()
+    proto = build_onnx(q, 64, 3, (0.5,) * 3, (0.25,) * 3, {})
+    ops = {n.op_type for n in proto.graph.node}
+    assert "QuantizeLinear" in ops and "BatchNormalization" not in ops
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = q((x - 0.5) / 0.25)
+    out = torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])
+    assert ref.std() > 0
+    assert float((out - ref).abs().max() / (ref.max() - ref.min())) <= 1e-3 and torch.equal(out.argmax(1),
+                                                                                              ref.argmax(1))
+
+
+def test_resnet50_at_224_runs_one_quantize_iteration(imagefolder_224, tmp_path):
+    torch.manual_seed(0)
+    teacher = create_model("resnet50", num_classes=2).eval()
+    r = zsq.quantize(teacher, wbits=4, abits=4, generator="gdfq", method="kd", dataset="imagefolder",
+                     data_dir=str(imagefolder_224), epochs=1, iters_per_epoch=1, warmup_epochs=0,
+                     act_range="bn-prior", batch_size=8, eval_limit=4, out=str(tmp_path / "r"), quiet=True, **PROBE_KW)
+    assert r.summary["iterations"] == 1 and r.summary["skipped_steps"] == 0
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"ResNet-50 3×224×224 batch 8: peak resident memory of the test process {peak_gib:.2f} GiB")
+
+
+@pytest.fixture
+def imagefolder_224(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (240, 260, 3), dtype=np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    return tmp_path / "img"
