@@ -54,10 +54,10 @@ def main() -> None:
             q = quantize_model(teacher, wbits=bits, abits=8, layer_bits=layer_bits)
             calibrate(q, gaussian_inputs(4, 256, (info.in_channels, info.image_size, info.image_size)))
             rows[name] = {"top1": zsq.evaluate(q, test, limit=a.limit)["top1"]}
-            if not layer_bits:
+            if name.startswith("all"):  # every layer at `bits`: each kind's error at that width
                 rows[name]["relative_weight_error"] = _weight_error(q)
-            print(f"{name:24s} top1 {rows[name]['top1']:.2f}  (FP {fp:.2f})"
-                  + (f"  weight error {rows[name]['relative_weight_error']}" if not layer_bits else ""), flush=True)
+            print(f"{name:24s} top1 {rows[name]['top1']:.2f}  (FP {fp:.2f})  "
+                  f"{rows[name].get('relative_weight_error', '')}", flush=True)
     print(json.dumps({"benchmark": "depthwise_bits", "teacher": a.teacher, "fp_top1": fp, "activations": "A8, "
                       "Gaussian-noise ranges", "layers": {"depthwise": len(depthwise), "other": len(others)},
                       "results": rows}))
