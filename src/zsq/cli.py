@@ -107,7 +107,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = run_eval(model=args.model, checkpoint=args.checkpoint, model_def=args.model_def, dataset=args.dataset,
                       data_dir=args.data_dir,
                       wbits=args.wbits, abits=args.abits, first_last=args.first_last, batch_size=args.batch_size,
-                      limit=args.eval_limit, device=args.device, calib_batches=args.calib_batches, seed=args.seed)
+                      limit=args.eval_limit, device=args.device, calib_batches=args.calib_batches, seed=args.seed,
+                      placement=args.placement)
     q = result["quant"]
     label = "FP" if q is None else f"W{q['wbits']}A{q['abits']} fake-quant, {q['calibration']}"
     print(f"{result['model']} on {result['dataset']} ({result['n']} images, {label}): "
@@ -481,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--first-last", choices=["same", "8bit"], default="same",
                    help="bits of the first and last layer: same as the rest (papers) or 8")
     e.add_argument("--calib-batches", type=_positive, default=4, help="Gaussian-noise batches for activation ranges")
+    e.add_argument("--placement", choices=list(PLACEMENTS), help=QUANTIZE_HELP["placement"])
     e.add_argument("--batch-size", type=_positive, default=500)
     e.add_argument("--eval-limit", type=_positive, help="evaluate on the first N test images only")
     e.add_argument("--device", default="auto")

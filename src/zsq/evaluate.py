@@ -58,10 +58,10 @@ def eval_set_for(model: nn.Module, dataset: str | None = None, data_dir: str | N
 def run_eval(model: str, checkpoint: str | None = None, dataset: str | None = None, data_dir: str | None = None,
              wbits: int = 32, abits: int = 32, first_last: str = "same", batch_size: int = 500,
              limit: int | None = None, device: str = "auto", calib_batches: int = 4, seed: int = 0,
-             model_def: str | None = None) -> dict:
+             model_def: str | None = None, placement: str | None = None) -> dict:
     """Load a model, optionally fake-quantize it with Gaussian-noise activation ranges (the 'no training'
-    baseline; placed as `default_placement` says), and evaluate it on a real test set. Returns the JSON-ready
-    result."""
+    baseline; activations placed by `placement`, else as `default_placement` says), and evaluate it on a real
+    test set. Returns the JSON-ready result."""
     device = resolve_device(device)
     net = load_model(model, checkpoint=checkpoint, model_def=model_def)
     ds = eval_set_for(net, dataset, data_dir)
@@ -69,17 +69,21 @@ def run_eval(model: str, checkpoint: str | None = None, dataset: str | None = No
     net = net.to(device)
     trained = getattr(net, "zsq_quant", None)
     if trained is not None:
-        if wbits != 32 or abits != 32:
+        if wbits != 32 or abits != 32 or placement is not None:
             raise UserError(f"{model} is already a W{trained['wbits']}A{trained['abits']} quantized model: "
-                            f"drop --wbits/--abits")
+                            f"drop --wbits/--abits/--placement")
         quant = {"wbits": trained["wbits"], "abits": trained["abits"], "first_last": trained["first_last"],
+                 "placement": trained.get("placement", "lineage"),
                  "calibration": "trained student (ranges frozen in the checkpoint)"}
     elif wbits != 32 or abits != 32:
-        qcfg = QuantConfig(wbits=wbits, abits=abits, first_last=first_last, placement=default_placement(net))
+        qcfg = QuantConfig(wbits=wbits, abits=abits, first_last=first_last,
+                           placement=placement or default_placement(net))
         net = quantize_model(net, cfg=qcfg)
         shape = (ds.info.in_channels, ds.info.image_size, ds.info.image_size)
         calibrate(net, gaussian_inputs(calib_batches, 256, shape, seed=seed, device=device))
         quant = {"wbits": wbits, "abits": abits, "first_last": first_last, "placement": qcfg.placement,
                  "calibration": f"{calib_batches}×256 Gaussian-noise images, no training"}
+    elif placement is not None:
+        raise UserError("--placement applies to a quantized evaluation: give --wbits/--abits too")
     acc = evaluate(net, ds, batch_size=batch_size, device=device, limit=limit, progress=True)
     return {"model": model, "checkpoint": checkpoint, "dataset": ds.info.name, "quant": quant, **acc}
