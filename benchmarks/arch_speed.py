@@ -84,7 +84,8 @@ def main() -> None:
             teacher = _teacher_step_seconds(model, a.batch_size, a.device)
             results[arch] = {"iteration_s": round(per_iter, 3), "iterations_per_s": round(1 / per_iter, 4),
                              "images_per_s": round(a.batch_size / per_iter, 2),
-                             "teacher_fwd_bwd_s": round(teacher, 3), "ratio_to_teacher_step": round(per_iter / teacher, 2)}
+                             "teacher_fwd_bwd_s": round(teacher, 3),
+                             "ratio_to_teacher_step": round(per_iter / teacher, 2)}
             print(f"{arch}: {per_iter:.2f} s per iteration ({a.batch_size / per_iter:.1f} images/s), teacher forward + "
                   f"backward {teacher:.2f} s: ratio {per_iter / teacher:.1f}", flush=True)
     print(json.dumps({"benchmark": "arch_speed", "image_size": 224, "batch_size": a.batch_size, "device": a.device,

@@ -10,5 +10,5 @@ from .checkpoint import (
 from .registry import create_model, list_models, model_name, register_model
 from .userdef import build_model_def
 
-__all__ = ["build_model_def", "create_model", "dataset_info", "list_models", "load_model", "model_name", "read_checkpoint",
-           "register_model", "save_checkpoint", "shipped_models"]
+__all__ = ["build_model_def", "create_model", "dataset_info", "list_models", "load_model", "model_name",
+           "read_checkpoint", "register_model", "save_checkpoint", "shipped_models"]

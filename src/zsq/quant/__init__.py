@@ -14,6 +14,6 @@ from .surgery import (
 )
 
 __all__ = ["ActQuantizer", "PLACEMENTS", "QuantAct", "QuantConfig", "QuantConv2d", "QuantLinear", "RANGE_SETTERS",
-           "RangeOptions", "act_quantizers", "batch_range", "bn_bounds", "calibrate", "create_range_setter",
-           "check_bits", "default_placement", "fake_quantize", "float_tensors", "gaussian_inputs", "observe_ranges", "per_channel_range",
-           "quant_params", "quantize_int", "quantize_model"]
+           "RangeOptions", "act_quantizers", "batch_range", "bn_bounds", "calibrate", "check_bits",
+           "create_range_setter", "default_placement", "fake_quantize", "float_tensors", "gaussian_inputs",
+           "observe_ranges", "per_channel_range", "quant_params", "quantize_int", "quantize_model"]
