@@ -166,17 +166,17 @@ def health(teacher: nn.Module, qmodel: nn.Module, probe: torch.Tensor, device: s
 
 
 def check_health(teacher: nn.Module, qmodel: nn.Module, probe: ProbeOptions | None = None, device: str = "cpu",
-                 info: DatasetInfo | None = None, quiet: bool = True) -> Health:
+                 info: DatasetInfo | None = None, quiet: bool = True, d: Dist = SINGLE) -> Health:
     """`zsq.health(teacher, qmodel)`: the data-free health of any Q model against its FP teacher (modules), on the
     teacher's probe set (built on first use, cached). `info`: the input geometry, when neither model records it."""
     from .models import dataset_info
 
     info = info or dataset_info(teacher) or dataset_info(qmodel)
     if info is None:
-        raise UserError("neither model records its dataset, so the probe's image size is unknown: pass "
-                        "info=zsq.load_dataset(NAME).info")
+        raise UserError("neither model records its dataset, so the probe's image size is unknown: use a run's "
+                        "student.pt (it records one), or in Python pass info=zsq.load_dataset(NAME).info")
     teacher, qmodel = teacher.to(device).eval(), qmodel.to(device).eval()
-    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet, SINGLE)
+    ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
     return health(teacher, qmodel, probe_set(ctx, probe).to(device), device)
 
 
@@ -186,7 +186,7 @@ def run_health(run_dir: str | Path | None = None, teacher: str | None = None, ch
     """`zsq health`: the health of a finished run (its config.json names the teacher, student.pt is the Q model)
     or of any (teacher, Q-model checkpoint) pair; `model_def` builds a user's own module for both (default: the
     run's). Returns the health and where it came from."""
-    from .models import dataset_info, load_model
+    from .models import load_model
 
     if run_dir is not None:
         run = Path(run_dir)
@@ -199,14 +199,9 @@ def run_health(run_dir: str | Path | None = None, teacher: str | None = None, ch
         qmodel = qmodel or str(run / "student.pt")
     if teacher is None or qmodel is None:
         raise UserError("give a run directory, or both --teacher and --qmodel")
-    t = load_model(teacher, checkpoint=checkpoint, model_def=model_def).to(device)
-    q = load_model(qmodel, model_def=model_def).to(device)
+    t = load_model(teacher, checkpoint=checkpoint, model_def=model_def)
+    q = load_model(qmodel, model_def=model_def)
     if getattr(q, "zsq_quant", None) is None:
         raise UserError(f"{qmodel} is not a quantized model (a zsq student.pt)")
-    info = dataset_info(t) or dataset_info(q)
-    if info is None:
-        raise UserError("neither checkpoint records a dataset, so the probe's image size is unknown: use a zsq "
-                        "teacher checkpoint or the run's student.pt")
-    ctx = SourceContext(t, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
-    h = health(t, q, probe_set(ctx, opts).to(device), device)
+    h = check_health(t, q, opts, device, quiet=quiet, d=d)
     return h, {"teacher": teacher, "checkpoint": checkpoint, "qmodel": qmodel, "model_def": model_def}

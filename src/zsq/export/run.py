@@ -141,6 +141,4 @@ def export_model(qmodel: torch.nn.Module, out: str | Path, fmt: str = "onnx", re
 def export_run(run: str | Path, fmt: str, out: str | Path, report: str | Path | None = None,
                model_def: str | None = None) -> dict[str, Any]:
     """`zsq export`: the student of a run directory (or a student.pt) through `export_model`."""
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     return export_model(_student(run, model_def), out, fmt, report, source=str(run))

@@ -121,14 +121,7 @@ def load_model(name_or_path: str | Path, checkpoint: str | Path | None = None, n
                             f"naming the code that builds that module (the Python API: model_def=...)")
         if name is not None and name != obj["arch"]:
             raise UserError(f"{path} holds a {obj['arch']}, not a {name}")
-        model = create_model(obj["arch"], **obj["model_args"])
-        if obj.get("quant"):
-            model = quantize_model(model, cfg=QuantConfig(**obj["quant"]))
-        _load_strict(model, obj["state_dict"], path)
-        if obj.get("dataset"):
-            model.zsq_dataset = DatasetInfo(**obj["dataset"])
-        model.zsq_metrics = obj.get("metrics", {})
-        return model.eval()
+        return _from_zsq(create_model(obj["arch"], **obj["model_args"]), obj, path)
     state = _as_state_dict(obj, path)
     arch, args, state = match_layout(state, path)
     if name is not None and name != arch:
@@ -147,14 +140,19 @@ def _load_user_model(spec: str, path: Path) -> nn.Module:
     if isinstance(obj, dict) and obj.get("zsq") == "model":
         if obj["arch"] is not None:
             raise UserError(f"{path} holds a registered {obj['arch']}: drop --model-def {spec}")
-        if obj.get("quant"):
-            model = quantize_model(model, cfg=QuantConfig(**obj["quant"]))
-        _load_strict(model, obj["state_dict"], path)
-        if obj.get("dataset"):
-            model.zsq_dataset = DatasetInfo(**obj["dataset"])
-        model.zsq_metrics = obj.get("metrics", {})
-    else:
-        _load_strict(model, _as_state_dict(obj, path), path)
+        return _from_zsq(model, obj, path)
+    _load_strict(model, _as_state_dict(obj, path), path)
+    return model.eval()
+
+
+def _from_zsq(model: nn.Module, obj: dict[str, Any], path: Path) -> nn.Module:
+    """`model` (FP, built for the checkpoint) with a zsq checkpoint's quantization, weights, dataset and metrics."""
+    if obj.get("quant"):
+        model = quantize_model(model, cfg=QuantConfig(**obj["quant"]))
+    _load_strict(model, obj["state_dict"], path)
+    if obj.get("dataset"):
+        model.zsq_dataset = DatasetInfo(**obj["dataset"])
+    model.zsq_metrics = obj.get("metrics", {})
     return model.eval()
 
 
