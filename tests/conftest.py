@@ -85,6 +85,23 @@ def imagefolder_dir(tmp_path) -> Path:
     return tmp_path
 
 
+def randomise_bn(model, seed: int = 1, spread: float = 0.1):
+    """Trained-looking BN statistics (γ ∈ [0.5, 1.5), β and running means ~ N(0, spread²), variances ∈ [0.5, 1.5)),
+    so that a wrong mapping or placement cannot hide behind identity BNs. Returns the model in eval mode."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.weight.data = torch.rand(c, generator=g) + 0.5
+            m.bias.data = torch.randn(c, generator=g) * spread
+            m.running_mean = torch.randn(c, generator=g) * spread
+            m.running_var = torch.rand(c, generator=g) + 0.5
+    return model.eval()
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zsq", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)

@@ -14,6 +14,8 @@ from zsq.data import DatasetInfo
 from zsq.errors import UserError
 from zsq.models import create_model, list_models, load_model, save_checkpoint
 
+from conftest import randomise_bn
+
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_builds_and_runs(name):
@@ -70,22 +72,10 @@ class OptionAResNet(nn.Module):
         return self.linear(F.avg_pool2d(out, out.size()[3]).flatten(1))
 
 
-def _randomise_bn(model: nn.Module) -> None:
-    """Trained-looking BN statistics, so that a wrong mapping cannot hide behind identity BNs."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.weight.data = torch.rand(c, generator=g) + 0.5
-            m.bias.data = torch.randn(c, generator=g) * 0.1
-            m.running_mean = torch.randn(c, generator=g) * 0.1
-            m.running_var = torch.rand(c, generator=g) + 0.5
-
-
 def test_option_a_dataparallel_checkpoint_matches_reference(tmp_path):
     torch.manual_seed(0)
     ref = OptionAResNet().eval()
-    _randomise_bn(ref)
+    randomise_bn(ref)
     wrapped = nn.DataParallel(ref)  # keys get the 'module.' prefix, as in checkpoints saved from DataParallel
     path = tmp_path / "resnet20_optionA.th"
     torch.save({"epoch": 200, "best_prec1": 91.7, "state_dict": wrapped.state_dict()}, path)
@@ -101,7 +91,7 @@ def test_a_checkpoint_from_before_pytorch_0_4_1_loads(tmp_path):
     load_state_dict accepts it, and so must zsq; any other missing key is still refused."""
     torch.manual_seed(0)
     ref = OptionAResNet().eval()
-    _randomise_bn(ref)
+    randomise_bn(ref)
     old = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(old, tmp_path / "old.th")
     x = torch.randn(4, 3, 32, 32)
@@ -164,7 +154,7 @@ class PytorchcvResNet20(nn.Module):
 def test_pytorchcv_layout_matches_reference(tmp_path):
     torch.manual_seed(0)
     ref = PytorchcvResNet20().eval()
-    _randomise_bn(ref)
+    randomise_bn(ref)
     path = tmp_path / "resnet20_cifar100.pth"
     torch.save(ref.state_dict(), path)
     model = load_model(path)  # architecture read from the keys alone
@@ -339,7 +329,7 @@ class TvMobileNetV2(nn.Module):
 def test_torchvision_layouts_match_an_independent_reference(name, make, tmp_path):
     torch.manual_seed(0)
     ref = make().eval()
-    _randomise_bn(ref)
+    randomise_bn(ref)
     torch.save(ref.state_dict(), tmp_path / "tv.pth")
     model = load_model(tmp_path / "tv.pth")  # architecture and width read from the keys and shapes alone
     assert model.zsq_arch == name
@@ -461,7 +451,7 @@ class PcvMobileNetV2(nn.Module):
 def test_pytorchcv_layouts_match_an_independent_reference(name, make, tmp_path):
     torch.manual_seed(0)
     ref = make().eval()
-    _randomise_bn(ref)
+    randomise_bn(ref)
     torch.save(ref.state_dict(), tmp_path / "pcv.pth")
     assert any(k.startswith("features.stage1.unit1.") for k in ref.state_dict())
     model = load_model(tmp_path / "pcv.pth")

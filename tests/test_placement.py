@@ -15,23 +15,15 @@ from zsq.export.onnx_qdq import build_onnx
 from zsq.export.run import onnx_metadata
 from zsq.graph import LeafTracer, is_add
 from zsq.models import create_model, load_model, save_checkpoint
-from zsq.quant import QuantAct, act_quantizers, bn_bounds, calibrate, default_placement, float_tensors, quantize_model
+from zsq.quant import (QuantAct, act_quantizers, bn_bounds, calibrate, default_placement, float_tensors,
+                       quantize_model)
 
-
-def _trained_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.weight.data = torch.rand(c, generator=g) + 0.5
-            m.bias.data = torch.randn(c, generator=g) * 0.2
-            m.running_mean = torch.randn(c, generator=g) * 0.2
-            m.running_var = torch.rand(c, generator=g) + 0.5
-    return model.eval()
+from conftest import randomise_bn
 
 
 def _mobilenet() -> nn.Module:
-    return _trained_bn(create_model("mobilenet_v2", num_classes=10, in_channels=1, width_mult=0.35, stem_stride=1))
+    return randomise_bn(create_model("mobilenet_v2", num_classes=10, in_channels=1, width_mult=0.35, stem_stride=1),
+                        0, 0.2)
 
 
 def _placed(model: nn.Module, placement: str, abits: int = 4) -> nn.Module:
@@ -64,8 +56,8 @@ def test_lineage_leaves_the_mobilenet_bottlenecks_float_and_says_so():
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet20", "resnet50"])
 def test_deployable_quantizes_every_tensor_into_a_layer_or_an_add(arch):
-    model = _mobilenet() if arch == "mobilenet_v2" else _trained_bn(create_model(arch, in_channels=1,
-                                                                                 num_classes=10))
+    model = _mobilenet() if arch == "mobilenet_v2" else randomise_bn(create_model(arch, in_channels=1,
+                                                                                   num_classes=10), 0, 0.2)
     lineage, q = _placed(model, "lineage"), _placed(model, "deployable")
     assert float_tensors(q) == [] and type(q).__name__ == f"Deployable{type(model).__name__}"
     assert isinstance(q, type(model)) and q.state_dict().keys() >= lineage.state_dict().keys()
@@ -129,7 +121,7 @@ def test_default_placement_and_the_bn_prior_on_deployable_places():
     assert default_placement(Functional()) == "deployable"
     assert default_placement(Functional(branchy=True)) == "lineage"  # untraceable: nothing else can be placed
     assert float_tensors(quantize_model(Functional(branchy=True), 4, 4)) is None
-    q = quantize_model(_trained_bn(Functional()), 4, 4, placement="deployable")
+    q = quantize_model(randomise_bn(Functional(), 0, 0.2), 4, 4, placement="deployable")
     assert [m.site for m in q.zsq_sites.values()] == ["input", "bn2", "mean"]  # the add's branch, the pooled map
     bounds = bn_bounds(q, 3.0)
     relus = [m.quant for m in (q.relu1, q.relu2)]
