@@ -13,7 +13,7 @@ import torch
 
 from zsq.models import load_model
 
-from conftest import run_cli
+from conftest import quantize_tiny, run_cli
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -114,6 +114,13 @@ def test_empty_and_wrong_data_dir(tmp_path, tiny_teacher):
 def test_channel_mismatch(tiny_teacher, cifar10_dir):
     proc = run_cli("eval", "--model", str(tiny_teacher), "--dataset", "cifar10", "--data-dir", str(cifar10_dir))
     assert_one_line_error(proc, "1-channel", "3")
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(tiny_teacher, fmnist_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("kept")
+    assert_one_line_error(quantize_tiny(tiny_teacher, fmnist_dir, blocker / "run"), "run folder", "--out")
+    assert blocker.read_text() == "kept"
 
 
 def test_teacher_train_takes_the_architectures_own_arguments(fmnist_dir, tmp_path):

@@ -566,7 +566,10 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
 
 def _clear_run(out: Path) -> None:
     """A fresh run's folder: what an earlier unfinished run left there (--restart) goes."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder must be, no permission, a full disk
+        raise UserError(f"cannot create the run folder {out}: {e.strerror}; choose another --out") from None
     for name in ("state.pt", "metrics.jsonl", "config.json", "samples.pt", "student.pt"):
         (out / name).unlink(missing_ok=True)
 
