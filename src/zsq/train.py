@@ -464,6 +464,7 @@ def _open_run(cfg: TrainConfig, resume: bool, restart: bool, d: Dist = SINGLE) -
     """The resume state of the run in cfg.out, or None for a fresh run. Never overwrites a run silently: a finished
     one is refused, an unfinished one is continued (--resume) or started over (--restart) only when asked."""
     out = Path(cfg.out)
+    _check_writable(out)
     if (out / "result.json").exists():
         raise UserError(f"{out} already holds a finished run (result.json): choose another --out")
     unfinished = (out / "config.json").exists() or (out / "metrics.jsonl").exists()
@@ -562,6 +563,15 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
                 job.close()
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _check_writable(out: Path) -> None:
+    """Before anything is built: the run folder, or the closest folder above it that exists, takes files."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir() or not os.access(where, os.W_OK):
+        raise UserError(f"cannot create the run folder {out}: {where} is not a writable folder; choose another --out")
 
 
 def _clear_run(out: Path) -> None:
