@@ -45,7 +45,7 @@ HARD_WEIGHT = 10.0  # β of the hardness-weighted CE for the confident half (HAS
 
 @dataclass
 class ProbeOptions:
-    # 256 images × 100 steps: about 13 % of a quick run's time on ResNet-20 and MobileNetV2, where 512 × 200
+    # 256 images × 100 steps: 13 % (ResNet-20) and 16 % (MobileNetV2) of a quick run's time, where 512 × 200
     # cost 58 % on ResNet-20; over the same Q models the cheaper probe ranked real accuracy as well (README
     # "Health check", benchmarks/health_probe.py)
     probe_images: int = 256  # half BN-statistics only, half also confident
