@@ -5,8 +5,8 @@ For each teacher and each probe recipe IMAGES:ITERS (pixel steps per half), the 
 and timed; the quick preset's run time is measured in the same process on a real `zsq.quantize` job cut to a
 tenth (1 warm-up + 6 trained epochs of 10 iterations: the quick preset's shape at its batch, models and losses),
 times ten (its evaluations on 500 test images, so the real run's 10,000-image evaluation is left out: the
-probe's share is overstated, never understated). The population of Q models spans healthy to collapsed without training: every layer at W8…W2 (WkAk),
-and W8 weights with Ak activations, ranges from Gaussian noise (as `zsq eval --wbits`) or from the teacher's BN
+probe's share is overstated, never understated). The population of Q models spans healthy to collapsed without
+training: every layer at W8…W2 (WkAk), and W8 weights with Ak activations, ranges from Gaussian noise (as `zsq eval --wbits`) or from the teacher's BN
 statistics (the quick preset's bn-prior, k 2.5); plus the finished runs under --runs whose teacher it is. Each
 model gets its real test top-1 and its health on every probe; the reference is the teacher's own W8A8 copy with
 ranges from the probe itself (`kl_ref`: what 8-bit rounding alone costs on that probe).
@@ -86,7 +86,8 @@ def study(teacher_name: str, recipes: list[ProbeOptions], bits: list[int], place
         refs[key] = health(teacher, ref, probe).kl
     fp = zsq.evaluate(teacher, test, limit=limit)["top1"]
     models = []
-    for name, q in [*population(teacher, shape, bits, placement), *trained(given, teacher_name), *trained(runs, teacher_name)]:
+    students = [*trained(given, teacher_name), *trained(runs, teacher_name)]
+    for name, q in [*population(teacher, shape, bits, placement), *students]:
         row = {"model": name, "top1": zsq.evaluate(q, test, limit=limit)["top1"]}
         for key, probe in probes.items():
             h = health(teacher, q, probe)
