@@ -1,15 +1,15 @@
 """The health check's probe per teacher: what building it costs against a quick run, and how well each probe
 recipe's score ranks Q models by their real accuracy, absolute and relative to the teacher's own 8-bit copy.
 
-For each teacher and each probe recipe IMAGES:ITERS (pixel steps per half), the probe is built in a fresh cache
-and timed; the quick preset's run time is measured in the same process on a real `zsq.quantize` job cut to a
-tenth (1 warm-up + 6 trained epochs of 10 iterations: the quick preset's shape at its batch, models and losses),
-times ten (its evaluations on 500 test images, so the real run's 10,000-image evaluation is left out: the
-probe's share is overstated, never understated). The population of Q models spans healthy to collapsed without
-training: every layer at W8…W2 (WkAk), and W8 weights with Ak activations, ranges from Gaussian noise (as `zsq eval --wbits`) or from the teacher's BN
-statistics (the quick preset's bn-prior, k 2.5); plus the finished runs under --runs whose teacher it is. Each
-model gets its real test top-1 and its health on every probe; the reference is the teacher's own W8A8 copy with
-ranges from the probe itself (`kl_ref`: what 8-bit rounding alone costs on that probe).
+For each teacher and each probe recipe IMAGES:ITERS (pixel steps per half), the probe is built in a fresh cache and
+timed; the quick preset's run time is measured in the same process on a real `zsq.quantize` job cut to a tenth (1
+warm-up + 6 trained epochs of 10 iterations: the quick preset's shape at its batch, models and losses), times ten
+(its evaluations on 500 test images, so the real run's 10,000-image evaluation is left out: the probe's share is
+overstated, never understated). The population of Q models spans healthy to collapsed without training: every layer
+at W8…W2 (WkAk), and W8 weights with Ak activations, ranges from Gaussian noise (as `zsq eval --wbits`) or from the
+teacher's BN statistics (the quick preset's bn-prior, k 2.5); plus the finished runs under --runs whose teacher it
+is. Each model gets its real test top-1 and its health on every probe; the reference is the teacher's own W8A8 copy
+with ranges from the probe itself (`kl_ref`: what 8-bit rounding alone costs on that probe).
 Usage: python benchmarks/health_probe.py --teacher resnet20_fmnist --probe 512:200 --probe 256:100 [--runs DIR]
        [--placement deployable]
 Prints one JSON object as its last line (every model's signals: any score variant can be recomputed from it).
