@@ -23,18 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import zsq
+from zsq.analysis import spearman
 from zsq.quant import PLACEMENTS, RangeOptions, calibrate, create_range_setter, gaussian_inputs, quantize_model
 from zsq.synth import SourceContext, pixels
 from zsq.validate import ProbeOptions, health, probe_set
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = (np.argsort(np.argsort(v, kind="stable")) for v in (np.asarray(x), np.asarray(y)))
-    return float(np.corrcoef(rx, ry)[0, 1]) if len(x) > 2 else float("nan")
 
 
 def population(teacher: torch.nn.Module, shape: tuple[int, int, int], bits: list[int], placement: str):

@@ -16,23 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from zsq.analysis import spearman
 from zsq.io import save_bytes, save_json
 from zsq.validate import ProbeOptions, run_health
-
-
-def ranks(x: list[float]) -> np.ndarray:
-    """Ranks with ties averaged, as Spearman's ρ needs."""
-    a = np.asarray(x, dtype=float)
-    order = a.argsort(kind="stable")
-    r = np.empty(len(a))
-    r[order] = np.arange(len(a))
-    for v in np.unique(a):
-        r[a == v] = r[a == v].mean()
-    return r
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    return float(np.corrcoef(ranks(x), ranks(y))[0, 1]) if len(x) > 2 else float("nan")
 
 
 def selection(run: Path, result: dict) -> dict | None:

@@ -8,12 +8,22 @@ import torch
 from PIL import Image
 from torch import nn
 
-from zsq.analysis import group_runs, hessian_trace, read_runs
+from zsq.analysis import group_runs, hessian_trace, read_runs, spearman
 from zsq.analysis.report import curve_stats
 from zsq.quant import calibrate
 from zsq.train import _build, _curvature, resolve_config
 
 from conftest import TINY_PROBE, quantize_tiny, run_cli
+
+
+def test_spearman_averages_tied_ranks():
+    # ranks x (0, 1.5, 1.5, 3) and y (0, 2, 1, 3): covariance 4.5, variances 4.5 and 5 -> 4.5 / sqrt(22.5)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / 22.5 ** 0.5)
+    assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([10, 10, 10], [1, 2, 3]) != spearman([10, 10, 10], [1, 2, 3])  # no order to measure: NaN
+    with pytest.raises(ValueError):
+        spearman([1, 2, 3], [1, 2])
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian():
