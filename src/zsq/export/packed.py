@@ -24,7 +24,7 @@ from ..data import DatasetInfo
 from ..errors import UserError
 from ..io import save_torch
 from ..models import build_model_def, create_model, read_checkpoint
-from ..quant import QuantConfig, QuantConv2d, QuantLinear, per_channel_range, quant_params, quantize_int, quantize_model
+from ..quant import QuantConfig, QuantConv2d, QuantLinear, quant_params, quantize_int, quantize_model
 
 FORMAT = "packed"
 VERSION = 1
@@ -54,7 +54,7 @@ def weight_codes(layer: QuantConv2d | QuantLinear) -> tuple[torch.Tensor, torch.
     """(integer codes q, per-channel scale S, zero point Z) exactly as the fake quantizer computes them: the layer's
     weight is S·(q − Z). Codes and zero points as int64, S as float32, one per output channel."""
     w = layer.weight.detach().cpu().float()
-    scale, zero = quant_params(*per_channel_range(w), layer.wbits)
+    scale, zero = quant_params(*(t.detach().cpu().float() for t in layer.weight_range()), layer.wbits)
     return quantize_int(w, scale, zero, layer.wbits).long(), scale.flatten(), zero.flatten().long()
 
 

@@ -13,16 +13,33 @@ from .fake import fake_quantize, per_channel_range
 
 
 class _QuantWeight:
-    """Per-output-channel fake quantization of `self.weight`, recomputed from the current FP weights at every
-    forward (the FP weight is the trainable shadow copy; the bias stays FP)."""
+    """Per-output-channel fake quantization of `self.weight`, its range recomputed from the current FP weights at
+    every forward (the FP weight is the trainable shadow copy; the bias stays FP), or held fixed in the buffers
+    `w_lo`/`w_hi` (`fixed_range`): a post-training student's learned steps are not the min and max of its
+    rounded weights, whose extreme codes may be unused."""
 
     weight: torch.Tensor
     wbits: int
     ste: str
+    fixed_range: bool = False
+
+    def _fix_range(self, fixed: bool) -> None:
+        self.fixed_range = fixed
+        if fixed:
+            lo, hi = per_channel_range(self.weight)
+            self.register_buffer("w_lo", lo.clone())
+            self.register_buffer("w_hi", hi.clone())
+
+    def weight_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each output channel's [lo, hi], shaped to broadcast against the weight."""
+        return (self.w_lo, self.w_hi) if self.fixed_range else per_channel_range(self.weight)
 
     def quantized_weight(self) -> torch.Tensor:
-        lo, hi = per_channel_range(self.weight)
-        return fake_quantize(self.weight, lo, hi, self.wbits, self.ste)
+        return fake_quantize(self.weight, *self.weight_range(), self.wbits, self.ste)
+
+    def float_state(self) -> dict[str, torch.Tensor]:
+        """The state of the float layer this one was made from."""
+        return {k: v for k, v in self.state_dict().items() if k not in ("w_lo", "w_hi")}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, wbits={self.wbits}"
@@ -32,18 +49,20 @@ class QuantConv2d(_QuantWeight, nn.Conv2d):
     """Conv2d with a per-output-channel fake-quantized weight."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, wbits: int, ste: str = "identity") -> "QuantConv2d":
+    def from_float(cls, conv: nn.Conv2d, wbits: int, ste: str = "identity", fixed_range: bool = False
+                   ) -> "QuantConv2d":
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
                 dtype=conv.weight.dtype)
         q.load_state_dict(conv.state_dict())
         q.wbits, q.ste = wbits, ste
+        q._fix_range(fixed_range)
         return q
 
     def to_float(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, self.padding_mode)
-        conv.load_state_dict(self.state_dict())
+        conv.load_state_dict(self.float_state())
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,16 +73,18 @@ class QuantLinear(_QuantWeight, nn.Linear):
     """Linear with a per-output-row fake-quantized weight."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, wbits: int, ste: str = "identity") -> "QuantLinear":
+    def from_float(cls, linear: nn.Linear, wbits: int, ste: str = "identity", fixed_range: bool = False
+                   ) -> "QuantLinear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
                 dtype=linear.weight.dtype)
         q.load_state_dict(linear.state_dict())
         q.wbits, q.ste = wbits, ste
+        q._fix_range(fixed_range)
         return q
 
     def to_float(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None)
-        linear.load_state_dict(self.state_dict())
+        linear.load_state_dict(self.float_state())
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

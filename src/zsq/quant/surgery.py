@@ -16,6 +16,7 @@ from .placement import check_placement, place_deployable
 
 FP_BITS = 32
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+WEIGHT_RANGES = ("minmax", "fixed")
 
 
 def check_bits(bits: int, what: str) -> None:
@@ -32,6 +33,7 @@ class QuantConfig:
     ste: str = "identity"  # straight-through estimator: "identity" everywhere (lineage) or "clipped" to [l, u]
     layer_bits: dict[str, int] = field(default_factory=dict)  # weight bits per module name, overriding the rest
     placement: str = "lineage"  # activation quantizers: "lineage" (after each ReLU) or "deployable" (zsq.quant.placement)
+    weight_range: str = "minmax"  # per-channel weight range: each forward's "minmax", or "fixed" buffers (PTQ)
 
     def __post_init__(self) -> None:
         check_bits(self.wbits, "weight bits")
@@ -43,6 +45,8 @@ class QuantConfig:
         if self.ste not in STE_MODES:
             raise UserError(f"ste must be one of {STE_MODES}, got '{self.ste}'")
         check_placement(self.placement)
+        if self.weight_range not in WEIGHT_RANGES:
+            raise UserError(f"weight range must be one of {', '.join(WEIGHT_RANGES)}, got '{self.weight_range}'")
         if not 0 <= self.act_momentum < 1:
             raise UserError(f"activation EMA momentum must be in [0, 1), got {self.act_momentum}")
 
@@ -92,7 +96,7 @@ def quantize_model(model: nn.Module, wbits: int | None = None, abits: int | None
             continue
         layer = qmodel.get_submodule(name)
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        _set_child(qmodel, name, cls.from_float(layer, bits[name], cfg.ste))
+        _set_child(qmodel, name, cls.from_float(layer, bits[name], cfg.ste, cfg.weight_range == "fixed"))
     if cfg.abits != FP_BITS:
         wrapped = {id(m.act) for m in qmodel.modules() if isinstance(m, QuantAct)}
         acts = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, ACTIVATIONS) and id(m) not in wrapped]
