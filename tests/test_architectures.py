@@ -18,7 +18,7 @@ from zsq.export.onnx_qdq import build_onnx
 from zsq.models import create_model
 from zsq.quant import QuantAct, act_quantizers, bn_bounds, calibrate, gaussian_inputs, quantize_model
 from zsq.synth import SourceContext, create_source, list_sources
-from zsq.synth.pixels import PIXEL_SOURCES
+from zsq.synth.pixels import BUILDERS
 
 from conftest import PROBE_KW
 
@@ -31,7 +31,7 @@ def _model(arch: str, channels: int = 1, **kw) -> nn.Module:
 
 
 def _run(model: nn.Module, generator: str, method: str, fmnist_dir, out) -> zsq.Result:
-    offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if generator in PIXEL_SOURCES else {}
+    offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if generator in BUILDERS else {}
     return zsq.quantize(model, wbits=4, abits=4, generator=generator, method=method, dataset="fashion-mnist",
                         data_dir=str(fmnist_dir), epochs=3, iters_per_epoch=1, warmup_epochs=1, batch_size=4,
                         eval_limit=8, out=str(out), quiet=True, **offline, **PROBE_KW)

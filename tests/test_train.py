@@ -17,7 +17,7 @@ from zsq.distill import list_methods
 from zsq.errors import UserError
 from zsq.quant import ActQuantizer
 from zsq.synth import list_sources
-from zsq.synth.pixels import PIXEL_SOURCES
+from zsq.synth.pixels import BUILDERS
 from zsq.train import resolve_config
 from zsq.validate import ProbeOptions
 
@@ -54,7 +54,7 @@ def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
 @pytest.mark.parametrize("generator", list_sources())
 @pytest.mark.parametrize("method", list_methods())
 def test_every_generator_with_every_method(generator, method, tiny_teacher, fmnist_dir, tmp_path):
-    offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if generator in PIXEL_SOURCES else {}
+    offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if generator in BUILDERS else {}
     r = zsq.quantize(str(tiny_teacher), wbits=3, abits=4, generator=generator, method=method, data_dir=str(fmnist_dir),
                      epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=6, out=str(tmp_path / "r"), quiet=True,
                      **offline, **PROBE_KW)

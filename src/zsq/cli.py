@@ -31,7 +31,7 @@ from .presets import PRESETS, preset_values
 from .quant import PLACEMENTS, check_bits
 from .quant.ranges import BN_PROPAGATE, RANGE_SETTERS
 from .synth import SOURCES, list_sources
-from .synth.pixels import PIXEL_SOURCES, build_set
+from .synth.pixels import BUILDERS, build_set
 from .teacher import TeacherConfig, train_teacher
 from .train import SELECT, TrainConfig, quantize_run, resolve_config
 from .validate import Health, ProbeOptions, run_health
@@ -283,10 +283,15 @@ def _add_health(sub) -> None:
 
 SYNTH_FLAGS = {"images": "synth_images", "batch_size": "synth_batch", "iters": "synth_iters", "lr": "synth_lr",
                "patience": "synth_patience", "hard_weight": "hard_weight", "hard_gamma": "hard_gamma",
-               "seed": "synth_seed"}
+               "seed": "synth_seed", "latent_dim": "latent_dim", "latent_lr": "latent_lr",
+               "generator_lr": "generator_lr", "generator_decay_every": "generator_decay_every", "swing": "swing"}
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    own = {f.name for f in fields(SOURCES.options_class(args.source))}
+    for flag, name in SYNTH_FLAGS.items():
+        if getattr(args, flag) is not None and name not in own:
+            raise UserError(f"--{flag.replace('_', '-')} does not apply to --source {args.source}")
     teacher = load_model(args.teacher, checkpoint=args.checkpoint)
     recorded = dataset_info(teacher)
     info = (recorded if recorded is not None and args.dataset in (None, recorded.name)
@@ -302,22 +307,29 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _add_synth(sub) -> None:
-    s = sub.add_parser("synth", help="optimise an offline synthetic set (HAST, ZeroQ) for a teacher and save it",
+    s = sub.add_parser("synth", help="optimise an offline synthetic set (HAST, ZeroQ, Genie) for a teacher and save it",
                        description="Writes images, labels, the recipe and a hash of the teacher's weights; "
                                    "`zsq quantize --generator hast --synth-data FILE` trains on it.")
     s.add_argument("--teacher", default="resnet20_fmnist", help="shipped teacher, architecture or checkpoint path")
     s.add_argument("--checkpoint", help="weights for an architecture name")
-    s.add_argument("--source", default="hast", choices=list(PIXEL_SOURCES))
-    s.add_argument("--preset", default="quick", choices=list(PRESETS), help="synthesis budget (paper: 5,120 × 1,000)")
+    s.add_argument("--source", default="hast", choices=sorted(BUILDERS))
+    s.add_argument("--preset", default="quick", choices=list(PRESETS),
+                   help="synthesis budget (paper: hast/zeroq 5,120 × 1,000, genie 1,024 × 4,000)")
     s.add_argument("--dataset", choices=list_datasets(), help="input geometry, when the checkpoint did not record it")
     s.add_argument("--data-dir")
     s.add_argument("--images", type=_positive, help="number of images (default: preset)")
-    s.add_argument("--batch-size", type=_positive, help="images optimised together (default 256)")
+    s.add_argument("--batch-size", type=_positive, help="images optimised together (default 256; genie 128)")
     s.add_argument("--iters", type=_positive, help="Adam steps per batch (default: preset)")
-    s.add_argument("--lr", type=float, help="Adam learning rate on the pixels (default 0.5)")
-    s.add_argument("--patience", type=_positive, help="plateau steps before the LR drops (default 50)")
-    s.add_argument("--hard-weight", type=float, help="β of the hardness-weighted CE (hast 10, zeroq 0)")
-    s.add_argument("--hard-gamma", type=float, help="γ of the hardness weight (default 2)")
+    s.add_argument("--lr", type=float, help="hast/zeroq: Adam learning rate on the pixels (default 0.5)")
+    s.add_argument("--patience", type=_positive, help="plateau steps before the LR drops (default 50; genie 100)")
+    s.add_argument("--hard-weight", type=float, help="hast/zeroq: β of the hardness-weighted CE (hast 10, zeroq 0)")
+    s.add_argument("--hard-gamma", type=float, help="hast/zeroq: γ of the hardness weight (default 2)")
+    s.add_argument("--latent-dim", type=_positive, help="genie: size of each image's latent (default 256)")
+    s.add_argument("--latent-lr", type=float, help="genie: Adam learning rate on the latents (default 0.1)")
+    s.add_argument("--generator-lr", type=float, help="genie: Adam learning rate on the generator (default 0.01)")
+    s.add_argument("--generator-decay-every", type=_positive,
+                   help="genie: steps between the generator LR's ×0.95 decays (default 100)")
+    s.add_argument("--swing", type=int, help="genie: random shift before strided convs, pixels (default 1; 0: off)")
     s.add_argument("--seed", type=int)
     s.add_argument("--device", default="auto")
     s.add_argument("--quiet", action="store_true")

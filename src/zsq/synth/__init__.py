@@ -1,5 +1,6 @@
-"""Synthetic data sources (a registry): online generators (gdfq, adadfq) and offline cached sets (hast, zeroq)."""
-from . import adadfq, gdfq, pixels  # noqa: F401  (registers the sources)
+"""Synthetic data sources (a registry): online generators (gdfq, adadfq) and offline cached sets (hast, zeroq,
+genie)."""
+from . import adadfq, gdfq, genie, pixels  # noqa: F401  (registers the sources)
 from .base import SOURCES, DataSource, SourceContext, create_source, list_sources
 from .bns import BNStatistics
 from .generator import ConditionalGenerator

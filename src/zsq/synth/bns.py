@@ -18,6 +18,7 @@ class BNStatistics:
         if not self.layers:
             raise ValueError("the teacher has no BatchNorm2d layer: BN-statistics matching needs one")
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self.counts = [0] * len(self.layers)  # values per channel behind each batch statistic (N·H·W)
         self.handles = [bn.register_forward_hook(self._hook(i)) for i, bn in enumerate(self.layers)]
 
     def _hook(self, i: int):
@@ -25,6 +26,7 @@ class BNStatistics:
             x = inputs[0].float()
             var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
             self.stats[i] = (mean, var)
+            self.counts[i] = x.numel() // x.shape[1]
 
         return hook
 

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,6 @@ from .base import SOURCES, DataSource, SourceContext
 from .bns import BNStatistics
 
 FORMAT = "synthetic"
-PIXEL_SOURCES = ("hast", "zeroq")
 
 
 def hardness_ce(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -42,14 +41,13 @@ def hardness_ce(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> tor
 
 
 @dataclass
-class PixelOptions:
+class SetOptions:
+    """What every offline set has: its size, its batches, its seed, where a stored one is, and the warm-up batch
+    a QAT run draws from the GDFQ generator beside it."""
     synth_images: int = field(default=5120, metadata={"help": "synthetic images to optimise (HAST: 5,120)"})
     synth_batch: int = field(default=256, metadata={"help": "images optimised together"})
     synth_iters: int = field(default=1000, metadata={"help": "Adam steps per synthesis batch"})
-    synth_lr: float = field(default=0.5, metadata={"help": "Adam learning rate on the pixels"})
-    synth_patience: int = field(default=50, metadata={"help": "plateau steps before the pixel LR drops ×0.1"})
-    hard_weight: float = field(default=10.0, metadata={"help": "β of the hardness-weighted CE (0: BN statistics only)"})
-    hard_gamma: float = field(default=2.0, metadata={"help": "γ of the hardness weight (1 − p_y)^γ"})
+    synth_patience: int = field(default=50, metadata={"help": "plateau steps before the learning rate drops ×0.1"})
     synth_seed: int = field(default=0, metadata={"help": "seed of the synthesis (initial pixels and labels)"})
     synth_data: str | None = field(default=None, metadata={
         "help": "a set written by `zsq synth`; default: the cache (ZSQ_CACHE, else ~/.cache/zsq)"})
@@ -63,8 +61,6 @@ class PixelOptions:
                 raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if self.warmup_batch is not None and self.warmup_batch < 1:
             raise UserError(f"warmup-batch must be ≥ 1, got {self.warmup_batch}")
-        if self.synth_lr <= 0 or self.hard_weight < 0 or self.hard_gamma < 0:
-            raise UserError("synth-lr must be > 0, hard-weight and hard-gamma ≥ 0")
 
     def recipe(self) -> dict[str, Any]:
         """The fields that determine the images (not where they are stored, nor how training draws from them)."""
@@ -73,6 +69,18 @@ class PixelOptions:
     def unused(self) -> dict[str, str]:
         """With --synth-data the set exists already: its recipe options have no effect."""
         return {name: "a set built by this run (not --synth-data)" for name in self.recipe()} if self.synth_data else {}
+
+
+@dataclass
+class PixelOptions(SetOptions):
+    synth_lr: float = field(default=0.5, metadata={"help": "Adam learning rate on the pixels"})
+    hard_weight: float = field(default=10.0, metadata={"help": "β of the hardness-weighted CE (0: BN statistics only)"})
+    hard_gamma: float = field(default=2.0, metadata={"help": "γ of the hardness weight (1 − p_y)^γ"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.synth_lr <= 0 or self.hard_weight < 0 or self.hard_gamma < 0:
+            raise UserError("synth-lr must be > 0, hard-weight and hard-gamma ≥ 0")
 
 
 @dataclass
@@ -138,7 +146,7 @@ def _optimise(teacher: nn.Module, bns: BNStatistics, x: torch.Tensor, y: torch.T
     return x.detach().cpu(), y.cpu(), loss.item()
 
 
-def write_set(path: str | Path, data: dict[str, Any], source: str, opts: PixelOptions, thash: str) -> Path:
+def write_set(path: str | Path, data: dict[str, Any], source: str, opts: SetOptions, thash: str) -> Path:
     return save_torch({"zsq": FORMAT, "version": 1, "source": source, "recipe": json.dumps(opts.recipe()),
                        "teacher_sha256": thash, "images": data["images"], "labels": data["labels"],
                        "final_loss": torch.tensor(data["final_loss"])}, path)
@@ -156,16 +164,17 @@ def read_set(path: str | Path) -> dict[str, Any]:
 SHIPPED_CACHE = Path(__file__).resolve().parent.parent / "weights" / "synth"
 
 
-def cache_path(source: str, opts: PixelOptions, thash: str) -> Path:
+def cache_path(source: str, opts: SetOptions, thash: str) -> Path:
     root = Path(os.environ.get("ZSQ_CACHE", Path.home() / ".cache" / "zsq")) / "synth"
     key = hashlib.sha256(json.dumps([source, opts.recipe(), thash], sort_keys=True).encode()).hexdigest()[:16]
     return root / f"{source}-{key}.pt"
 
 
-def load_or_build(source: str, ctx: SourceContext, opts: PixelOptions) -> tuple[dict[str, Any], Path, bool]:
-    """The set for this teacher and recipe: `synth_data` if given (it must match), else the cache, else built and
-    cached. Returns (set, path, built). Under torchrun the main rank reads the cache and hands the set to the
-    others, and only it writes one."""
+def load_or_build(source: str, ctx: SourceContext, opts: SetOptions, build: Callable[..., dict[str, Any]] | None = None
+                  ) -> tuple[dict[str, Any], Path, bool]:
+    """The set for this teacher and recipe: `synth_data` if given (it must match), else the cache, else built (by
+    `build`, default the pixel optimisation) and cached. Returns (set, path, built). Under torchrun the main rank
+    reads the cache and hands the set to the others, and only it writes one."""
     thash = teacher_hash(ctx.teacher)
     if opts.synth_data:
         data = read_set(opts.synth_data)
@@ -178,13 +187,13 @@ def load_or_build(source: str, ctx: SourceContext, opts: PixelOptions) -> tuple[
         if cached is not None:
             return cached, where, False
     shape = (ctx.in_channels, ctx.image_size, ctx.image_size)
-    built = synthesize(ctx.teacher, opts, ctx.num_classes, shape, ctx.device, ctx.quiet, ctx.dist)
+    built = (build or synthesize)(ctx.teacher, opts, ctx.num_classes, shape, ctx.device, ctx.quiet, ctx.dist)
     if ctx.dist.main:
         write_set(path, built, source, opts, thash)
     return built, path, True
 
 
-def _cached(path: Path, thash: str, opts: PixelOptions) -> dict[str, Any] | None:
+def _cached(path: Path, thash: str, opts: SetOptions) -> dict[str, Any] | None:
     if path.is_file():
         data = read_set(path)
         if data["teacher_sha256"] == thash and json.loads(data["recipe"]) == opts.recipe():
@@ -198,10 +207,10 @@ class OfflineSource(DataSource):
 
     online = False
 
-    def __init__(self, ctx: SourceContext, name: str, opts: PixelOptions) -> None:
+    def __init__(self, ctx: SourceContext, name: str, opts: SetOptions) -> None:
         super().__init__()
         self.warmup_batch = opts.warmup_batch
-        data, self.path, self.built = load_or_build(name, ctx, opts)
+        data, self.path, self.built = load_or_build(name, ctx, opts, BUILDERS[name])
         self.images = data["images"].to(ctx.device)
         self.labels = data["labels"].to(ctx.device)
         if self.images.shape[1:] != (ctx.in_channels, ctx.image_size, ctx.image_size):
@@ -214,6 +223,10 @@ class OfflineSource(DataSource):
     def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.images), (batch_size,), generator=rng).to(self.images.device)
         return random_resized_crop(self.images[idx], rng), self.labels[idx]
+
+
+# How each offline source builds its set: (teacher, options, classes, shape, device, quiet, dist) -> set dict.
+BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {"hast": synthesize, "zeroq": synthesize}
 
 
 @SOURCES.register("hast", options=PixelOptions)
@@ -230,14 +243,14 @@ def build_set(teacher: nn.Module, source: str, out: str | Path, num_classes: int
               device: str, options: dict[str, Any], quiet: bool = False, d: Dist = SINGLE) -> dict[str, Any]:
     """`zsq synth`: optimise a set for `teacher` with the source's options and write it to `out` (under
     torchrun: the ranks share the batches, the main rank writes)."""
-    if source not in PIXEL_SOURCES:
-        raise UserError(f"zsq synth makes offline sets: choose --source {' or '.join(PIXEL_SOURCES)}, not '{source}'")
+    if source not in BUILDERS:
+        raise UserError(f"zsq synth makes offline sets: choose --source {' or '.join(BUILDERS)}, not '{source}'")
     opts = SOURCES.build_options(source, options)
     if opts.synth_data:
         raise UserError("--synth-data names an existing set; zsq synth writes a new one to --out")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    data = synthesize(teacher.to(device).eval(), opts, num_classes, shape, device, quiet, d)
+    data = BUILDERS[source](teacher.to(device).eval(), opts, num_classes, shape, device, quiet, d)
     if d.main:
         write_set(out, data, source, opts, teacher_hash(teacher))
     d.barrier()  # the set is on disk before any rank reports it

@@ -1,8 +1,9 @@
-"""Post-training reconstruction (zsq.ptq): AdaRound's soft bits and penalty against hand values, the β schedule,
+"""Post-training reconstruction (zsq.recon): AdaRound's soft bits and penalty against hand values, the β schedule,
 the initial rounding against torch's fake quantizer, units read from the graph, QDrop's rate, that fitting a unit
 lowers its error, and that the result is an ordinary student (checkpoint, packed file, ONNX)."""
 from __future__ import annotations
 
+import io
 import math
 
 import onnxruntime as ort
@@ -15,9 +16,9 @@ from zsq.export import load_packed, save_packed
 from zsq.export.onnx_qdq import build_onnx
 from zsq.export.packed import weight_codes
 from zsq.models import create_model, load_model, save_checkpoint
-from zsq.ptq import (LearnedRounding, LsqAct, PtqConfig, beta_at, finish, prepare, reconstruct, reconstruct_unit,
+from zsq.recon import (LearnedRounding, LsqAct, ReconConfig, beta_at, finish, prepare, reconstruct, reconstruct_unit,
                      rounding_penalty, search_range, soft_bit)
-from zsq.ptq.reconstruct import _run
+from zsq.recon.reconstruct import _run
 from zsq.quant import ActQuantizer, QuantConfig, QuantConv2d, QuantLinear
 
 from conftest import randomise_bn
@@ -88,16 +89,16 @@ def test_lsq_step_search_sign_write_back_and_qdrop_rate():
 def test_units_are_the_blocks_in_forward_order(arch, args, units):
     model = create_model(arch, **args).eval()
     for placement in ("lineage", "deployable"):
-        _, parts = prepare(model, QuantConfig(4, 4, placement=placement, **FIXED), PtqConfig())
+        _, parts = prepare(model, QuantConfig(4, 4, placement=placement, **FIXED), ReconConfig())
         assert [u.name for u in parts] == units
 
 
 def test_units_must_read_and_write_one_tensor():
     model = create_model("resnet20", in_channels=1).eval()
     with pytest.raises(UserError, match="reads 2"):  # a conv inside a block: the shortcut crosses the next unit
-        prepare(model, QuantConfig(4, 4, **FIXED), PtqConfig(), units=["layer1.0.conv1"])
+        prepare(model, QuantConfig(4, 4, **FIXED), ReconConfig(), units=["layer1.0.conv1"])
     with pytest.raises(UserError, match="weight_range"):
-        prepare(model, QuantConfig(4, 4), PtqConfig())
+        prepare(model, QuantConfig(4, 4), ReconConfig())
 
 
 def _tiny_case(bits: int = 3):
@@ -108,14 +109,14 @@ def _tiny_case(bits: int = 3):
 
 def test_fitting_a_unit_lowers_its_error_and_a_large_penalty_makes_bits_binary():
     teacher, images, quant = _tiny_case()
-    cfg = PtqConfig(iters=150, lr_round=0.05, lam=0.0)
+    cfg = ReconConfig(iters=150, lr_round=0.05, lam=0.0)
     for lam, binary in ((0.0, False), (100.0, True)):
         torch.manual_seed(0)  # QDrop's draws
-        student, parts = prepare(teacher, quant, PtqConfig(lam=lam))
+        student, parts = prepare(teacher, quant, ReconConfig(lam=lam))
         k = 1  # layer1.0, a residual block
         x_fp, y_fp = _run(parts, images, k, True, 64), _run(parts, images, k + 1, True, 64)
         x_q = _run(parts, images, k, False, 64)
-        record = reconstruct_unit(parts[k], x_q, x_fp, y_fp, PtqConfig(**{**cfg.__dict__, "lam": lam}),
+        record = reconstruct_unit(parts[k], x_q, x_fp, y_fp, ReconConfig(**{**cfg.__dict__, "lam": lam}),
                                   torch.Generator().manual_seed(0))
         assert record["mse_after"] < (1.0 if binary else 0.95) * record["mse_before"], record
         v = torch.cat([m.rounding.v.flatten() for m in parts[k].module.modules() if hasattr(m, "rounding")])
@@ -126,7 +127,7 @@ def test_fitting_a_unit_lowers_its_error_and_a_large_penalty_makes_bits_binary()
 def test_the_reconstructed_student_is_an_ordinary_student(tmp_path):
     teacher, images, quant = _tiny_case(4)
     records = []
-    student = reconstruct(teacher, images, quant, PtqConfig(iters=4), on_unit=lambda k, n, r: records.append(r))
+    student = reconstruct(teacher, images, quant, ReconConfig(iters=4), on_unit=lambda k, r, s: records.append(r))
     assert [r["unit"] for r in records][:2] == ["conv1", "layer1.0"] and len(records) == 11
     assert not any(isinstance(m, (LsqAct, LearnedRounding)) for m in student.modules())
     layers = [m for m in student.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
@@ -151,4 +152,31 @@ def test_a_non_finite_loss_is_one_line():
     teacher, images, quant = _tiny_case()
     images[0, 0, 0, 0] = float("nan")
     with pytest.raises(UserError, match="reconstruction loss is nan"):
-        reconstruct(teacher, images, quant, PtqConfig(iters=2))
+        reconstruct(teacher, images, quant, ReconConfig(iters=2))
+
+
+def test_a_resumed_reconstruction_equals_an_uninterrupted_one():
+    teacher, images, quant = _tiny_case()
+    cfg = ReconConfig(iters=3)
+    whole = reconstruct(teacher, images, quant, cfg, seed=1)
+    saved = {}
+
+    def stop_after_third(k, record, state):
+        if k == 2:
+            saved.update(torch.load(_round_trip(state), weights_only=True))  # as a state.pt would hold it
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(teacher, images, quant, cfg, seed=1, on_unit=stop_after_third)
+    resumed = reconstruct(teacher, images, quant, cfg, seed=1, resume=saved)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="units done"):
+        reconstruct(teacher, images, quant, cfg, resume={**saved, "units_done": 99})
+
+
+def _round_trip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ WEIGHT_STEPS = ("learned", "fixed")
 
 
 @dataclass
-class PtqConfig:
+class ReconConfig:
     """Reconstruction, per unit. Defaults: Genie's official code (spec §4.3); BRECQ/QDrop use `lam` 0.01 and a
     fixed weight step."""
     iters: int = 20000  # optimisation steps per unit
@@ -181,10 +182,10 @@ def _reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return (out - target).pow(2).sum(1).mean()
 
 
-ProgressFn = Callable[[int, str, dict], None]
+UnitDone = Callable[[int, dict, dict], None]  # (unit index, its record, the state to resume from)
 
 
-def reconstruct_unit(unit: Unit, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: torch.Tensor, cfg: PtqConfig,
+def reconstruct_unit(unit: Unit, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: torch.Tensor, cfg: ReconConfig,
                      gen: torch.Generator, progress: bool = False) -> dict:
     """Fit one unit (its soft bits, weight and activation steps) to the FP output, then freeze it hard."""
     layers = [m for m in unit.module.modules() if isinstance(m, ReconLayer)]
@@ -244,14 +245,14 @@ def reconstruct_unit(unit: Unit, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: to
     return {"unit": unit.name, "mse_before": before, "mse_after": after, "layers": len(layers), "acts": len(acts)}
 
 
-def prepare(teacher: nn.Module, quant: QuantConfig, ptq: PtqConfig, units: list[str] | None = None
+def prepare(teacher: nn.Module, quant: QuantConfig, recon: ReconConfig, units: list[str] | None = None
             ) -> tuple[nn.Module, list[Unit]]:
     """The student under reconstruction (weight layers and activation quantizers swapped for their learnable
     stand-ins) and its units in forward order. `units` names the blocks; by default they are read from the graph."""
     if quant.weight_range != "fixed":
         raise UserError("post-training quantization learns fixed weight ranges: QuantConfig(weight_range='fixed')")
     student = quantize_model(teacher, cfg=quant).eval()
-    _swap_in(student, ptq.weight_step == "learned")
+    _swap_in(student, recon.weight_step == "learned")
     blocks = units if units is not None else block_names(teacher)
     return student, find_units(student, blocks, (ReconLayer, QuantAct), (ReconLayer,))
 
@@ -262,18 +263,44 @@ def finish(student: nn.Module) -> nn.Module:
     return student.eval()
 
 
-def reconstruct(teacher: nn.Module, images: torch.Tensor, quant: QuantConfig, ptq: PtqConfig,
+def reconstruct(teacher: nn.Module, images: torch.Tensor, quant: QuantConfig, recon: ReconConfig,
                 units: list[str] | None = None, seed: int = 0, progress: bool = False,
-                on_unit: ProgressFn | None = None) -> nn.Module:
-    """A post-training quantized copy of `teacher`, reconstructed unit by unit on `images` (N, C, H, W)."""
-    student, parts = prepare(teacher, quant, ptq, units)
+                on_unit: UnitDone | None = None, resume: dict[str, Any] | None = None) -> nn.Module:
+    """A post-training quantized copy of `teacher`, reconstructed unit by unit on `images` (N, C, H, W).
+
+    After each unit, `on_unit(k, record, state)` gets its record (output error before and after) and the state
+    from which `resume=state` continues with unit k + 1, as if never stopped."""
+    student, parts = prepare(teacher, quant, recon, units)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    for k, unit in enumerate(parts):
+    start = 0
+    if resume is not None:
+        start = _load_progress(student, parts, resume)
+        gen.set_state(resume["rng"])
+        torch.set_rng_state(resume["torch_rng"])
+    for k in range(start, len(parts)):
+        unit = parts[k]
         x_fp = _run(parts, images, k, fp=True, chunk=256)
         y_fp = _run(parts, images, k + 1, fp=True, chunk=256)
         x_q = _run(parts, images, k, fp=False, chunk=256)
-        record = reconstruct_unit(unit, x_q, x_fp, y_fp, ptq, gen, progress)
+        record = reconstruct_unit(unit, x_q, x_fp, y_fp, recon, gen, progress)
         if on_unit is not None:
-            on_unit(k, unit.name, record)
+            on_unit(k, record, {"units_done": k + 1, "student": student.state_dict(), "rng": gen.get_state(),
+                                "torch_rng": torch.get_rng_state()})
     return finish(student)
+
+
+def _load_progress(student: nn.Module, parts: list[Unit], state: dict[str, Any]) -> int:
+    """Restore the fitted units of an interrupted reconstruction; returns how many there are."""
+    done = state["units_done"]
+    if not 0 < done <= len(parts):
+        raise UserError(f"the saved reconstruction has {done} units done, this model {len(parts)} units")
+    for unit in parts[:done]:
+        for m in unit.module.modules():
+            if isinstance(m, ReconLayer):
+                m.quantizer()  # made before loading, as the fitted layers had them
+    try:
+        student.load_state_dict(state["student"])
+    except RuntimeError as e:
+        raise UserError(f"the saved reconstruction does not match this model ({str(e).splitlines()[0]})") from None
+    return done

@@ -29,10 +29,17 @@ class LsqAct(nn.Module):
         super().__init__()
         self.quantizer, self.bits = quantizer, quantizer.bits
         self.scale = nn.Parameter(torch.ones(()))
-        self.signed = False
-        self.ready = False  # the step is set by the range search on the first batch this quantizer sees
+        # Set by the range search on the first batch this quantizer sees; buffers, so that a resumed
+        # reconstruction finds them, mirrored in Python so that the forward never syncs to read them.
+        self.register_buffer("signed_", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("ready_", torch.zeros((), dtype=torch.bool))
+        self.signed = self.ready = False
         self.enabled = True
         self.drop = 0.0
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.signed, self.ready = bool(self.signed_), bool(self.ready_)
 
     def limits(self) -> tuple[int, int]:
         return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if self.signed else (0, 2**self.bits - 1)
@@ -51,6 +58,8 @@ class LsqAct(nn.Module):
                   for i in range(RATIOS)]
         self.scale.copy_(top * (1 - min(errors)[1] / RATIOS) / qp)
         self.ready = True
+        self.signed_.fill_(self.signed)
+        self.ready_.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
