@@ -128,7 +128,7 @@ def test_the_reconstructed_student_is_an_ordinary_student(tmp_path):
     teacher, images, quant = _tiny_case(4)
     records = []
     student = reconstruct(teacher, images, quant, ReconConfig(iters=4), on_unit=lambda k, r, s: records.append(r))
-    assert [r["unit"] for r in records][:2] == ["conv1", "layer1.0"] and len(records) == 11
+    assert [r["name"] for r in records][:2] == ["conv1", "layer1.0"] and len(records) == 11
     assert not any(isinstance(m, (LsqAct, LearnedRounding)) for m in student.modules())
     layers = [m for m in student.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     for layer in layers:  # the stored weight is its own grid value, with the learned step and zero point

@@ -27,6 +27,7 @@ from .export import format_report
 from .export.run import FORMATS, export_run
 from .io import save_json
 from .models import dataset_info, list_models, load_model, shipped_models
+from .posttrain import PTQ_SOURCES, ptq_run, resolve_ptq_config
 from .presets import PRESETS, preset_values
 from .quant import PLACEMENTS, check_bits
 from .quant.ranges import BN_PROPAGATE, RANGE_SETTERS
@@ -253,6 +254,75 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         h = Health(**s["health"])
         print(("warning: " if h.flagged else "") + h.line(), file=sys.stderr if h.flagged else sys.stdout)
     return 0
+
+
+PTQ_FLAGS = ("teacher", "checkpoint", "model_def", "wbits", "abits", "first_last", "placement", "images",
+             "iters_per_unit", "lam", "qdrop", "weight_step", "units", "seed", "device", "threads", "deterministic",
+             "dataset",
+             "data_dir", "eval_limit", "probe_images", "probe_iters", "out", "synth_iters", "synth_batch",
+             "synth_patience", "synth_data", "synth_lr", "hard_weight", "hard_gamma", "latent_lr", "generator_lr",
+             "latent_dim", "generator_decay_every", "swing")
+
+
+def _cmd_ptq(args: argparse.Namespace) -> int:
+    values = {k: getattr(args, k) for k in PTQ_FLAGS}
+    cfg = resolve_ptq_config(args.preset, args.source, **values)
+    result = ptq_run(cfg, resume=args.resume, restart=args.restart, quiet=args.quiet)
+    s = result.summary
+    print(f"{cfg.out}: W{s['wbits']}A{s['abits']} ptq on {s['generator']} ({s['preset']}): q_top1 {s['q_top1']:.2f} "
+          f"(FP {s['fp_top1']:.2f}) in {s['wall_s'] / 60:.1f} min")
+    h = Health(**s["health"])
+    print(("warning: " if h.flagged else "") + h.line(), file=sys.stderr if h.flagged else sys.stdout)
+    return 0
+
+
+def _add_ptq(sub) -> None:
+    p = sub.add_parser("ptq", help="post-training quantization: reconstruct a low-bit model block by block on a "
+                                   "small synthetic set (Genie), no real data",
+                       description="Distils a small image set from the teacher (--source genie, hast, zeroq; or "
+                                   "real training images, an upper bound that uses data), then fits each block's "
+                                   "rounding and steps to the teacher's outputs (AdaRound, Genie-M, LSQ, QDrop). "
+                                   "Flags left out come from the preset.")
+    p.add_argument("--teacher", default="resnet20_fmnist", help="shipped teacher, architecture or checkpoint path")
+    p.add_argument("--checkpoint", help="weights for an architecture given by --teacher")
+    _add_model_def(p, "(then --teacher is its weights file)")
+    p.add_argument("--source", default="genie", choices=list(PTQ_SOURCES), help="where the images come from")
+    p.add_argument("--preset", default="quick", choices=list(PRESETS),
+                   help="quick: 256 images, 300 steps per unit; paper: 1,024 images, 20,000 steps (Genie)")
+    p.add_argument("--wbits", type=_bits, default=4)
+    p.add_argument("--abits", type=_bits, default=4)
+    p.add_argument("--first-last", choices=["8bit", "same"], default=None,
+                   help="first and last layer's weights at 8 bits (Genie/BRECQ tables; default) or as the rest")
+    p.add_argument("--placement", choices=list(PLACEMENTS), help=QUANTIZE_HELP["placement"])
+    p.add_argument("--images", type=_positive, help="images the units are fitted on (default: preset)")
+    p.add_argument("--iters-per-unit", type=int,
+                   help="optimisation steps per unit (default: preset; 0: none, round-to-nearest at the L2.4 steps)")
+    p.add_argument("--lam", type=float, help="weight of the rounding penalty (Genie 1.0; BRECQ/QDrop 0.01)")
+    p.add_argument("--qdrop", type=float, help="probability an element stays full precision while fitting (0.5)")
+    p.add_argument("--weight-step", choices=["learned", "fixed"],
+                   help="per-channel weight steps learned with the rounding (Genie-M; default) or fixed (AdaRound)")
+    p.add_argument("--units", type=lambda t: [u for u in t.split(",") if u],
+                   help="comma-separated module names of the blocks (default: read from the graph)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic algorithms (a resumed run then ends identical to an uninterrupted one)")
+    p.add_argument("--dataset", choices=list_datasets(), help="evaluation data (default: the teacher's recorded)")
+    p.add_argument("--data-dir")
+    p.add_argument("--eval-limit", type=_positive)
+    p.add_argument("--probe-images", type=_positive)
+    p.add_argument("--probe-iters", type=_positive)
+    options = {**SOURCES.all_options()}
+    for name in ("synth_iters", "synth_batch", "synth_patience", "synth_data", "synth_lr", "hard_weight",
+                 "hard_gamma", "latent_lr", "generator_lr", "latent_dim", "generator_decay_every", "swing"):
+        p.add_argument("--" + name.replace("_", "-"), type=_field_type(options[name]), default=None,
+                       help=options[name].metadata.get("help", ""))
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after a kill")
+    p.add_argument("--restart", action="store_true", help="start over in --out, discarding the unfinished run there")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+    p.set_defaults(func=_cmd_ptq)
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -502,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the result as JSON here")
     e.set_defaults(func=_cmd_eval)
     _add_quantize(sub)
+    _add_ptq(sub)
     _add_synth(sub)
     _add_export(sub)
     _add_report(sub)

@@ -98,10 +98,26 @@ QUICK_BY_METHOD: dict[str, dict[str, Any]] = {
 
 PRESETS = ("paper", "quick")
 
+# Post-training quantization (zsq ptq, ptq.md §4.3, §7). paper: Genie's code, 1,024 images, 20,000 steps per unit
+# at batch 32, each offline set at its own paper budget. quick: 256 images; see README "Data-free PTQ" for how
+# the budget was chosen.
+PTQ_PAPER: dict[str, Any] = {"images": 1024, "iters_per_unit": 20000}
+PTQ_QUICK: dict[str, Any] = {"images": 256, "iters_per_unit": 300}
+PTQ_QUICK_BY_SOURCE: dict[str, dict[str, Any]] = {"genie": {"synth_iters": 100}, "hast": {"synth_iters": 100},
+                                                  "zeroq": {"synth_iters": 100}}
+
 
 def preset_values(preset: str, source: str, method: str) -> dict[str, Any]:
     if preset == "quick":
         return {**QUICK, **QUICK_BY_SOURCE.get(source, {}), **QUICK_BY_METHOD.get(method, {})}
     if preset == "paper":
         return {**PAPER_COMMON, **PAPER_BY_SOURCE.get(source, {}), **PAPER_BY_METHOD.get(method, {})}
+    raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+
+
+def ptq_preset_values(preset: str, source: str) -> dict[str, Any]:
+    if preset == "quick":
+        return {**PTQ_QUICK, **PTQ_QUICK_BY_SOURCE.get(source, {})}
+    if preset == "paper":
+        return dict(PTQ_PAPER)
     raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")

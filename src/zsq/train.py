@@ -39,6 +39,7 @@ from .io import save_json, save_torch
 from .models import load_model, model_name, read_checkpoint, save_checkpoint
 from .presets import PRESETS, preset_values
 from .provenance import code_version
+from .rundir import clear_run, open_run
 from .quant import (
                     QuantConfig,
                     act_quantizers,
@@ -457,39 +458,9 @@ def run_config(cfg: TrainConfig, d: Dist = SINGLE) -> dict[str, Any]:
     return out
 
 
-MACHINE = ("device", "threads")  # where a run executes: a resumed run may change them
-
-
 def _open_run(cfg: TrainConfig, resume: bool, restart: bool, d: Dist = SINGLE) -> dict[str, Any] | None:
-    """The resume state of the run in cfg.out, or None for a fresh run. Never overwrites a run silently: a finished
-    one is refused, an unfinished one is continued (--resume) or started over (--restart) only when asked."""
-    out = Path(cfg.out)
-    _check_writable(out)
-    if (out / "result.json").exists():
-        raise UserError(f"{out} already holds a finished run (result.json): choose another --out")
-    unfinished = (out / "config.json").exists() or (out / "metrics.jsonl").exists()
-    if restart:
-        return None
-    if not (out / "state.pt").exists():
-        if unfinished:
-            raise UserError(f"{out} holds a run that stopped before its first checkpoint, so there is nothing to "
-                            f"resume: --restart starts it over, or choose another --out")
-        if resume and d.main:
-            print(f"no checkpoint in {out}: starting the run from iteration 0")
-        return None
-    if not resume:
-        raise UserError(f"{out} already holds a run: pass --resume to continue it, --restart to start it over, or "
-                        f"choose another --out")
-    saved = json.loads((out / "config.json").read_text())
-    now = run_config(cfg, d)
-    world = saved.get("distributed", {}).get("world_size", 1)
-    if world != d.world:
-        raise UserError(f"{out} was started on {world} process(es); resume it on as many (torchrun "
-                        f"--nproc_per_node), not {d.world}")
-    if {k: v for k, v in saved.items() if k not in MACHINE} != {k: v for k, v in now.items() if k not in MACHINE}:
-        raise UserError(f"{out} was started with another configuration; resume with the same arguments "
-                        f"or choose another --out")
-    return read_checkpoint(out / "state.pt")
+    return open_run(Path(cfg.out), run_config(cfg, d), resume, restart, d.world,
+                    say=print if d.main else (lambda *a: None))
 
 
 def available_cores() -> int:
@@ -524,8 +495,6 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
     """Run (or resume) one zero-shot quantization job and write its run directory. Under torchrun every rank calls
     this alike (see zsq.dist). A `teacher` module is copied: the user's module keeps its mode, gradients,
     device and hooks."""
-    if resume and restart:
-        raise UserError("--resume continues the run in --out and --restart discards it: give one of them")
     if cfg.deterministic:
         deterministic()
     if teacher is None and cfg.model_def:  # built now: its placement default depends on the module
@@ -553,7 +522,7 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
                         print(f"resuming {job.out} at iteration {job.step}")
                 else:
                     if d.main:
-                        _clear_run(job.out)
+                        clear_run(job.out)
                         save_json(run_config(cfg, d), job.out / "config.json")
                     if cfg.warmup_epochs == 0:
                         _set_ranges_without_images(job)
@@ -563,25 +532,6 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
                 job.close()
     finally:
         torch.set_num_threads(threads_before)
-
-
-def _check_writable(out: Path) -> None:
-    """Before anything is built: the run folder, or the closest folder above it that exists, takes files."""
-    where = out
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    if not where.is_dir() or not os.access(where, os.W_OK):
-        raise UserError(f"cannot create the run folder {out}: {where} is not a writable folder; choose another --out")
-
-
-def _clear_run(out: Path) -> None:
-    """A fresh run's folder: what an earlier unfinished run left there (--restart) goes."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where a folder must be, no permission, a full disk
-        raise UserError(f"cannot create the run folder {out}: {e.strerror}; choose another --out") from None
-    for name in ("state.pt", "metrics.jsonl", "config.json", "samples.pt", "student.pt"):
-        (out / name).unlink(missing_ok=True)
 
 
 def _set_ranges_without_images(job: Job) -> None:

@@ -69,31 +69,44 @@ def read_store(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _changes(config: dict[str, Any]) -> dict[str, Any]:
     """What the run set beyond its preset (flags and plug-in options), for the group label."""
+    from ..posttrain import resolve_ptq_config
+    from ..posttrain import config_dict as ptq_config_dict
     from ..train import config_dict, resolve_config
 
-    base = config_dict(resolve_config(config["preset"], config["generator"], config["method"],
-                                      teacher=config["teacher"]))
+    base = (ptq_config_dict(resolve_ptq_config(config["preset"], config["generator"], teacher=config["teacher"]))
+            if _is_ptq(config) else config_dict(resolve_config(config["preset"], config["generator"],
+                                                               config["method"], teacher=config["teacher"])))
     config = _complete(config)
-    shown = BOOKKEEPING | _unread(config) | {"options", "wbits", "abits", "generator", "method", "preset"}
+    shown = BOOKKEEPING | _unread(config) | {"options", "recon", "wbits", "abits", "generator", "method", "preset"}
     own = {k: v for k, v in config.items() if k not in shown and base.get(k) != v}
+    recon = {k: v for k, v in config.get("recon", {}).items() if base["recon"].get(k) != v}
     opts = {k: v for k, v in config.get("options", {}).items() if base["options"].get(k) != v}
-    return {**own, **opts}
+    return {**own, **recon, **opts}
+
+
+def _is_ptq(config: dict[str, Any]) -> bool:
+    """A `zsq ptq` run (post-training reconstruction), whose config is a PtqConfig, not a TrainConfig."""
+    return config.get("method") == "ptq"
 
 
 def _unread(config: dict[str, Any]) -> set[str]:
     """Range options the run's setter ignores (bn_k with ema-minmax): they neither label nor split a group."""
     from ..quant.ranges import unread_options
 
-    return unread_options(config["act_range"])
+    return set() if _is_ptq(config) else unread_options(config["act_range"])
 
 
 def _complete(config: dict[str, Any]) -> dict[str, Any]:
     """A run's config with every field: one missing from an older run's config.json held its default then (it did
     not exist yet), so it must not split that run from newer ones; for a range option its setter reads, that is
     the setter's default (TrainConfig leaves unread ones unset)."""
+    from ..posttrain import PtqConfig
     from ..quant.ranges import RANGE_SETTERS, RangeOptions
     from ..train import TrainConfig
 
+    if _is_ptq(config):
+        defaults = {f.name: f.default for f in dataclasses.fields(PtqConfig) if f.default is not dataclasses.MISSING}
+        return json.loads(json.dumps({**defaults, **config}))
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     full = json.loads(json.dumps({**defaults, **config}))
     reads = RANGE_SETTERS.get(full["act_range"]).reads if full["act_range"] in RANGE_SETTERS else set()

@@ -1,4 +1,5 @@
-"""Grid files: bits × data sources × methods × seeds, with a preset and overrides, expanded into `zsq quantize` runs.
+"""Grid files: bits × data sources × methods × seeds, with a preset and overrides, expanded into `zsq quantize` runs
+(and `zsq ptq` runs: method "ptq", generator = its image source).
 
 A grid is a TOML file:
 
@@ -30,6 +31,7 @@ from typing import Any
 
 from ..errors import UserError
 
+PTQ = "ptq"  # a row's method that runs `zsq ptq` (post-training reconstruction) on the row's image source
 TOP_KEYS = {"teacher", "preset", "bits", "seeds", "options", "rows", "dataset", "data_dir", "description"}
 ROW_KEYS = {"generator", "method", "options", "bits"}
 
@@ -47,9 +49,16 @@ class RunSpec:
     flags: tuple[str, ...]
     common: tuple[str, ...]  # teacher, preset and the grid-wide options that apply to this run
 
+    @property
+    def command(self) -> str:
+        """`ptq` for a post-training row (method "ptq", its generator the image source), else `quantize`."""
+        return "ptq" if self.method == PTQ else "quantize"
+
     def argv(self, out: Path) -> list[str]:
-        return ["--wbits", str(self.wbits), "--abits", str(self.abits), "--generator", self.generator, "--method",
-                self.method, *self.flags, *self.common, "--seed", str(self.seed), "--out", str(out)]
+        chosen = ["--source", self.generator] if self.method == PTQ else ["--generator", self.generator, "--method",
+                                                                          self.method]
+        return ["--wbits", str(self.wbits), "--abits", str(self.abits), *chosen, *self.flags, *self.common,
+                "--seed", str(self.seed), "--out", str(out)]
 
 
 @dataclass
@@ -142,9 +151,12 @@ def _applicable(grid_wide: dict[str, Any], row_flags: tuple[str, ...], names: di
                 preset: str) -> dict[str, Any]:
     """The grid-wide options that a run's choices (preset, row, grid-wide: its range setter, SynQ parts, ...) leave
     with an effect: the others are not passed, since zsq quantize refuses an option that does nothing."""
-    from ..cli import quantize_values  # the engine, loaded only when a grid is expanded
+    from ..cli import PTQ_FLAGS, quantize_values  # the engine, loaded only when a grid is expanded
     from ..presets import preset_values
     from ..train import TrainConfig, inapplicable, plugin_fields
+
+    if names["method"] == PTQ:
+        return {k: v for k, v in grid_wide.items() if k.replace("-", "_") in PTQ_FLAGS}
 
     takes = {f.name for f in fields(TrainConfig)} | plugin_fields(names["generator"], names["method"])
     known = {k: v for k, v in grid_wide.items() if k.replace("-", "_") in takes}

@@ -58,7 +58,7 @@ def run_grid(grid: Grid, out: str | Path, runs_dir: str | Path | None = None, jo
             raise UserError(f"grid {grid.path}, run {spec.name}: {e}") from None
     if dry_run:
         for spec in specs:
-            print(shlex.join(["zsq", "quantize", *spec.argv(runs_dir / spec.name)]))
+            print(shlex.join(["zsq", spec.command, *spec.argv(runs_dir / spec.name)]))
         return BenchSummary(len(specs))
     store = Store(out)
     try:
@@ -158,7 +158,7 @@ def _launch(spec: RunSpec, run_dir: Path, log: Path, env: dict[str, str]) -> int
     """The run as its own process: resumed from its checkpoint, or started over when it was killed before its
     first one (the folder is the bench's own)."""
     resume = ["--resume"] if (run_dir / "state.pt").exists() else ["--restart"] if run_dir.exists() else []
-    cmd = [sys.executable, "-m", "zsq", "quantize", *spec.argv(run_dir), *resume, "--quiet"]
+    cmd = [sys.executable, "-m", "zsq", spec.command, *spec.argv(run_dir), *resume, "--quiet"]
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd[2:]) + "\n")
         f.flush()

@@ -31,7 +31,7 @@ WEIGHT_STEPS = ("learned", "fixed")
 class ReconConfig:
     """Reconstruction, per unit. Defaults: Genie's official code (spec §4.3); BRECQ/QDrop use `lam` 0.01 and a
     fixed weight step."""
-    iters: int = 20000  # optimisation steps per unit
+    iters: int = 20000  # optimisation steps per unit; 0: none (round-to-nearest at the searched steps: RTN)
     batch_size: int = 32
     warmup: float = 0.2  # share of the steps before the rounding penalty starts (β held at its start)
     beta_start: float = 20.0
@@ -45,8 +45,8 @@ class ReconConfig:
     init_images: int = 32  # images the activation steps' range search sees
 
     def __post_init__(self) -> None:
-        if self.iters < 1 or self.batch_size < 1 or self.init_images < 1:
-            raise UserError("PTQ iterations per unit, batch size and init images must be at least 1")
+        if self.iters < 0 or self.batch_size < 1 or self.init_images < 1:
+            raise UserError("PTQ iterations per unit must be ≥ 0, batch size and init images ≥ 1")
         if not 0 <= self.warmup < 1:
             raise UserError(f"PTQ warm-up is a share of the iterations in [0, 1), got {self.warmup}")
         if not 0 <= self.qdrop < 1:
@@ -242,7 +242,7 @@ def reconstruct_unit(unit: Unit, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: to
         for m in acts:
             m.drop = 0.0
     after = _unit_error(unit, x_q, y_fp, 256)
-    return {"unit": unit.name, "mse_before": before, "mse_after": after, "layers": len(layers), "acts": len(acts)}
+    return {"name": unit.name, "mse_before": before, "mse_after": after, "layers": len(layers), "acts": len(acts)}
 
 
 def prepare(teacher: nn.Module, quant: QuantConfig, recon: ReconConfig, units: list[str] | None = None
