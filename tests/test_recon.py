@@ -16,10 +16,10 @@ from zsq.export import load_packed, save_packed
 from zsq.export.onnx_qdq import build_onnx
 from zsq.export.packed import weight_codes
 from zsq.models import create_model, load_model, save_checkpoint
-from zsq.recon import (LearnedRounding, LsqAct, ReconConfig, beta_at, finish, prepare, reconstruct, reconstruct_unit,
-                     rounding_penalty, search_range, soft_bit)
+from zsq.recon import (LearnedRounding, LsqAct, ReconConfig, ReconLayer, beta_at, finish, prepare, reconstruct,
+                       reconstruct_unit, rounding_penalty, search_range, soft_bit)
 from zsq.recon.reconstruct import _run
-from zsq.quant import ActQuantizer, QuantConfig, QuantConv2d, QuantLinear
+from zsq.quant import ActQuantizer, QuantAct, QuantConfig, QuantConv2d, QuantLinear
 
 from conftest import randomise_bn
 
@@ -180,3 +180,21 @@ def _round_trip(state):
     torch.save(state, buf)
     buf.seek(0)
     return buf
+
+
+def test_the_8bit_policy_puts_the_first_block_and_classifier_inputs_at_8_bits(tmp_path):
+    teacher = create_model("resnet20", in_channels=1).eval()
+    student, _ = prepare(teacher, QuantConfig(3, 3, first_last="8bit", **FIXED), ReconConfig())
+    bits = {n: m.quant.quantizer.bits for n, m in student.named_modules() if isinstance(m, QuantAct)}
+    assert bits.pop("relu") == 8 and bits.pop("layer3.2.relu2") == 8 and set(bits.values()) == {3}
+    weights = {n: m.layer.wbits for n, m in student.named_modules() if isinstance(m, ReconLayer)}
+    assert weights.pop("conv1") == 8 and weights.pop("fc") == 8 and set(weights.values()) == {3}
+    assert student.zsq_quant["act_bits"] == {"relu": 8, "layer3.2.relu2": 8}
+    path = save_checkpoint(finish(student), tmp_path / "s.pt", quant=student.zsq_quant)
+    loaded = {n: m.quant.bits for n, m in load_model(path).named_modules() if isinstance(m, QuantAct)}
+    assert loaded["relu"] == 8 and loaded["layer1.0.relu1"] == 3
+    deployable, _ = prepare(teacher, QuantConfig(3, 3, first_last="8bit", placement="deployable", **FIXED),
+                            ReconConfig())
+    assert deployable.zsq_quant["act_bits"] == {"relu": 8, "zsq_sites.q_flatten": 8}  # the pooled features
+    with pytest.raises(UserError, match="act_bits names 'nope'"):
+        prepare(teacher, QuantConfig(3, 3, act_bits={"nope": 8}, **FIXED), ReconConfig())

@@ -27,14 +27,15 @@ from .export import format_report
 from .export.run import FORMATS, export_run
 from .io import save_json
 from .models import dataset_info, list_models, load_model, shipped_models
-from .posttrain import PTQ_SOURCES, ptq_run, resolve_ptq_config
+from .posttrain import PTQ_SOURCES, PtqConfig, ptq_run, resolve_ptq_config
+from .posttrain import config_dict as ptq_config_dict
 from .presets import PRESETS, preset_values
 from .quant import PLACEMENTS, check_bits
 from .quant.ranges import BN_PROPAGATE, RANGE_SETTERS
 from .synth import SOURCES, list_sources
 from .synth.pixels import BUILDERS, build_set
 from .teacher import TeacherConfig, train_teacher
-from .train import SELECT, TrainConfig, quantize_run, resolve_config
+from .train import SELECT, TrainConfig, config_dict, quantize_run, resolve_config
 from .validate import Health, ProbeOptions, run_health
 
 
@@ -244,6 +245,15 @@ def quantize_config(argv: list[str]) -> TrainConfig:
     return _quantize_config(_parser().parse_args(["quantize", *argv]))
 
 
+def run_config_of(command: str, argv: list[str]) -> dict[str, Any]:
+    """The config.json that `zsq COMMAND ARGV` (quantize or ptq) would write, before the run resolves its
+    machine (a bad flag or value raises UserError)."""
+    args = _parser().parse_args([command, *argv])
+    if command == "ptq":
+        return ptq_config_dict(_ptq_config(args))
+    return config_dict(_quantize_config(args))
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     cfg = _quantize_config(args)
     result = quantize_run(cfg, resume=args.resume, quiet=args.quiet, restart=args.restart)
@@ -264,9 +274,12 @@ PTQ_FLAGS = ("teacher", "checkpoint", "model_def", "wbits", "abits", "first_last
              "latent_dim", "generator_decay_every", "swing")
 
 
+def _ptq_config(args: argparse.Namespace) -> PtqConfig:
+    return resolve_ptq_config(args.preset, args.source, **{k: getattr(args, k) for k in PTQ_FLAGS})
+
+
 def _cmd_ptq(args: argparse.Namespace) -> int:
-    values = {k: getattr(args, k) for k in PTQ_FLAGS}
-    cfg = resolve_ptq_config(args.preset, args.source, **values)
+    cfg = _ptq_config(args)
     result = ptq_run(cfg, resume=args.resume, restart=args.restart, quiet=args.quiet)
     s = result.summary
     print(f"{cfg.out}: W{s['wbits']}A{s['abits']} ptq on {s['generator']} ({s['preset']}): q_top1 {s['q_top1']:.2f} "

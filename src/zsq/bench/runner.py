@@ -21,7 +21,6 @@ from ..analysis.report import BOOKKEEPING as REPORT_BOOKKEEPING
 from ..analysis.report import curve_stats
 from ..errors import UserError
 from ..models import dataset_info, load_model, model_name
-from ..train import config_dict
 from .grid import Grid, RunSpec
 from .store import Store
 
@@ -45,7 +44,7 @@ def run_grid(grid: Grid, out: str | Path, runs_dir: str | Path | None = None, jo
 
     `collect`: only store the runs already finished in runs_dir (made elsewhere, e.g. copied from a GPU
     machine, or still running in another process) and start none."""
-    from ..cli import quantize_config  # the runs are CLI commands: check them exactly as the CLI will
+    from ..cli import run_config_of  # the runs are CLI commands: check them exactly as the CLI will
 
     out = Path(out)
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
@@ -53,7 +52,7 @@ def run_grid(grid: Grid, out: str | Path, runs_dir: str | Path | None = None, jo
     expected = {}
     for spec in specs:
         try:
-            expected[spec.name] = config_dict(quantize_config(spec.argv(runs_dir / spec.name)))
+            expected[spec.name] = run_config_of(spec.command, spec.argv(runs_dir / spec.name))
         except UserError as e:
             raise UserError(f"grid {grid.path}, run {spec.name}: {e}") from None
     if dry_run:

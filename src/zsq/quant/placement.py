@@ -111,13 +111,16 @@ def default_placement(teacher: nn.Module | None) -> str:
     return "deployable" if float_tensors(teacher) is not None else "lineage"
 
 
-def place_deployable(qmodel: nn.Module, abits: int, momentum: float, ste: str) -> None:
-    """Quantize every tensor that enters a conv, linear or add off the grid, in place (see the module doc)."""
+def place_deployable(qmodel: nn.Module, abits: int, momentum: float, ste: str,
+                     site_bits: dict[str, int] | None = None) -> None:
+    """Quantize every tensor that enters a conv, linear or add off the grid, in place (see the module doc);
+    `site_bits` overrides the bits of a site by its name (`zsq_sites.q_…`)."""
     graph, modules = _trace(qmodel)
     sites = nn.ModuleDict()
     for tensor, readers in _off_grid(graph, modules).items():
         key = f"q_{tensor.name}"
-        quant = ActQuantizer(max(abits, INPUT_BITS) if tensor.op == "placeholder" else abits, momentum, ste)
+        bits = max(abits, INPUT_BITS) if tensor.op == "placeholder" else abits
+        quant = ActQuantizer((site_bits or {}).get(f"zsq_sites.{key}", bits), momentum, ste)
         quant.zero_in_range = True
         sites[key] = QuantAct(nn.Identity(), quant, 1, describe(_origin(tensor, modules)))
         with graph.inserting_after(tensor):

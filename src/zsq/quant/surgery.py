@@ -32,6 +32,7 @@ class QuantConfig:
     act_momentum: float = 0.9  # EMA momentum of activation ranges (the lineage uses 0.9)
     ste: str = "identity"  # straight-through estimator: "identity" everywhere (lineage) or "clipped" to [l, u]
     layer_bits: dict[str, int] = field(default_factory=dict)  # weight bits per module name, overriding the rest
+    act_bits: dict[str, int] = field(default_factory=dict)  # activation bits per quantizer site (a QuantAct's name)
     placement: str = "lineage"  # activation quantizers: "lineage" (after each ReLU) or "deployable" (zsq.quant.placement)
     weight_range: str = "minmax"  # per-channel weight range: each forward's "minmax", or "fixed" buffers (PTQ)
 
@@ -40,6 +41,8 @@ class QuantConfig:
         check_bits(self.abits, "activation bits")
         for name, bits in self.layer_bits.items():
             check_bits(bits, f"weight bits of layer '{name}'")
+        for name, bits in self.act_bits.items():
+            check_bits(bits, f"activation bits of '{name}'")
         if self.first_last not in ("same", "8bit"):
             raise UserError(f"first/last-layer policy must be 'same' or '8bit', got '{self.first_last}'")
         if self.ste not in STE_MODES:
@@ -104,11 +107,16 @@ def quantize_model(model: nn.Module, wbits: int | None = None, abits: int | None
         calls = module_calls(graph) if graph is not None else None
         for name, act in acts:
             n = max(calls[name], 1) if calls is not None else 0
-            _set_child(qmodel, name, QuantAct(act, ActQuantizer(cfg.abits, cfg.act_momentum, cfg.ste), n, name))
+            quant = ActQuantizer(cfg.act_bits.get(name, cfg.abits), cfg.act_momentum, cfg.ste)
+            _set_child(qmodel, name, QuantAct(act, quant, n, name))
         if any(m.calls != 1 for m in qmodel.modules() if isinstance(m, QuantAct)):
             count_calls(qmodel)
         if cfg.placement == "deployable":
-            place_deployable(qmodel, cfg.abits, cfg.act_momentum, cfg.ste)
+            place_deployable(qmodel, cfg.abits, cfg.act_momentum, cfg.ste, cfg.act_bits)
+        sites = {n for n, m in qmodel.named_modules() if isinstance(m, QuantAct)}
+        unknown = sorted(set(cfg.act_bits) - sites)
+        if unknown:
+            raise UserError(f"act_bits names '{unknown[0]}', which is not an activation quantizer site of the model")
     qmodel.zsq_quant = asdict(cfg)
     return qmodel
 

@@ -8,6 +8,7 @@ input matches the FP teacher's, then frozen at hard rounding. The result is an o
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ..errors import UserError
 from ..quant import ActQuantizer, QuantAct, QuantConfig, QuantConv2d, QuantLinear, quantize_model
 from .lsq import LsqAct
 from .rounding import LearnedRounding, beta_at
+from ..graph import trace
 from .units import Unit, block_names, find_units
 
 WEIGHT_STEPS = ("learned", "fixed")
@@ -252,9 +254,29 @@ def prepare(teacher: nn.Module, quant: QuantConfig, recon: ReconConfig, units: l
     if quant.weight_range != "fixed":
         raise UserError("post-training quantization learns fixed weight ranges: QuantConfig(weight_range='fixed')")
     student = quantize_model(teacher, cfg=quant).eval()
+    if quant.first_last == "8bit":
+        edges = {site: 8 for site in edge_sites(student) if site not in quant.act_bits}
+        student = quantize_model(teacher, cfg=dataclasses.replace(quant, act_bits={**quant.act_bits, **edges}))
     _swap_in(student, recon.weight_step == "learned")
     blocks = units if units is not None else block_names(teacher)
     return student, find_units(student, blocks, (ReconLayer, QuantAct), (ReconLayer,))
+
+
+def edge_sites(qmodel: nn.Module) -> list[str]:
+    """The activation quantizers whose tensors enter the second layer and the last one (through pooling): at 8 bits
+    with 8-bit first and last layers, as Genie's and BRECQ's tables have the first block's and the classifier's
+    inputs."""
+    graph = trace(qmodel, (QuantAct, nn.Conv2d, nn.Linear))
+    if graph is None:
+        raise UserError(f"{type(qmodel).__name__} cannot be traced by torch.fx: its first and last activations cannot "
+                        f"be found for the 8-bit first/last policy (use first_last='same')")
+    modules = dict(qmodel.named_modules())
+    calls = [(n, modules[n.target]) for n in graph.nodes if n.op == "call_module"]
+    layers = [i for i, (_, m) in enumerate(calls) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    acts = [i for i, (_, m) in enumerate(calls) if isinstance(m, QuantAct)]
+    first = next((i for i in acts if i > layers[0]), None)
+    last = next((i for i in reversed(acts) if i < layers[-1]), None)
+    return list(dict.fromkeys(str(calls[i][0].target) for i in (first, last) if i is not None))
 
 
 def finish(student: nn.Module) -> nn.Module:
