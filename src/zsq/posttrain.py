@@ -92,7 +92,8 @@ class PtqConfig:
         return {**self.options, "synth_images": self.images, "synth_seed": self.seed}
 
 
-RECON_FLAGS = {"iters_per_unit": "iters", **{f.name: f.name for f in dataclasses.fields(ReconConfig) if f.name != "iters"}}
+RECON_FLAGS = {"iters_per_unit": "iters",
+               **{f.name: f.name for f in dataclasses.fields(ReconConfig) if f.name != "iters"}}
 
 
 def resolve_ptq_config(preset: str = "quick", generator: str = "genie", **overrides: Any) -> PtqConfig:

@@ -224,8 +224,8 @@ def reconstruct_unit(unit: Unit, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: to
                 beta = beta_at(t, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
                 loss = loss + cfg.lam * sum(m.rounding.penalty(beta) for m in layers)
             if not math.isfinite(float(loss.detach())):
-                raise UserError(f"unit {unit.name}: the reconstruction loss is {float(loss.detach())} at iteration {t}: "
-                                f"lower the learning rates (lr_act_step, lr_weight_step) or check the images")
+                raise UserError(f"unit {unit.name}: the reconstruction loss is {float(loss.detach())} at iteration "
+                                f"{t}: lower the learning rates (lr_act_step, lr_weight_step) or check the images")
             for opt in (opt_v, opt_s):
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)

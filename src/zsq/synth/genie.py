@@ -5,8 +5,9 @@ Each batch gets a fresh generator (kept in train mode) and fresh N(0, I) latents
 one loss, Σ over BN layers of the per-channel mean squared gaps in mean and standard deviation of the layer's
 input, plus an image prior pulling each image's per-channel spatial mean to 0 and std to 1. The latents use
 lr 0.1 with plateau decay, the generator lr 0.01 decayed ×0.95 every `generator_decay_every` steps: the values
-the official code runs with (its two argument names are swapped, spec §6.1). During distillation every strided convolution of
-the teacher sees its input shifted by a random ±1 pixel (swing convolution), so every pixel gets gradient.
+the official code runs with (its two argument names are swapped, spec §6.1). During distillation every strided
+convolution of the teacher sees its input shifted by a random ±1 pixel (swing convolution), so every pixel gets
+gradient.
 No class labels are used; the set's labels are the teacher's predictions on the final images.
 """
 from __future__ import annotations
