@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_SET = ["--set", "epochs=2", "--set", "iters-per-epoch=2", "--set", "warmup-epochs=1", "--set", "batch-size=8",
             "--set", "eval-limit=20", "--set", "probe-images=8", "--set", "probe-iters=2", "--quiet"]
 TINY_SYNTH = ["--set", "synth-images=16", "--set", "synth-iters=2"]  # only for grids with hast runs
+TINY_PTQ = ["--set", "images=8", "--set", "iters-per-unit=2"]  # only for grids with ptq runs
 
 
 def write_grid(path: Path, text: str) -> Path:
@@ -188,7 +189,8 @@ def test_paper_grid_on_fake_cifar(tmp_path, dataset, classes, quoted):
     assert proc.returncode == 0, proc.stderr
     grid = ROOT / "benchmarks" / "grids" / f"paper-{dataset}.toml"
     proc = run_cli("bench", str(grid), "--out", str(tmp_path / "bench"), "--teacher", str(teacher), "--data-dir",
-                   str(tmp_path / "data"), "--bits", "3", "--seeds", "0", "--jobs", "2", *TINY_SET, *TINY_SYNTH)
+                   str(tmp_path / "data"), "--bits", "3", "--seeds", "0", "--jobs", "2", *TINY_SET, *TINY_SYNTH,
+                   *TINY_PTQ)
     assert proc.returncode == 0, proc.stderr
     n = len(load_grid(grid, teacher=str(teacher), data_dir="d", bits=[3], seeds=[0]).runs())
     assert f"{n} runs in paper-{dataset}: 0 finished before, {n} run now, 0 failed" in proc.stdout
@@ -197,4 +199,5 @@ def test_paper_grid_on_fake_cifar(tmp_path, dataset, classes, quoted):
     text = (tmp_path / "r.md").read_text()
     gdfq = next(line for line in text.splitlines() if line.startswith("| W3A3 | gdfq+gdfq |"))
     assert gdfq.rstrip(" |").endswith(quoted) and "| paper |" in gdfq
+    assert "| W3A3 | genie+ptq |" in text  # the post-training rows, with no published number beside them
     assert published(dataset, "resnet20", 3, 3, "hast", "synq").top1 == {"cifar10": 88.11, "cifar100": 57.28}[dataset]

@@ -6,6 +6,7 @@ at the unit it was fitting.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -22,7 +23,7 @@ from .errors import UserError
 from .evaluate import eval_set_for, evaluate
 from .io import save_json, save_torch
 from .models import load_model, model_name, save_checkpoint
-from .presets import PRESETS, ptq_preset_values
+from .presets import ptq_preset_values
 from .provenance import code_version
 from .quant import QuantConfig, act_quantizers, default_placement, float_tensors
 from .recon import ReconConfig, reconstruct
@@ -129,7 +130,8 @@ def _images(cfg: PtqConfig, teacher: nn.Module, info: Any, device: str, quiet: b
 
 def ptq_run(cfg: PtqConfig, teacher: nn.Module | None = None, resume: bool = False, restart: bool = False,
             quiet: bool = False) -> Result:
-    """Run (or resume) one post-training quantization job and write its run folder."""
+    """Run (or resume) one post-training quantization job and write its run folder. A `teacher` module is
+    copied: the user's module keeps its mode, gradients and device."""
     cfg = dataclasses.replace(cfg, threads=cfg.threads or available_cores())
     device = resolve_device(cfg.device)
     if cfg.deterministic:
@@ -140,6 +142,8 @@ def ptq_run(cfg: PtqConfig, teacher: nn.Module | None = None, resume: bool = Fal
     try:
         if teacher is None:
             teacher = load_model(cfg.teacher, checkpoint=cfg.checkpoint, model_def=cfg.model_def)
+        else:
+            teacher = copy.deepcopy(teacher)
         if cfg.placement is None:
             cfg = dataclasses.replace(cfg, placement=default_placement(teacher))
         state = open_run(out, config_dict(cfg), resume, restart)
@@ -151,6 +155,9 @@ def ptq_run(cfg: PtqConfig, teacher: nn.Module | None = None, resume: bool = Fal
         print(f"zsq ptq: {model_name(teacher)} W{cfg.wbits}A{cfg.abits} ({cfg.placement}, first/last "
               f"{cfg.first_last}), {cfg.images} {cfg.generator} images, {cfg.recon.iters} steps per unit, preset "
               f"{cfg.preset} on {device}, {cfg.threads} thread(s) → {out}", flush=True)
+        if cfg.generator == REAL:
+            print(f"note: --source real fits on {cfg.images} training images of {info.name}: it uses data (an upper "
+                  f"bound for the data-free rows), result.json says so (uses_data)", flush=True)
         t0 = time.perf_counter()
         images, facts = _images(cfg, teacher, info, device, quiet)
         ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet)
