@@ -9,7 +9,6 @@ import math
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 from zsq.errors import UserError
 from zsq.export import load_packed, save_packed

@@ -36,7 +36,7 @@ from .distill import LOSSES, FeatureTap, TransferInputs, create_loss, fgsm_promo
 from .errors import UserError
 from .evaluate import evaluate, eval_set_for
 from .io import save_json, save_torch
-from .models import load_model, model_name, read_checkpoint, save_checkpoint
+from .models import load_model, model_name, save_checkpoint
 from .presets import PRESETS, preset_values
 from .provenance import code_version
 from .rundir import clear_run, open_run

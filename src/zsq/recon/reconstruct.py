@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..quant import ActQuantizer, QuantAct, QuantConfig, QuantConv2d, QuantLinear, quantize_model
+from ..quant import QuantAct, QuantConfig, QuantConv2d, QuantLinear, quantize_model
 from .lsq import LsqAct
 from .rounding import LearnedRounding, beta_at
 from ..graph import trace
