@@ -55,9 +55,8 @@ def test_range_search_and_initial_rounding_is_round_to_nearest():
         assert s0[c].item() == pytest.approx(best[1], rel=1e-5)
     assert s0[0].item() < (12.0 - flat[0].min().item()) / 7 * 0.99  # clipped
     rounding = LearnedRounding(w, 3)
-    rounding.hard = True
     ref = torch.fake_quantize_per_channel_affine(w, s0.flatten(), z.flatten().int(), 0, 0, 7)
-    assert torch.allclose(rounding(), ref, atol=1e-6)
+    assert torch.allclose(rounding(hard=True), ref, atol=1e-6)
     lo, hi = rounding.weight_range()  # the lineage's asymmetric grid on [lo, hi] is exactly (s, z)
     assert torch.allclose((hi - lo) / 7, s0) and torch.equal(torch.round(-lo / ((hi - lo) / 7)), z)
 
@@ -98,6 +97,10 @@ def test_units_must_read_and_write_one_tensor():
         prepare(model, QuantConfig(4, 4, **FIXED), ReconConfig(), units=["layer1.0.conv1"])
     with pytest.raises(UserError, match="weight_range"):
         prepare(model, QuantConfig(4, 4), ReconConfig())
+    with pytest.raises(UserError, match="--lam does not apply with --iters-per-unit 0"):
+        ReconConfig(iters=0, lam=0.01)
+    with pytest.raises(UserError, match="--lr-weight-step does not apply with --weight-step fixed"):
+        ReconConfig(weight_step="fixed", lr_weight_step=1e-3)
 
 
 def _tiny_case(bits: int = 3):

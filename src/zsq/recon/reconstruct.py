@@ -57,6 +57,13 @@ class ReconConfig:
             raise UserError(f"weight step must be one of {', '.join(WEIGHT_STEPS)}, got '{self.weight_step}'")
         if self.lam < 0:
             raise UserError(f"rounding penalty weight must be >= 0, got {self.lam}")
+        fitted = {f.name for f in dataclasses.fields(self)} - {"iters", "init_images"}
+        idle = {"lr_weight_step"} if self.weight_step == "fixed" else set()
+        idle |= fitted if self.iters == 0 else set()
+        given = sorted(name for name in idle if getattr(self, name) != getattr(ReconConfig, name))
+        if given:
+            why = "--iters-per-unit 0 (RTN fits nothing)" if self.iters == 0 else "--weight-step fixed"
+            raise UserError(f"--{given[0].replace('_', '-')} does not apply with {why}")
 
 
 class ReconLayer(nn.Module):
@@ -78,9 +85,7 @@ class ReconLayer(nn.Module):
         if self.mode == "fp":
             w = self.layer.weight
         else:
-            rounding = self.quantizer()
-            rounding.hard = self.mode == "hard"
-            w = rounding().to(x.dtype)
+            w = self.quantizer()(hard=self.mode == "hard").to(x.dtype)
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, self.layer.bias)
         return F.linear(x, w, self.layer.bias)
@@ -89,8 +94,7 @@ class ReconLayer(nn.Module):
     def write_back(self) -> QuantConv2d | QuantLinear:
         """The student's layer with the hard-rounded weight and its fixed range."""
         rounding = self.quantizer()
-        rounding.hard = True
-        self.layer.weight.copy_(rounding())
+        self.layer.weight.copy_(rounding(hard=True))
         lo, hi = rounding.weight_range()
         self.layer.w_lo.copy_(lo)
         self.layer.w_hi.copy_(hi)
@@ -303,7 +307,7 @@ def reconstruct(teacher: nn.Module, images: torch.Tensor, quant: QuantConfig, re
     for k in range(start, len(parts)):
         unit = parts[k]
         x_fp = _run(parts, images, k, fp=True, chunk=256)
-        y_fp = _run(parts, images, k + 1, fp=True, chunk=256)
+        y_fp = _run([unit], x_fp, 1, fp=True, chunk=256)
         x_q = _run(parts, images, k, fp=False, chunk=256)
         record = reconstruct_unit(unit, x_q, x_fp, y_fp, recon, gen, progress)
         if on_unit is not None:

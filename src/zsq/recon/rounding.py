@@ -74,10 +74,10 @@ class LearnedRounding(nn.Module):
         self.register_buffer("zero", z)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
         self.scale = nn.Parameter(s0.clone(), requires_grad=learn_step)
-        self.hard = False
 
-    def forward(self) -> torch.Tensor:
-        h = (self.v >= 0).to(self.v.dtype) if self.hard else soft_bit(self.v)
+    def forward(self, hard: bool = False) -> torch.Tensor:
+        """The quantized weight with soft bits h(V), or with each bit rounded to 1[V ≥ 0] (`hard`)."""
+        h = (self.v >= 0).to(self.v.dtype) if hard else soft_bit(self.v)
         return self.scale * (torch.clamp(self.base + h + self.zero, 0, 2**self.bits - 1) - self.zero)
 
     def penalty(self, beta: float) -> torch.Tensor:
