@@ -4,9 +4,11 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,18 @@ def randomise_bn(model, seed: int = 1, spread: float = 0.1):
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zsq", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
+
+
+def kill_when(args: list[str], marker: Path, timeout: float = 300) -> None:
+    """Run `zsq ARGS` and SIGKILL its process group as soon as `marker` (its first checkpoint) exists, or when it
+    ends by itself: a kill with no chance to clean up, as a power cut or an OOM killer gives."""
+    proc = subprocess.Popen([sys.executable, "-m", "zsq", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 TINY_PROBE = ["--probe-images", "8", "--probe-iters", "2"]  # the health check's probe set, kept tiny in tests

@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from zsq.models import load_model
 
-from conftest import quantize_tiny, run_cli
+from conftest import kill_when, quantize_tiny, run_cli
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -150,13 +146,7 @@ def test_teacher_resume_after_kill(fmnist_dir, tmp_path):
             "0.05", "--eval-limit", "8"]
     killed, full = tmp_path / "killed.pt", tmp_path / "full.pt"
     resume_file = killed.with_name(killed.name + ".resume")
-    proc = subprocess.Popen([sys.executable, "-m", "zsq", *args, "--out", str(killed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while not resume_file.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when([*args, "--out", str(killed)], resume_file)
     assert resume_file.exists() and not killed.exists(), "the run finished before it could be killed"
     resumed = run_cli(*args, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr

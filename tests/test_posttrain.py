@@ -3,11 +3,6 @@ in one line, and PTQ rows in a bench grid and a report."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +11,7 @@ from zsq.bench import load_grid
 from zsq.errors import UserError
 from zsq.posttrain import resolve_ptq_config
 
-from conftest import TINY_PROBE, run_cli
+from conftest import TINY_PROBE, kill_when, run_cli
 
 
 def _ptq(teacher, data_dir, out, *extra):
@@ -60,13 +55,7 @@ def test_ptq_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):
     args = ["ptq", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--source", "real", "--images",
             "16", "--iters-per-unit", "12", "--eval-limit", "8", "--deterministic", "--quiet", *TINY_PROBE]
     killed, full = tmp_path / "killed", tmp_path / "full"
-    proc = subprocess.Popen([sys.executable, "-m", "zsq", *args, "--out", str(killed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while not (killed / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when([*args, "--out", str(killed)], killed / "state.pt")
     assert (killed / "state.pt").exists() and not (killed / "result.json").exists(), "finished before the kill"
     again = run_cli(*args, "--out", str(killed))
     assert again.returncode == 2 and "--resume" in again.stderr

@@ -21,7 +21,7 @@ from zsq.synth.pixels import BUILDERS
 from zsq.train import resolve_config
 from zsq.validate import ProbeOptions
 
-from conftest import PROBE_KW, TINY, TINY_PROBE, run_cli
+from conftest import PROBE_KW, TINY, TINY_PROBE, kill_when, run_cli
 
 def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "run"
@@ -145,13 +145,7 @@ def test_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):
             "--iters-per-epoch", "10", "--warmup-epochs", "1", "--batch-size", "8", "--ckpt-every", "3",
             "--deterministic", "--quiet", "--eval-limit", "8", *TINY_PROBE]
     killed, full = tmp_path / "killed", tmp_path / "full"
-    proc = subprocess.Popen([sys.executable, "-m", "zsq", *args, "--out", str(killed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while not (killed / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when([*args, "--out", str(killed)], killed / "state.pt")
     assert (killed / "state.pt").exists() and not (killed / "result.json").exists(), "finished before the kill"
     resumed = run_cli(*args, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
