@@ -15,9 +15,9 @@ from zsq.export import load_packed, save_packed
 from zsq.export.onnx_qdq import build_onnx
 from zsq.export.packed import weight_codes
 from zsq.models import create_model, load_model, save_checkpoint
-from zsq.recon import (LearnedRounding, LsqAct, ReconConfig, ReconLayer, beta_at, finish, prepare, reconstruct,
-                       reconstruct_unit, rounding_penalty, search_range, soft_bit)
-from zsq.recon.reconstruct import _run
+from zsq.recon import (LearnedRounding, LsqAct, ReconConfig, ReconLayer, beta_at, finish, output_gradients, prepare,
+                       reconstruct, reconstruct_unit, rounding_penalty, search_range, soft_bit)
+from zsq.recon.reconstruct import _reconstruction_loss, _run
 from zsq.quant import ActQuantizer, QuantAct, QuantConfig, QuantConv2d, QuantLinear
 
 from conftest import randomise_bn
@@ -124,6 +124,29 @@ def test_fitting_a_unit_lowers_its_error_and_a_large_penalty_makes_bits_binary()
         v = torch.cat([m.rounding.v.flatten() for m in parts[k].module.modules() if hasattr(m, "rounding")])
         on_bits = ((soft_bit(v) == 0) | (soft_bit(v) == 1)).float().mean().item()
         assert (on_bits > 0.995) if binary else (on_bits < 0.5), (lam, on_bits)
+
+
+def test_fisher_weights_are_the_kl_gradient_per_image_and_weight_the_squared_error():
+    teacher, images, quant = _tiny_case()
+    student, parts = prepare(teacher, quant, ReconConfig())
+    last = len(parts) - 1  # the classifier: ∂KL(p_fp ‖ softmax(z))/∂z = softmax(z) − p_fp, per image
+    z_q = _run(parts, images, last + 1, False, 64)
+    p_fp = torch.softmax(_run(parts, images, last + 1, True, 64), dim=1)
+    g = output_gradients(parts, images, last, chunk=64)
+    assert torch.allclose(g, (torch.softmax(z_q, dim=1) - p_fp).abs() + 1, atol=1e-6)
+    # a middle unit: each image's own KL, so the weights do not depend on how the images are batched
+    mid = output_gradients(parts, images, 3, chunk=64)
+    assert mid.shape == _run(parts, images, 4, False, 64).shape and float(mid.max()) > 1.0
+    assert torch.allclose(mid, output_gradients(parts, images, 3, chunk=16), atol=1e-6)
+    out, target = torch.tensor([[[[1.0]], [[2.0]]]]), torch.zeros(1, 2, 1, 1)
+    assert _reconstruction_loss(out, target).item() == 5.0  # 1² + 2²
+    assert _reconstruction_loss(out, target, torch.tensor([[[[2.0]], [[1.0]]]])).item() == 8.0  # 4·1 + 1·4
+    fitted = reconstruct(teacher, images, quant, ReconConfig(iters=20, loss="fisher"))
+    assert torch.isfinite(fitted(images[:4])).all()
+    with pytest.raises(UserError, match="reconstruction loss must be one of mse, fisher"):
+        ReconConfig(loss="l1")
+    with pytest.raises(UserError, match="--recon-loss does not apply with --iters-per-unit 0"):
+        ReconConfig(iters=0, loss="fisher")
 
 
 def test_the_reconstructed_student_is_an_ordinary_student(tmp_path):

@@ -267,7 +267,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 PTQ_FLAGS = ("teacher", "checkpoint", "model_def", "wbits", "abits", "first_last", "placement", "images",
-             "iters_per_unit", "lam", "qdrop", "weight_step", "units", "seed", "device", "threads", "deterministic",
+             "iters_per_unit", "lam", "qdrop", "weight_step", "recon_loss", "units", "seed", "device", "threads", "deterministic",
              "dataset",
              "data_dir", "eval_limit", "probe_images", "probe_iters", "out", "synth_iters", "synth_batch",
              "synth_patience", "synth_data", "synth_lr", "hard_weight", "hard_gamma", "latent_lr", "generator_lr",
@@ -314,6 +314,8 @@ def _add_ptq(sub) -> None:
     p.add_argument("--qdrop", type=float, help="probability an element stays full precision while fitting (0.5)")
     p.add_argument("--weight-step", choices=["learned", "fixed"],
                    help="per-channel weight steps learned with the rounding (Genie-M; default) or fixed (AdaRound)")
+    p.add_argument("--recon-loss", choices=["mse", "fisher"],
+                   help="each unit's loss: output MSE (the official codes; default) or BRECQ's Fisher-weighted MSE")
     p.add_argument("--units", type=lambda t: [u for u in t.split(",") if u],
                    help="comma-separated module names of the blocks (default: read from the graph)")
     p.add_argument("--seed", type=int)

@@ -26,7 +26,7 @@ from .models import load_model, model_name, save_checkpoint
 from .presets import ptq_preset_values
 from .provenance import code_version
 from .quant import QuantConfig, act_quantizers, default_placement, float_tensors
-from .recon import ReconConfig, reconstruct
+from .recon import USER_NAMES, ReconConfig, reconstruct
 from .rundir import clear_run, open_run
 from .synth import SOURCES, SourceContext, create_source
 from .train import Result, available_cores
@@ -93,13 +93,12 @@ class PtqConfig:
         return {**self.options, "synth_images": self.images, "synth_seed": self.seed}
 
 
-RECON_FLAGS = {"iters_per_unit": "iters",
-               **{f.name: f.name for f in dataclasses.fields(ReconConfig) if f.name != "iters"}}
+RECON_FLAGS = {USER_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(ReconConfig)}
 
 
 def resolve_ptq_config(preset: str = "quick", generator: str = "genie", **overrides: Any) -> PtqConfig:
     """Defaults → preset → overrides (None = not given). Reconstruction settings by name (`iters_per_unit` for
-    ReconConfig.iters), the source's options by their own names."""
+    ReconConfig.iters, `recon_loss` for its loss), the source's options by their own names."""
     values = {**ptq_preset_values(preset, generator), **{k: v for k, v in overrides.items() if v is not None}}
     own = {f.name for f in dataclasses.fields(PtqConfig)} - {"recon", "options"}
     recon = {RECON_FLAGS[k]: values.pop(k) for k in list(values) if k in RECON_FLAGS}

@@ -27,6 +27,9 @@ from ..graph import trace
 from .units import Unit, block_names, find_units
 
 WEIGHT_STEPS = ("learned", "fixed")
+LOSSES = ("mse", "fisher")
+# The fields whose user-facing name (keyword of zsq.ptq, CLI flag) differs from the field's.
+USER_NAMES = {"iters": "iters_per_unit", "loss": "recon_loss"}
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ReconConfig:
     weight_step: str = "learned"  # "learned" (Genie-M) or "fixed" at the L2.4 search's step (AdaRound, BRECQ)
     qdrop: float = 0.5  # probability that an element stays at full precision while a unit is fitted (0: off)
     init_images: int = 32  # images the activation steps' range search sees
+    loss: str = "mse"  # "mse" (all three official codes) or "fisher": BRECQ's paper, errors weighted by (|∂KL/∂z| + 1)²
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1 or self.init_images < 1:
@@ -55,6 +59,8 @@ class ReconConfig:
             raise UserError(f"QDrop probability must be in [0, 1), got {self.qdrop}")
         if self.weight_step not in WEIGHT_STEPS:
             raise UserError(f"weight step must be one of {', '.join(WEIGHT_STEPS)}, got '{self.weight_step}'")
+        if self.loss not in LOSSES:
+            raise UserError(f"reconstruction loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.lam < 0:
             raise UserError(f"rounding penalty weight must be >= 0, got {self.lam}")
         fitted = {f.name for f in dataclasses.fields(self)} - {"iters", "init_images"}
@@ -63,7 +69,8 @@ class ReconConfig:
         given = sorted(name for name in idle if getattr(self, name) != getattr(ReconConfig, name))
         if given:
             why = "--iters-per-unit 0 (RTN fits nothing)" if self.iters == 0 else "--weight-step fixed"
-            raise UserError(f"--{given[0].replace('_', '-')} does not apply with {why}")
+            flag = USER_NAMES.get(given[0], given[0]).replace("_", "-")
+            raise UserError(f"--{flag} does not apply with {why}")
 
 
 class ReconLayer(nn.Module):
@@ -183,17 +190,48 @@ def _unit_error(unit: Unit, x: torch.Tensor, y: torch.Tensor, chunk: int) -> flo
     return total / len(x)
 
 
-def _reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Σ over channels (dim 1) of the squared error, averaged over images and positions."""
-    return (out - target).pow(2).sum(1).mean()
+def _reconstruction_loss(out: torch.Tensor, target: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over channels (dim 1) of the squared error, each element weighted by its squared output gradient `grad`
+    if given (BRECQ's diagonal Fisher), averaged over images and positions."""
+    err = (out - target).pow(2)
+    return (err if grad is None else err * grad.pow(2)).sum(1).mean()
+
+
+def output_gradients(units: list[Unit], images: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """BRECQ's Fisher weights of unit k's output z, per image: |∂KL(p_fp ‖ p_q)/∂z| + 1, with the network
+    quantized up to and including unit k (at its current rounding) and full precision after it. Each image's KL is
+    differentiated on its own; BRECQ's code takes the batch mean over 32 images, which scales g by 1/32 and ties
+    the weights to its batch size."""
+    rest = [m for u in units[k + 1:] for m in u.module.modules()]
+    grads = []
+    for x in images.split(chunk):
+        with torch.no_grad():
+            p_fp = F.log_softmax(_run(units, x, len(units), fp=True, chunk=chunk), dim=1)
+            z = _run(units, x, k + 1, fp=False, chunk=chunk)
+        z.requires_grad_(True)
+        saved = _set_mode(rest, fp=True)
+        try:
+            with torch.enable_grad():
+                y = z
+                for u in units[k + 1:]:
+                    _reset_calls([u])
+                    y = u.module(y)
+                kl = F.kl_div(F.log_softmax(y, dim=1), p_fp, reduction="sum", log_target=True)
+                (g,) = torch.autograd.grad(kl, z)
+        finally:
+            _restore(saved)
+        grads.append(g.abs() + 1.0)
+    return torch.cat(grads)
 
 
 UnitDone = Callable[[int, dict, dict], None]  # (unit index, its record, the state to resume from)
 
 
 def reconstruct_unit(unit: Unit, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: torch.Tensor, cfg: ReconConfig,
-                     gen: torch.Generator, progress: bool = False) -> dict:
-    """Fit one unit (its soft bits, weight and activation steps) to the FP output, then freeze it hard."""
+                     gen: torch.Generator, progress: bool = False,
+                     fisher: Callable[[], torch.Tensor] | None = None) -> dict:
+    """Fit one unit (its soft bits, weight and activation steps) to the FP output, then freeze it hard. `fisher`
+    gives the output gradients that weight the loss (cfg.loss "fisher"), once the activation steps are set."""
     layers = [m for m in unit.module.modules() if isinstance(m, ReconLayer)]
     acts = [m for m in unit.module.modules() if isinstance(m, LsqAct)]
     for m in layers:
@@ -201,6 +239,7 @@ def reconstruct_unit(unit: Unit, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: to
     _reset_calls([unit])
     with torch.no_grad():
         unit.module(x_q[: cfg.init_images])  # each activation step found by the range search on its first input
+    grad = fisher() if cfg.loss == "fisher" else None  # type: ignore[misc] - given whenever the loss is fisher
     before = _unit_error(unit, x_q, y_fp, 256)
     groups = [{"params": [m.rounding.v for m in layers], "lr": cfg.lr_round}]
     w_steps = [m.rounding.scale for m in layers if m.rounding.scale.requires_grad]
@@ -222,7 +261,7 @@ def reconstruct_unit(unit: Unit, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: to
             if cfg.qdrop > 0:
                 x = torch.where(torch.rand(x.shape, generator=gen) < cfg.qdrop, x_fp[idx], x)
             _reset_calls([unit])
-            rec = _reconstruction_loss(unit.module(x), y_fp[idx])
+            rec = _reconstruction_loss(unit.module(x), y_fp[idx], None if grad is None else grad[idx])
             loss = rec
             if t >= cfg.warmup * cfg.iters and layers:
                 beta = beta_at(t, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
@@ -309,7 +348,8 @@ def reconstruct(teacher: nn.Module, images: torch.Tensor, quant: QuantConfig, re
         x_fp = _run(parts, images, k, fp=True, chunk=256)
         y_fp = _run([unit], x_fp, 1, fp=True, chunk=256)
         x_q = _run(parts, images, k, fp=False, chunk=256)
-        record = reconstruct_unit(unit, x_q, x_fp, y_fp, recon, gen, progress)
+        record = reconstruct_unit(unit, x_q, x_fp, y_fp, recon, gen, progress,
+                                  lambda: output_gradients(parts, images, k, chunk=256))
         if on_unit is not None:
             on_unit(k, record, {"units_done": k + 1, "student": student.state_dict(), "rng": gen.get_state(),
                                 "torch_rng": torch.get_rng_state()})
