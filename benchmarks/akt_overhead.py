@@ -1,4 +1,4 @@
-"""Cost of an AKT iteration against a plain KD iteration, both through the loop's own `_iteration`.
+"""Cost of an AKT iteration against a plain KD iteration, both through the loop's own `Job.iterate`.
 
 The same teacher, generator and batch; only the transfer loss differs (AKT adds forward hooks, two attention
 reductions per map and their KLs). Rounds alternate between the methods so that drift in machine load hits all

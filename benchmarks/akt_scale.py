@@ -16,7 +16,7 @@ import torch
 
 from zsq.distill import TransferInputs
 from zsq.distill.akt import rfd_terms
-from zsq.train import _build, _iteration, _set_epoch, resolve_config
+from zsq.train import build_job, resolve_config
 
 
 def main() -> None:
@@ -30,11 +30,11 @@ def main() -> None:
     cfg = resolve_config("quick", "gdfq", "akt", teacher=args.teacher, wbits=args.bits, abits=args.bits,
                          batch_size=args.batch_size, device="cpu", out="unused", seed=args.seed,
                          akt_layers=args.layers)
-    job = _build(cfg, None, "cpu")
-    _set_epoch(job, 0)
+    job = build_job(cfg)
+    job.start_epoch(0)
     for _ in range(5):  # calibrate the activation ranges on generator batches, as the warm-up does
-        _iteration(job, True)
-    _set_epoch(job, cfg.warmup_epochs)
+        job.iterate(True)
+    job.start_epoch(cfg.warmup_epochs)
     with torch.no_grad():
         x, y = job.source.sample(args.batch_size, job.rng)
         t_logits = job.teacher(x)

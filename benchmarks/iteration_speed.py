@@ -1,6 +1,6 @@
 """Cost of one zero-shot quantization iteration against the passes it cannot avoid, measured alone.
 
-The loop's iteration (generator step + Q-model step) is timed through `zsq.train._iteration`; the baseline is
+The loop's iteration (generator step + Q-model step) is timed through `Job.iterate`; the baseline is
 the sum of the unavoidable passes, each timed separately on the same batch: the generator forward+backward,
 the teacher forward with the backward to its input (the generator's gradient must cross the teacher), and the
 Q model's forward+backward. A ratio near 1 means the loop adds little of its own. AdaDFQ's generator loss also
@@ -12,17 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from zsq.distill import FeatureTap, create_loss
 from zsq.models import create_model
-from zsq.quant import calibrate, gaussian_inputs, observe_ranges, quantize_model
-from zsq.synth import SourceContext, create_source
-from zsq.train import Job, _iteration, resolve_config
+from zsq.train import build_job, resolve_config
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -35,26 +31,15 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 
 def measure(generator: str, method: str, batch_size: int, repeats: int) -> dict:
     torch.manual_seed(0)
-    teacher = create_model("resnet20", in_channels=1).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    qmodel = quantize_model(teacher, 4, 4)
-    calibrate(qmodel, gaussian_inputs(2, batch_size, (1, 32, 32)))
-    for p in qmodel.parameters():
-        p.requires_grad_(True)
-    qmodel.eval()
-    observe_ranges(qmodel, False)
-    cfg = resolve_config("quick", generator, method, batch_size=batch_size)
-    source = create_source(generator, SourceContext(teacher, 10, 1, 32, "cpu"))
-    loss_fn = create_loss(method)
-    t_tap, q_tap = FeatureTap(teacher, []), FeatureTap(qmodel, [])
-    q_params = list(qmodel.parameters())
-    q_opt = torch.optim.SGD(q_params, lr=1e-4, momentum=0.9, nesterov=True)
-    g_opt = torch.optim.Adam(source.parameters(), lr=1e-3)
-    rng = torch.Generator().manual_seed(0)
-    job = Job(cfg, "cpu", Path("unused"), teacher, qmodel, None, source, loss_fn, t_tap, q_tap, q_params, q_opt, g_opt,
-              rng)
-    full = timed(lambda: _iteration(job, False), repeats)
+    teacher = create_model("resnet20", in_channels=1).eval()  # random weights: the cost does not depend on them
+    cfg = resolve_config("quick", generator, method, batch_size=batch_size, wbits=4, abits=4, out="unused")
+    job = build_job(cfg, teacher)
+    job.start_epoch(0)
+    for _ in range(2):  # calibrate the activation ranges on generator batches, as the warm-up does
+        job.iterate(True)
+    job.start_epoch(cfg.warmup_epochs)
+    source, qmodel, rng = job.source, job.qmodel, job.rng
+    full = timed(lambda: job.iterate(False), repeats)
 
     def gen_pass():
         x, _ = source.sample(batch_size, rng)

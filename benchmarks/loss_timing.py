@@ -1,5 +1,5 @@
 """Shared by the loss-overhead benchmarks: time `zsq quantize` iterations of several transfer losses through the
-loop's own `_iteration`, on the same teacher and data source. Rounds alternate between the variants so that drift
+loop's own `Job.iterate`, on the same teacher and data source. Rounds alternate between the variants so that drift
 in machine load hits all of them alike; each figure is the median over rounds, in ms per iteration."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import statistics
 import time
 
-from zsq.train import _build, _iteration, _set_epoch, resolve_config
+from zsq.train import build_job, resolve_config
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -20,18 +20,18 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def build(generator: str, method: str, options: dict, args: argparse.Namespace):
     cfg = resolve_config("quick", generator, method, teacher=args.teacher, wbits=4, abits=4,
                          batch_size=args.batch_size, device="cpu", out="unused", **options)
-    job = _build(cfg, None, "cpu", quiet=True)
-    _set_epoch(job, 0)  # warm-up epoch: calibrate the activation ranges on a few generator batches
+    job = build_job(cfg)
+    job.start_epoch(0)  # warm-up epoch: calibrate the activation ranges on a few generator batches
     for _ in range(3):
-        _iteration(job, True)
-    _set_epoch(job, cfg.warmup_epochs)
+        job.iterate(True)
+    job.start_epoch(cfg.warmup_epochs)
     return job
 
 
 def round_ms(job, iters: int) -> float:
     t0 = time.perf_counter()
     for _ in range(iters):
-        _iteration(job, False)
+        job.iterate(False)
     return (time.perf_counter() - t0) / iters * 1e3
 
 

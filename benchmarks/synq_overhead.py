@@ -1,4 +1,4 @@
-"""Cost of each SynQ part against the HAST iteration it builds on, through the loop's own `_iteration`.
+"""Cost of each SynQ part against the HAST iteration it builds on, through the loop's own `Job.iterate`.
 
 All variants train on the same offline `hast` set (quick recipe; built once and cached) with the quick preset's
 promotion pass; only the transfer loss differs: `synq` with no part is exactly the `hast` loss. Rounds alternate

@@ -1,7 +1,9 @@
 """Tiny datasets written in the exact real formats (IDX gzip, CIFAR python pickles, PNG folders)."""
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import os
 import pickle
 import signal
@@ -9,6 +11,8 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,13 @@ def _class_images(rng: np.random.Generator, labels: np.ndarray, shape: tuple[int
     """Images whose mean brightness encodes the class, so a tiny model can learn something."""
     base = (labels.astype(np.float64) * 25 + 10).reshape(-1, *([1] * len(shape)))
     return np.clip(base + rng.normal(0, 20, (len(labels), *shape)), 0, 255).astype(np.uint8)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes sharing the cores: one thread each, as
+    os.environ["OMP_NUM_THREADS"] = "1"  # the commands it runs (in process or not) then also take, since two
+    import torch  # multi-threaded PyTorch processes on the same cores spin against each other
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -104,9 +115,36 @@ def randomise_bn(model, seed: int = 1, spread: float = 0.1):
     return model.eval()
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zsq", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`zsq ARGS` run by the CLI's own `main` in this process, with its exit code, stdout and stderr as a
+    subprocess would give them (a crash: exit 1 and the traceback on stderr). A subprocess would spend seconds
+    importing torch for each call; `run_cli_process` is for what needs one (the entry point, kills). What a
+    command may change process-wide (threads, deterministic algorithms, warning filters) is put back."""
+    import torch
+    from zsq.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        stack.enter_context(warnings.catch_warnings())
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # --help, --version
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:  # noqa: BLE001 - as the interpreter reports an uncaught one
+            traceback.print_exc()
+            code = 1
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(strict)
+    return subprocess.CompletedProcess(["zsq", *args], code, out.getvalue(), err.getvalue())
+
+
+def run_cli_process(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m zsq ARGS` in a process of its own, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "zsq", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def kill_when(args: list[str], marker: Path, timeout: float = 300) -> None:

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from zsq.analysis import group_runs, hessian_trace, read_runs, spearman
-from zsq.analysis.report import curve_stats
+from zsq.analysis import spearman
+from zsq.bench.report import curve_stats, group_runs, read_runs
+from zsq.curvature import hessian_trace
 from zsq.quant import calibrate
-from zsq.train import _build, _curvature, resolve_config
+from zsq.train import _curvature, build_job, resolve_config
 
 from conftest import TINY_PROBE, quantize_tiny, run_cli
 
@@ -74,10 +75,10 @@ def test_quantize_tracks_curvature_and_keeps_its_batches_on_resume(tiny_teacher,
     assert all(isinstance(v, float) for v in tracked.values())
     cfg = resolve_config("quick", "gdfq", "kd", teacher=str(tiny_teacher), data_dir=str(fmnist_dir), batch_size=4,
                          track_curvature=1, curvature_samples=2, out=str(tmp_path / "job"))
-    job = _build(cfg, None, "cpu", quiet=True)
+    job = build_job(cfg)
     calibrate(job.qmodel, [torch.randn(4, 1, 32, 32)])
     first = _curvature(job)
-    again = _build(cfg, None, "cpu", quiet=True)
+    again = build_job(cfg)
     again.load_state_dict(job.state_dict())  # a resumed run estimates on the same fixed batches
     assert all(torch.equal(a, b) for pa, pb in zip(job.curv_batches, again.curv_batches, strict=True)
                for a, b in zip(pa, pb, strict=True))

@@ -1,4 +1,5 @@
-"""The CLI end to end, as a user runs it: a subprocess, exit codes, one-line errors, files written atomically."""
+"""The CLI end to end, as a user runs it: exit codes, one-line errors, files written atomically; the entry point
+and kills in a process of its own."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,10 @@ import subprocess
 import pytest
 import torch
 
+from zsq.device import resolve_precision
 from zsq.models import load_model
 
-from conftest import kill_when, quantize_tiny, run_cli
+from conftest import kill_when, quantize_tiny, run_cli, run_cli_process
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -27,11 +29,19 @@ def test_help_everywhere():
         assert proc.returncode == 0 and "usage: zsq" in proc.stdout
 
 
+def test_the_entry_point_as_a_process():
+    assert run_cli_process("--version").stdout.startswith("zsq ")
+    assert_one_line_error(run_cli_process("quantize", "--wbits", "9", "--out", "x"), "bits must be in 2..8")
+
+
 def test_teacher_checkpoint_records_everything(tiny_teacher):
     ckpt = torch.load(tiny_teacher, weights_only=True)
     assert ckpt["zsq"] == "model" and ckpt["arch"] == "resnet20"
     assert ckpt["dataset"]["name"] == "fashion-mnist" and ckpt["dataset"]["in_channels"] == 1
     assert 0 <= ckpt["metrics"]["top1"] <= 100 and len(ckpt["metrics"]["history"]) == 2
+    assert ckpt["metrics"]["config"]["precision"] == resolve_precision("auto", "cpu")  # recorded as resolved
+    assert resolve_precision("auto", "cpu") == ("bf16" if torch.backends.cpu.get_cpu_capability().startswith(
+        ("AVX512", "AMX")) else "fp32") and resolve_precision("fp32", "cuda") == "fp32"
 
 
 def test_eval_fp_and_quantized_json(tiny_teacher, fmnist_dir, tmp_path):
@@ -123,9 +133,10 @@ def test_teacher_train_takes_the_architectures_own_arguments(fmnist_dir, tmp_pat
     out = tmp_path / "m.pt"
     proc = run_cli("teacher", "train", "--model", "mobilenet_v2", "--model-arg", "width_mult=0.35",
                    "--model-arg", "stem_stride=1", "--data-dir", str(fmnist_dir), "--epochs", "1", "--batch-size", "32",
-                   "--precision", "fp32", "--out", str(out))
+                   "--precision", "bf16", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     model = load_model(out)
+    assert model.zsq_metrics["config"]["precision"] == "bf16"  # trains under bf16 autocast on any CPU when asked
     assert model.zsq_arch == "mobilenet_v2" and model.cfg.width_mult == 0.35 and model.cfg.stem_stride == 1
     assert model.features[0][0].stride == (1, 1) and model.features[0][0].in_channels == 1
     assert_one_line_error(run_cli("teacher", "train", "--model", "resnet20", "--model-arg", "width_mult=0.5",

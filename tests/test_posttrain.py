@@ -99,3 +99,20 @@ def test_a_grid_row_with_method_ptq_runs_zsq_ptq(tmp_path):
     assert argv[argv.index("--source") + 1] == "genie" and "--generator" not in argv and "--method" not in argv
     assert "--eval-limit" in argv and "--epochs" not in argv  # a QAT-only option does not reach a PTQ run
     assert "--epochs" in specs[2].argv(tmp_path / "q")
+
+
+def test_a_ptq_run_made_before_a_new_reconstruction_field_still_matches_and_groups(tmp_path):
+    from zsq.bench.report import group_runs
+    from zsq.bench.runner import _check_same
+    from zsq.posttrain import config_dict
+
+    new = config_dict(resolve_ptq_config("quick", "genie", out=str(tmp_path / "a")))
+    old = json.loads(json.dumps(new))
+    del old["recon"]["loss"]  # written before the field existed: it ran with the default
+    _check_same("r", tmp_path, old, new)
+    with pytest.raises(UserError, match=r"another config \(recon.lam: 1.0, the grid asks for 0.01\)"):
+        _check_same("r", tmp_path, old, {**new, "recon": {**new["recon"], "lam": 0.01}})
+    result = {"fp_top1": 94.0, "q_top1": 93.0, "wall_s": 60.0}
+    runs = [{"dir": "a", "config": old, "result": result},
+            {"dir": "b", "config": {**new, "seed": 1}, "result": result}]
+    assert [len(g["runs"]) for g in group_runs(runs)] == [2]

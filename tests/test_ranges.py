@@ -14,7 +14,7 @@ from zsq.quant import (ActQuantizer, QuantAct, act_quantizers, batch_range, bn_b
                        create_range_setter, quantize_model)
 from zsq.quant.modules import learned_fake_quantize
 from zsq.quant.ranges import RangeOptions
-from zsq.train import _build, _set_epoch, resolve_config
+from zsq.train import build_job, resolve_config
 
 
 def _bn(c: int, seed: int) -> nn.BatchNorm2d:
@@ -208,13 +208,13 @@ def test_quantize_with_learned_ranges_loads_as_a_plain_model(tiny_teacher, fmnis
 def test_learned_ranges_train_at_their_own_learning_rate(tiny_teacher, fmnist_dir, tmp_path):
     cfg = resolve_config("quick", "gdfq", "kd", teacher=str(tiny_teacher), data_dir=str(fmnist_dir), batch_size=4,
                          act_range="learned", range_lr_scale=50.0, milestones=[2], out=str(tmp_path / "job"))
-    job = _build(cfg, None, "cpu", quiet=True)
+    job = build_job(cfg)
     weights, ranges = job.q_opt.param_groups
     his = [q.hi_param for q in act_quantizers(job.qmodel)]
     assert {id(p) for p in ranges["params"]} == {id(p) for p in his}
     assert len(weights["params"]) + len(his) == len(job.q_params)
     for epoch, factor in ((1, 1.0), (2, 0.1)):  # the milestone decays both alike
-        _set_epoch(job, epoch)
+        job.start_epoch(epoch)
         assert weights["lr"] == pytest.approx(1e-3 * factor) and ranges["lr"] == pytest.approx(5e-2 * factor)
     job.close()
     with pytest.raises(UserError, match="range-lr-scale does not apply .* --act-range learned"):

@@ -103,7 +103,7 @@ def _pair() -> tuple[nn.Module, nn.Module]:
 
 
 def _inputs(loss, teacher, student, x, y) -> TransferInputs:
-    """What the training loop hands the loss (train._iteration)."""
+    """What the training loop hands the loss (Job.iterate)."""
     layers = loss.feature_layers(teacher, x)
     t_tap, q_tap = FeatureTap(teacher, layers, loss.teacher_grad_layers), FeatureTap(student, layers)
     seen = loss.prepare(x)

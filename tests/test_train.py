@@ -101,7 +101,7 @@ def test_presets_and_overrides():
 def test_options_that_do_not_apply_are_refused_and_not_recorded():
     """An option the run's source, loss or range setter would ignore is refused by name (so that two runs that
     compute the same thing never differ in config.json), and a preset's such value is dropped, not recorded."""
-    from zsq.cli import quantize_config
+    from zsq.flags import quantize_config
 
     for argv, needle in ((["--method", "adadfq", "--kd-reduction", "elementwise"], "--kd-reduction"),
                          (["--method", "akt", "--ce-weight", "2"], "--ce-weight .* --akt-base gdfq"),
@@ -219,12 +219,12 @@ def test_no_warmup_with_a_data_free_range_setter(tiny_teacher, fmnist_dir, tmp_p
         _tiny(tiny_teacher, fmnist_dir, tmp_path, "ema", warmup_epochs=0, act_range="ema-minmax")
 
 
-def test_set_epoch_runs_once_per_epoch(tiny_teacher, fmnist_dir, tmp_path, monkeypatch):
+def test_start_epoch_runs_once_per_epoch(tiny_teacher, fmnist_dir, tmp_path, monkeypatch):
     import zsq.train
 
     epochs = []
-    real = zsq.train._set_epoch
-    monkeypatch.setattr(zsq.train, "_set_epoch", lambda job, epoch: epochs.append(epoch) or real(job, epoch))
+    real = zsq.train.Job.start_epoch
+    monkeypatch.setattr(zsq.train.Job, "start_epoch", lambda job, epoch: epochs.append(epoch) or real(job, epoch))
     _tiny(tiny_teacher, fmnist_dir, tmp_path, "r")
     assert epochs == [0, 1]
 
@@ -288,7 +288,8 @@ def test_the_users_teacher_module_is_left_as_it_was(tiny_teacher, fmnist_dir, tm
 
 
 def test_abbreviated_flags_are_refused_and_errors_name_the_command(tmp_path):
-    from zsq.cli import build_parser, quantize_config
+    from zsq.cli import build_parser
+    from zsq.flags import quantize_config
     from zsq.data import load_dataset
 
     with pytest.raises(UserError, match=r"^quantize: unrecognized arguments: --wbit 4$"):

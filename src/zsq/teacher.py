@@ -1,11 +1,12 @@
 """Train an FP teacher on real data (`zsq teacher train`): the one place zsq sees labelled data for training.
 
 Recipe: SGD with Nesterov momentum, one-cycle (or cosine) learning rate, label smoothing, random crop + flip;
-bf16 autocast and channels-last by default: 2.0× the fp32 throughput on this project's 2-core AVX-512 CPU
-(benchmarks/teacher_step.py). The run checkpoints every epoch next to its output and resumes after a kill.
+channels-last, and bf16 autocast where the hardware has it (`--precision auto`): 2.0× the fp32 throughput on a
+2-core AVX-512 CPU (benchmarks/teacher_step.py), but 5× slower than fp32 on an AVX2-only one, which gets fp32. The run checkpoints every epoch next to its output and resumes after a kill.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import augment, batches, load_dataset, normalize
-from .device import autocast, resolve_device
+from .device import autocast, resolve_device, resolve_precision
 from .errors import UserError
 from .evaluate import evaluate
 from .io import save_torch
@@ -37,7 +38,7 @@ class TeacherConfig:
     weight_decay: float = 5e-4  # not applied to BN parameters and biases
     schedule: str = "onecycle"  # "onecycle" (25 % warm-up, cosine down) or "cosine"
     label_smoothing: float = 0.1
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 where the hardware computes it natively, else fp32 (zsq.device)
     device: str = "auto"
     seed: int = 0
     eval_limit: int | None = None  # evaluate on the first N test images only (smoke tests)
@@ -69,6 +70,7 @@ def _lr_at(cfg: TeacherConfig, step: int, total: int) -> float:
 
 def train_teacher(cfg: TeacherConfig) -> dict:
     device = resolve_device(cfg.device)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # recorded as resolved
     train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
     test_set = load_dataset(cfg.dataset, "test", cfg.data_dir)
     info = train_set.info

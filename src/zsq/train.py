@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .analysis.curvature import hessian_trace
+from .curvature import hessian_trace
 from .device import autocast, deterministic, resolve_device
 from .dist import RANK_SEED_STRIDE, SINGLE, Dist, session
 from .distill import LOSSES, FeatureTap, TransferInputs, create_loss, fgsm_promote
@@ -368,6 +368,23 @@ class Job:
         self.curv_batches = state.get("curv_batches")
         self.best = state.get("best")
 
+    def start_epoch(self, epoch: int) -> None:
+        """Enter `epoch`: its learning rates; activation ranges observing during the warm-up epochs, then trained
+        or fixed as the range setter says; an offline source's warm-up generator dropped once warm-up ends."""
+        cfg = self.cfg
+        factor = _lr_factor(cfg, epoch)
+        _set_lr(self.q_opt, cfg.lr_q * factor)
+        if self.g_opt is not None:
+            _set_lr(self.g_opt, cfg.lr_g * factor)
+        observe_ranges(self.qmodel, epoch < cfg.warmup_epochs)
+        cfg.range_setter().training(self.qmodel, epoch >= cfg.warmup_epochs)
+        if epoch >= cfg.warmup_epochs:
+            self.end_warmup()
+
+    def iterate(self, warm: bool) -> tuple[dict[str, Any], dict[str, bool]]:
+        """One iteration (see `_iteration`): the loss terms, and per optimiser whether its step was skipped."""
+        return _iteration(self, warm)
+
     def close(self) -> None:
         """Remove every hook this run put on the teacher and the Q model (the teacher may be the user's)."""
         self.t_tap.remove()
@@ -391,7 +408,11 @@ class Job:
         return (self.g_train if source is trained else source)(size, self.rng)
 
 
-def _build(cfg: TrainConfig, teacher: nn.Module | None, device: str, quiet: bool = False, d: Dist = SINGLE) -> Job:
+def build_job(cfg: TrainConfig, teacher: nn.Module | None = None, device: str = "cpu", quiet: bool = True,
+              d: Dist = SINGLE) -> Job:
+    """The job of `cfg` on `device`, ready to train: `job.start_epoch(e)` at each epoch's start, `job.iterate(warm)`
+    per iteration, `job.close()` at the end. `quantize_run` drives it so, with the run folder, resume, health
+    checks and evaluation around it; benchmarks and tests drive it directly. `teacher` (a module) is used as is."""
     torch.manual_seed(cfg.seed)  # the same on every rank: the models start equal (DDP also broadcasts them)
     teacher, test_set = _teacher_and_data(cfg, teacher, device)
     info = test_set.info
@@ -507,7 +528,7 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
         with session(resolve_device(cfg.device)) as (d, device):
             quiet = quiet or not d.main
             state = d.from_main(lambda: _open_run(cfg, resume, restart, d))
-            job = _build(cfg, copy.deepcopy(teacher) if teacher is not None else None, device, quiet, d)
+            job = build_job(cfg, copy.deepcopy(teacher) if teacher is not None else None, device, quiet, d)
             try:
                 if d.main:
                     print(_header(job), flush=True)
@@ -546,18 +567,6 @@ def _set_ranges_without_images(job: Job) -> None:
                         f"others need warm-up images (--warmup-epochs ≥ 1)")
 
 
-def _set_epoch(job: Job, epoch: int) -> None:
-    cfg = job.cfg
-    factor = _lr_factor(cfg, epoch)
-    _set_lr(job.q_opt, cfg.lr_q * factor)
-    if job.g_opt is not None:
-        _set_lr(job.g_opt, cfg.lr_g * factor)
-    observe_ranges(job.qmodel, epoch < cfg.warmup_epochs)
-    cfg.range_setter().training(job.qmodel, epoch >= cfg.warmup_epochs)
-    if epoch >= cfg.warmup_epochs:
-        job.end_warmup()
-
-
 def _loop(job: Job, quiet: bool) -> None:
     cfg, state_path = job.cfg, job.out / "state.pt"
     total = cfg.epochs * cfg.iters_per_epoch
@@ -584,11 +593,11 @@ def _loop(job: Job, quiet: bool) -> None:
             epoch, it = divmod(step, cfg.iters_per_epoch)
             warm = epoch < cfg.warmup_epochs
             if it == 0 or step == first:
-                _set_epoch(job, epoch)
+                job.start_epoch(epoch)
             if cfg.recalibrate_at and it == 0 and epoch == cfg.recalibrate_at:
                 _recalibrate(job)
                 metrics.event({"iter": step, "epoch": epoch, "recalibrated": True})
-            terms, skipped = _iteration(job, warm)
+            terms, skipped = job.iterate(warm)
             trained = step - cfg.warmup_epochs * cfg.iters_per_epoch
             if cfg.track_curvature and not warm and trained % cfg.track_curvature == 0:
                 terms.update(_curvature(job))

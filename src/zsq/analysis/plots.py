@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from ..distill import FeatureTap, channel_attention, find_stages, spatial_attention  # noqa: E402
 from ..io import save_bytes  # noqa: E402
 from ..models import load_model, read_checkpoint  # noqa: E402
-from .report import read_runs  # noqa: E402
+from ..bench.report import read_runs  # noqa: E402
 
 CURVES = ("loss_q", "grad_norm", "hessian_trace")
 DPI = 100

@@ -151,7 +151,7 @@ def _applicable(grid_wide: dict[str, Any], row_flags: tuple[str, ...], names: di
                 preset: str) -> dict[str, Any]:
     """The grid-wide options that a run's choices (preset, row, grid-wide: its range setter, SynQ parts, ...) leave
     with an effect: the others are not passed, since zsq quantize refuses an option that does nothing."""
-    from ..cli import PTQ_FLAGS, quantize_values  # the engine, loaded only when a grid is expanded
+    from ..flags import PTQ_FLAGS, quantize_values  # the engine, loaded only when a grid is expanded
     from ..presets import preset_values
     from ..train import TrainConfig, inapplicable, plugin_fields
 

@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..analysis.report import BOOKKEEPING as REPORT_BOOKKEEPING
-from ..analysis.report import curve_stats
+from .report import BOOKKEEPING as REPORT_BOOKKEEPING
+from .report import curve_stats
 from ..errors import UserError
 from ..models import dataset_info, load_model, model_name
 from .grid import Grid, RunSpec
@@ -38,21 +39,24 @@ class BenchSummary:
     not_run: list[str] = field(default_factory=list)  # missing, left alone by collect
 
 
-def run_grid(grid: Grid, out: str | Path, runs_dir: str | Path | None = None, jobs: int = 1, quiet: bool = False,
-             dry_run: bool = False, collect: bool = False) -> BenchSummary:
+ConfigOf = Callable[[str, list[str]], dict[str, Any]]  # (command, argv) -> the config.json that run would write
+
+
+def run_grid(grid: Grid, out: str | Path, config_of: ConfigOf, runs_dir: str | Path | None = None, jobs: int = 1,
+             quiet: bool = False, dry_run: bool = False, collect: bool = False) -> BenchSummary:
     """Run what is missing of `grid` into runs_dir (default OUT/runs), results into OUT/results.db.
 
-    `collect`: only store the runs already finished in runs_dir (made elsewhere, e.g. copied from a GPU
-    machine, or still running in another process) and start none."""
-    from ..cli import run_config_of  # the runs are CLI commands: check them exactly as the CLI will
-
+    The runs are `zsq` commands; `config_of` resolves one as the CLI will (so a grid is checked before anything
+    starts, and a finished run is recognised by its config). `collect`: only store the runs already finished in
+    runs_dir (made elsewhere, e.g. copied from a GPU machine, or still running in another process) and start
+    none."""
     out = Path(out)
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     specs = grid.runs()
     expected = {}
     for spec in specs:
         try:
-            expected[spec.name] = run_config_of(spec.command, spec.argv(runs_dir / spec.name))
+            expected[spec.name] = config_of(spec.command, spec.argv(runs_dir / spec.name))
         except UserError as e:
             raise UserError(f"grid {grid.path}, run {spec.name}: {e}") from None
     if dry_run:
@@ -91,18 +95,26 @@ def _finished(store: Store, grid: Grid, spec: RunSpec, run_dir: Path, expected: 
 
 
 def _check_same(name: str, run_dir: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Fields in both must agree; a field missing from an older run's config took its then default, and one the
-    grid's run leaves unset (None: an option its choices do not use) cannot differ."""
-    differ = sorted(k for k in set(stored) & set(expected) - BOOKKEEPING
-                    if k != "options" and expected[k] is not None and stored[k] != expected[k])
-    s_opt, e_opt = stored.get("options", {}), expected.get("options", {})
-    differ += sorted(f"options.{k}" for k in set(s_opt) & set(e_opt) if s_opt[k] != e_opt[k])
+    """Fields in both must agree, nested ones (plug-in options, reconstruction) field by field; a field missing
+    from an older run's config took its then default, and one the grid's run leaves unset (None: an option its
+    choices do not use) cannot differ."""
+    differ = _differences(stored, expected, BOOKKEEPING)
     if differ:
-        k = differ[0]
-        have, want = ((stored["options"], expected["options"]) if k.startswith("options.") else (stored, expected))
-        key = k.removeprefix("options.")
-        raise UserError(f"run {name} ({run_dir}) was made with another config ({k}: {have[key]!r}, the grid asks "
-                        f"for {want[key]!r}): give another --out/--runs or remove it")
+        path, have, want = differ[0]
+        raise UserError(f"run {name} ({run_dir}) was made with another config ({path}: {have!r}, the grid asks "
+                        f"for {want!r}): give another --out/--runs or remove it")
+
+
+def _differences(stored: dict[str, Any], expected: dict[str, Any], skip: set[str] = frozenset(),
+                 prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for k in sorted(set(stored) & set(expected) - skip):
+        have, want = stored[k], expected[k]
+        if isinstance(have, dict) and isinstance(want, dict):
+            out += _differences(have, want, prefix=f"{prefix}{k}.")
+        elif want is not None and have != want:
+            out.append((prefix + k, have, want))
+    return out
 
 
 def _store(store: Store, grid: Grid, spec: RunSpec, run_dir: Path) -> dict[str, Any]:

@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..bench.published import published
-from ..bench.store import Store
+from .published import published
+from .store import Store
 from ..errors import UserError
 from ..io import save_bytes
 
@@ -102,11 +102,13 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
     the setter's default (TrainConfig leaves unread ones unset)."""
     from ..posttrain import PtqConfig
     from ..quant.ranges import RANGE_SETTERS, RangeOptions
+    from ..recon import ReconConfig
     from ..train import TrainConfig
 
     if _is_ptq(config):
         defaults = {f.name: f.default for f in dataclasses.fields(PtqConfig) if f.default is not dataclasses.MISSING}
-        return json.loads(json.dumps({**defaults, **config}))
+        recon = dataclasses.asdict(ReconConfig())
+        return json.loads(json.dumps({**defaults, **config, "recon": {**recon, **config.get("recon", {})}}))
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     full = json.loads(json.dumps({**defaults, **config}))
     reads = RANGE_SETTERS.get(full["act_range"]).reads if full["act_range"] in RANGE_SETTERS else set()

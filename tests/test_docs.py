@@ -1,0 +1,50 @@
+"""The worked examples of docs/architecture.md run as written: a data source and a transfer loss, each one file
+and one registration line, train through the job API and get their own CLI flags."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from zsq.cli import build_parser
+from zsq.distill import LOSSES
+from zsq.errors import UserError
+from zsq.flags import quantize_config_from
+from zsq.synth import SOURCES
+from zsq.train import build_job, resolve_config
+
+from conftest import PROBE_KW
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+
+
+@pytest.fixture
+def doc_plugins():
+    """The doc's examples registered for one test and removed after it: other tests enumerate the registries."""
+    for block in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S):
+        exec(compile(block, str(DOC), "exec", dont_inherit=True), {"__name__": "architecture_doc"})
+    yield
+    for registry, name in ((SOURCES, "noise"), (LOSSES, "logit-mse")):
+        del registry._entries[name], registry._options[name]  # no public unregister: plug-ins stay for a process
+
+
+def test_the_architecture_doc_examples_train_and_get_their_flags(doc_plugins, tiny_teacher, fmnist_dir, tmp_path):
+    cfg = resolve_config("quick", "noise", "logit-mse", teacher=str(tiny_teacher), data_dir=str(fmnist_dir),
+                         epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=4, noise_std=0.5, mse_weight=2.0,
+                         out=str(tmp_path / "run"), **PROBE_KW)
+    assert cfg.options == {"noise_std": 0.5, "mse_weight": 2.0}
+    job = build_job(cfg)
+    try:
+        job.start_epoch(0)
+        job.iterate(True)  # warm-up: a GDFQ generator calibrates the ranges, as for any offline source
+        job.start_epoch(1)
+        terms, skipped = job.iterate(False)
+    finally:
+        job.close()
+    assert not any(skipped.values()) and terms["loss_q"] == pytest.approx(2.0 * terms["mse"].item())
+    args = build_parser().parse_args(["quantize", "--generator", "noise", "--method", "logit-mse", "--noise-std",
+                                      "0.25", "--out", str(tmp_path / "cli")])
+    assert quantize_config_from(args).options == {"noise_std": 0.25}
+    with pytest.raises(UserError, match="--noise-std does not apply to this run: it applies to --generator noise"):
+        resolve_config("quick", "gdfq", "kd", noise_std=0.5)
