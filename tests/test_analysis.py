@@ -12,7 +12,8 @@ from zsq.analysis import spearman
 from zsq.bench.report import curve_stats, group_runs, read_runs
 from zsq.curvature import hessian_trace
 from zsq.quant import calibrate
-from zsq.train import _curvature, build_job, resolve_config
+from zsq.train import build_job, resolve_config
+from zsq.train.job import curvature
 
 from conftest import TINY_PROBE, quantize_tiny, run_cli
 
@@ -77,12 +78,12 @@ def test_quantize_tracks_curvature_and_keeps_its_batches_on_resume(tiny_teacher,
                          track_curvature=1, curvature_samples=2, out=str(tmp_path / "job"))
     job = build_job(cfg)
     calibrate(job.qmodel, [torch.randn(4, 1, 32, 32)])
-    first = _curvature(job)
+    first = curvature(job)
     again = build_job(cfg)
     again.load_state_dict(job.state_dict())  # a resumed run estimates on the same fixed batches
     assert all(torch.equal(a, b) for pa, pb in zip(job.curv_batches, again.curv_batches, strict=True)
                for a, b in zip(pa, pb, strict=True))
-    assert _curvature(again)["hessian_trace"].item() == pytest.approx(first["hessian_trace"].item(), rel=1e-4)
+    assert curvature(again)["hessian_trace"].item() == pytest.approx(first["hessian_trace"].item(), rel=1e-4)
     job.close()
     again.close()
 

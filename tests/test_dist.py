@@ -60,8 +60,8 @@ def _rank(rank: int, world: int, port: int, folder: str, kwargs: dict) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     written: list[str] = []
-    save_json = zsq.train.save_json
-    zsq.train.save_json = lambda obj, path: (written.append(Path(path).name), save_json(obj, path))[1]
+    save_json = zsq.train.folder.save_json
+    zsq.train.folder.save_json = lambda obj, path: (written.append(Path(path).name), save_json(obj, path))[1]
     result = zsq.quantize(quiet=True, **kwargs)
     torch.save({"state": result.qmodel.state_dict(), "written": written, "q_top1": result.q_top1,
                 "rank": result.rank}, Path(folder) / f"rank{rank}.pt")

@@ -196,8 +196,8 @@ def test_promotion_direction_leaves_the_cam_term_out(tiny_teacher, fmnist_dir, t
     import zsq.train
 
     directions = []
-    real = zsq.train.fgsm_promote
-    monkeypatch.setattr(zsq.train, "fgsm_promote",
+    real = zsq.train.job.fgsm_promote
+    monkeypatch.setattr(zsq.train.job, "fgsm_promote",
                         lambda x, loss, eps: directions.append(loss.item()) or real(x, loss, eps))
     r = zsq.quantize(str(tiny_teacher), generator="gdfq", method="synq", data_dir=str(fmnist_dir), epochs=2,
                      iters_per_epoch=2, warmup_epochs=1, batch_size=6, eval_limit=8, synq_tau=0.9,

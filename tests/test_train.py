@@ -251,8 +251,8 @@ def test_resume_never_starts_over_silently(tiny_teacher, fmnist_dir, tmp_path, m
     _tiny(tiny_teacher, fmnist_dir, tmp_path, "new", resume=True)
     assert "no checkpoint in" in capsys.readouterr().out
     calls = []  # a run that dies in its second epoch has the first epoch's end saved, whatever --ckpt-every
-    real = zsq.train._iteration
-    monkeypatch.setattr(zsq.train, "_iteration",
+    real = zsq.train.job._iteration
+    monkeypatch.setattr(zsq.train.job, "_iteration",
                         lambda job, warm: real(job, warm) if len(calls) < 4 and not calls.append(1) else 1 / 0)
     with pytest.raises(ZeroDivisionError):
         _tiny(tiny_teacher, fmnist_dir, tmp_path, "died", ckpt_every=1000)

@@ -1,0 +1,191 @@
+"""The QAT recipe: one `TrainConfig` (data source, transfer loss, quantizer, range setter and their options,
+optimisation, health checks, run folder), resolved from defaults → preset → what the user gave, with every option
+that the run's choices leave without effect refused by name."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..distill import LOSSES
+from ..errors import UserError
+from ..presets import PRESETS, preset_values
+from ..quant import QuantConfig
+from ..quant.ranges import RANGE_SETTERS, RangeOptions, RangeSetter, create_range_setter, readers, unread_options
+from ..synth import SOURCES
+from ..validate import ProbeOptions
+
+SELECT = ("final", "health")  # which Q model a run keeps (--select)
+
+
+@dataclass
+class TrainConfig:
+    teacher: str = "resnet20_fmnist"  # shipped teacher, architecture (+ checkpoint) or checkpoint path
+    checkpoint: str | None = None
+    generator: str = "gdfq"  # data source
+    method: str = "kd"  # transfer loss
+    preset: str = "quick"
+    wbits: int = 4
+    abits: int = 4
+    first_last: str = "same"
+    act_momentum: float = 0.9
+    act_range: str = "ema-minmax"  # activation range setter (zsq.quant.ranges)
+    # The setters' options (zsq.quant.ranges.RangeOptions): None where the chosen setter does not use one, its
+    # default where it does and none was given.
+    act_percentile: float | None = None  # the percentile setter's batch percentile
+    bn_k: float | None = None  # the BN setters' standard deviations above the BN mean
+    bn_propagate: str | None = None  # how the BN setters carry statistics across ReLUs and residual sums
+    range_lr_scale: float | None = None  # the `learned` ranges' learning rate, × lr_q (same schedule)
+    recalibrate_at: int = 0  # epoch at whose start the ranges are set again on the (trained) data source; 0 = off
+    ste: str = "identity"
+    model_def: str | None = None  # FILE.py:FACTORY building a user's teacher module (--teacher: its weights)
+    placement: str | None = None  # activation quantizers (zsq.quant.placement); None: lineage for a registered
+    # architecture, deployable for a user's module (resolved when the run starts, recorded in config.json)
+    epochs: int = 6
+    iters_per_epoch: int = 100
+    warmup_epochs: int = 1
+    batch_size: int = 64
+    lr_q: float = 1e-3
+    lr_g: float = 1e-3
+    momentum: float = 0.9  # SGD Nesterov momentum of the Q model
+    weight_decay: float = 1e-4  # on every Q-model parameter, as in the lineage
+    milestones: list[int] = field(default_factory=list)  # epochs at which both learning rates are × lr_decay
+    lr_decay: float = 0.1
+    g_betas: tuple[float, float] = (0.5, 0.999)  # Adam betas of the generator
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # CPU threads (torch.set_num_threads); 0 = the cores this process may use
+    precision: str = "fp32"  # or bf16 autocast
+    deterministic: bool = False
+    dataset: str | None = None  # evaluation data; default: the teacher's recorded dataset
+    data_dir: str | None = None
+    eval_every: int = 0  # epochs between test evaluations; 0 = only at the end
+    eval_limit: int | None = None
+    ckpt_every: int = 100  # iterations between resume checkpoints
+    log_every: int = 10  # iterations between metrics flushes (one device sync each)
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    promote: float = 0.0  # ε of HAST's FGSM difficulty promotion (0 = off): each batch also trains perturbed
+    track_curvature: int = 0  # iterations between Hessian-trace estimates after warm-up (0 = off)
+    curvature_samples: int = 16  # Hutchinson vectors per estimate
+    health_every: int = 0  # iterations between data-free health checks after warm-up (0 = only at the end)
+    select: str = "final"  # the Q model kept: the final one, or the one with the best health score
+    probe_images: int = ProbeOptions.probe_images  # the health check's probe set (zsq.validate), made once
+    probe_iters: int = ProbeOptions.probe_iters  # per teacher and cached
+    out: str = "runs/run"  # resolve_config names it after generator, method, bits, preset and seed
+    options: dict[str, Any] = field(default_factory=dict)  # plug-in options of the generator and the method
+
+    def __post_init__(self) -> None:
+        self.quant()  # validates the quantizer fields
+        SOURCES.get(self.generator)
+        LOSSES.get(self.method)
+        RANGE_SETTERS.get(self.act_range)
+        for name in ("epochs", "iters_per_epoch", "batch_size", "ckpt_every", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise UserError(f"warmup-epochs must be in [0, epochs), got {self.warmup_epochs} of {self.epochs}")
+        if self.lr_q <= 0 or self.lr_g <= 0:
+            raise UserError("learning rates must be > 0")
+        if self.threads < 0:
+            raise UserError(f"threads must be ≥ 1 (or 0: the cores this process may use), got {self.threads}")
+        unused = inapplicable({**dataclasses.asdict(self), **self.options})
+        if unused:
+            name, where = min(unused.items())
+            raise UserError(f"--{name.replace('_', '-')} does not apply to this run: it applies to {where}")
+        for f in dataclasses.fields(RangeOptions):  # the setter's own options default to the setter's defaults
+            if getattr(self, f.name) is None and f.name in RANGE_SETTERS.get(self.act_range).reads:
+                setattr(self, f.name, f.default)
+        if self.warmup_epochs == 0 and RANGE_SETTERS.get(self.act_range).needs_images:
+            raise UserError(f"--warmup-epochs 0 leaves no images to set activation ranges on: --act-range "
+                            f"{self.act_range} needs them; bn-prior and learned set them from the teacher's "
+                            f"BatchNorm statistics")
+        if self.promote < 0:
+            raise UserError(f"promote (FGSM ε) must be ≥ 0, got {self.promote}")
+        if self.track_curvature < 0 or self.curvature_samples < 1:
+            raise UserError("track-curvature must be ≥ 0 and curvature-samples ≥ 1")
+        if self.health_every < 0:
+            raise UserError(f"health-every must be ≥ 0, got {self.health_every}")
+        if self.select not in SELECT:
+            raise UserError(f"unknown --select '{self.select}'; choose one of: {', '.join(SELECT)}")
+        self.probe()  # validates the probe size
+        self.milestones = sorted(int(m) for m in self.milestones)
+        self.g_betas = tuple(self.g_betas)
+        self.range_setter()  # an unknown setter or a bad option fails here, before anything runs
+        if self.recalibrate_at and not self.warmup_epochs < self.recalibrate_at < self.epochs:
+            raise UserError(f"recalibrate-at must be an epoch after the warm-up and before the end "
+                            f"({self.warmup_epochs + 1}..{self.epochs - 1}), got {self.recalibrate_at}")
+
+    def probe(self) -> ProbeOptions:
+        return ProbeOptions(self.probe_images, self.probe_iters)
+
+    def range_setter(self) -> RangeSetter:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(RangeOptions)}
+        return create_range_setter(self.act_range, RangeOptions(**{k: v for k, v in given.items() if v is not None}))
+
+    def quant(self) -> QuantConfig:
+        return QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last,
+                           act_momentum=self.act_momentum, ste=self.ste, placement=self.placement or "lineage")
+
+
+def resolve_config(preset: str = "quick", generator: str = "gdfq", method: str = "kd", **overrides: Any) -> TrainConfig:
+    """TrainConfig defaults → preset for (generator, method) → overrides; None values are ignored. Keys that are
+    not TrainConfig fields are plug-in options. An option that the run's choices leave without effect is refused
+    when given (TrainConfig says so) and dropped when the preset set it: config.json records what applies."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**preset_values(preset, generator, method), **given, "preset": preset, "generator": generator,
+              "method": method}
+    for name in set(inapplicable(merged)) - set(given):
+        merged.pop(name, None)
+    if merged.get("akt_reduction") == "sum" and "akt_lambda" in merged and "akt_lambda" not in given:
+        raise UserError(f"--akt-reduction sum: the {preset} preset's --akt-lambda {merged['akt_lambda']:g} weighs "
+                        f"batch-mean KLs; give --akt-lambda for batch sums (the same weight is "
+                        f"{merged['akt_lambda']:g} / batch size), or omit both for the official weight")
+    values = {k: v for k, v in merged.items() if k in own}
+    values.setdefault("out", f"runs/{generator}-{method}-w{values.get('wbits', 4)}a{values.get('abits', 4)}"
+                             f"-{preset}-s{values.get('seed', 0)}")
+    options = {**values.pop("options", {}), **{k: v for k, v in merged.items() if k not in own}}
+    return TrainConfig(**values, options=options)
+
+
+def _option_names(registry: Any, name: str) -> set[str]:
+    cls = registry.options_class(name)
+    return {f.name for f in dataclasses.fields(cls)} if cls else set()
+
+
+def plugin_fields(generator: str, method: str) -> set[str]:
+    """The option names that the data source `generator` and the transfer loss `method` take."""
+    return _option_names(SOURCES, generator) | _option_names(LOSSES, method)
+
+
+def inapplicable(values: dict[str, Any]) -> dict[str, str]:
+    """The options in `values` (TrainConfig fields and plug-in options by name; None = not set) that the run's
+    choices leave without effect, each with what it applies to: a range option the setter does not read, a plug-in
+    option that neither the data source nor the loss takes, or one their own switches turn off (`unused()` of
+    the plug-in's options, e.g. --ce-weight under --akt-base kd)."""
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    act_range = values.get("act_range") or TrainConfig.act_range
+    out = {name: "--act-range " + " or ".join(readers(name)) for name in unread_options(act_range)
+           if values.get(name) is not None}
+    plugin = {**{k: v for k, v in values.items() if k not in own and v is not None}, **(values.get("options") or {})}
+    generator, method = values.get("generator") or TrainConfig.generator, values.get("method") or TrainConfig.method
+    for name in set(plugin) - plugin_fields(generator, method):
+        takers = [f"--{flag} {' or '.join(names)}" for flag, registry in (("generator", SOURCES), ("method", LOSSES))
+                  if (names := [n for n in registry.names() if name in _option_names(registry, n)])]
+        out[name] = " / ".join(takers) or "no data source or method"
+    for registry, name in ((SOURCES, generator), (LOSSES, method)):
+        cls = registry.options_class(name)
+        if cls is not None and hasattr(cls, "unused"):
+            opts = cls(**{k: v for k, v in plugin.items() if k in _option_names(registry, name)})
+            out.update({k: where for k, where in opts.unused().items() if k in plugin})
+    if values.get("warmup_epochs") == 0 and "warmup_batch" in plugin:  # no warm-up: no generator draws it
+        out["warmup_batch"] = "--warmup-epochs ≥ 1"
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as config.json holds it (tuples become lists), so that configs compare by value."""
+    return json.loads(json.dumps(asdict(cfg)))
