@@ -6,17 +6,20 @@ back by its range setter.
 
 The oracle is a range-setter plug-in registered here, outside the library (it needs data). Same seed, same
 generator images as the `zsq quantize` run with the library's setters: only the ranges differ.
-Usage: python benchmarks/oracle_ranges.py [--method gdfq] [--bits 3] [--seeds 3 4] [--out runs/oracle-ranges]
+Usage: python studies/oracle_ranges.py [--method gdfq] [--bits 3] [--seeds 3 4] [--out runs/oracle-ranges]
 Prints one JSON object as its last line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from act_ranges import real_inputs  # benchmarks/ is on the path of a script run from it
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from act_ranges import real_inputs  # noqa: E402 - the real-image sampler of benchmarks/act_ranges.py
 
 from zsq.quant import act_quantizers, calibrate
 from zsq.quant.ranges import RANGE_SETTERS, RangeSetter

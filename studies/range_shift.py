@@ -3,7 +3,7 @@ reference, quantizer by quantizer, as hi / hi_ref − 1. Made for the `learned` 
 `bn-prior` run with the same prior (same bn-k and bn-propagate), whose ranges are that prior, frozen. A reference
 `bn-prior:K:PROPAGATE` is the BN prior itself, computed from the run's teacher at its activation bits (e.g. how far
 an oracle's ranges lie from it).
-Usage: python benchmarks/range_shift.py RUN:REFERENCE [RUN:REFERENCE ...]   (run folders, seed by seed)
+Usage: python studies/range_shift.py RUN:REFERENCE [RUN:REFERENCE ...]   (run folders, seed by seed)
 Prints one JSON object as its last line.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ floats twice and reports whether the first result differs from the second, and b
 Found on torch 2.13.0 (CPU, 2 threads, beside two training runs) with the generator's own tanh input, before this
 script existed: the first call differed in 2 of 100 unprimed processes (up to 8e-6, exactly the second thread's
 half), in 0 of 100 with OMP_NUM_THREADS=1, and in 0 of 199 primed ones. Run it to check another torch build.
-Usage: python benchmarks/first_call.py [--trials 100] [--threads 2]
+Usage: python studies/first_call.py [--trials 100] [--threads 2]
 Prints one JSON object as its last line.
 """
 from __future__ import annotations
