@@ -22,7 +22,7 @@ import torch
 from zsq import evaluate, load_dataset, load_model
 from zsq.data import batches, normalize
 from zsq.quant import act_quantizers, calibrate, gaussian_inputs, quantize_model
-from zsq.quant.ranges import RangeOptions, create_range_setter
+from zsq.quant.ranges import create_range_setter
 
 
 def real_inputs(n_batches: int, batch_size: int) -> list[torch.Tensor]:
@@ -33,7 +33,7 @@ def real_inputs(n_batches: int, batch_size: int) -> list[torch.Tensor]:
 
 def calibrated(teacher, bits: int, inputs: list[torch.Tensor], setter: str, **opts) -> torch.nn.Module:
     q = quantize_model(teacher, bits, bits)
-    rs = create_range_setter(setter, RangeOptions(**opts))
+    rs = create_range_setter(setter, opts)
     rs.prepare(q)
     calibrate(q, inputs)
     rs.finish(q)

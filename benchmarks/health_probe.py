@@ -27,7 +27,7 @@ import torch
 
 import zsq
 from zsq.analysis import spearman
-from zsq.quant import PLACEMENTS, RangeOptions, calibrate, create_range_setter, gaussian_inputs, quantize_model
+from zsq.quant import PLACEMENTS, calibrate, create_range_setter, gaussian_inputs, quantize_model
 from zsq.synth import SourceContext, pixels
 from zsq.validate import ProbeOptions, health, probe_set
 
@@ -40,7 +40,7 @@ def population(teacher: torch.nn.Module, shape: tuple[int, int, int], bits: list
                 q = quantize_model(teacher, wbits=w, abits=a, placement=placement)
                 calibrate(q, gaussian_inputs(4, 256, shape))
                 if ranges == "bn-prior":
-                    create_range_setter("bn-prior", RangeOptions(bn_k=2.5)).finish(q)
+                    create_range_setter("bn-prior", {"bn_k": 2.5}).finish(q)
                 yield f"W{w}A{a}-{ranges}", q
 
 

@@ -1,5 +1,5 @@
-"""The worked examples of docs/architecture.md run as written: a data source and a transfer loss, each one file
-and one registration line, train through the job API and get their own CLI flags."""
+"""The worked examples of docs/architecture.md run as written: a data source, a transfer loss and a range setter,
+each one file and one registration line, train through the job API and get their own CLI flags."""
 from __future__ import annotations
 
 import re
@@ -11,6 +11,8 @@ from zsq.cli import build_parser
 from zsq.distill import LOSSES
 from zsq.errors import UserError
 from zsq.flags import quantize_config_from
+from zsq.quant import act_quantizers
+from zsq.quant.ranges import RANGE_SETTERS
 from zsq.synth import SOURCES
 from zsq.train import build_job, resolve_config
 
@@ -25,26 +27,31 @@ def doc_plugins():
     for block in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S):
         exec(compile(block, str(DOC), "exec", dont_inherit=True), {"__name__": "architecture_doc"})
     yield
-    for registry, name in ((SOURCES, "noise"), (LOSSES, "logit-mse")):
+    for registry, name in ((SOURCES, "noise"), (LOSSES, "logit-mse"), (RANGE_SETTERS, "ema-shrink")):
         del registry._entries[name], registry._options[name]  # no public unregister: plug-ins stay for a process
 
 
 def test_the_architecture_doc_examples_train_and_get_their_flags(doc_plugins, tiny_teacher, fmnist_dir, tmp_path):
     cfg = resolve_config("quick", "noise", "logit-mse", teacher=str(tiny_teacher), data_dir=str(fmnist_dir),
-                         epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=4, noise_std=0.5, mse_weight=2.0,
-                         out=str(tmp_path / "run"), **PROBE_KW)
-    assert cfg.options == {"noise_std": 0.5, "mse_weight": 2.0}
+                         epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=4, act_range="ema-shrink",
+                         noise_std=0.5, mse_weight=2.0, range_shrink=0.5, out=str(tmp_path / "run"), **PROBE_KW)
+    assert cfg.options == {"noise_std": 0.5, "mse_weight": 2.0, "range_shrink": 0.5}
     job = build_job(cfg)
     try:
         job.start_epoch(0)
         job.iterate(True)  # warm-up: a GDFQ generator calibrates the ranges, as for any offline source
+        observed = [q.hi.item() for q in act_quantizers(job.qmodel)]
+        job.cfg.range_setter().finish(job.qmodel)  # what the loop does when the warm-up ends
+        assert [q.hi.item() for q in act_quantizers(job.qmodel)] == pytest.approx([0.5 * h for h in observed])
         job.start_epoch(1)
         terms, skipped = job.iterate(False)
     finally:
         job.close()
     assert not any(skipped.values()) and terms["loss_q"] == pytest.approx(2.0 * terms["mse"].item())
-    args = build_parser().parse_args(["quantize", "--generator", "noise", "--method", "logit-mse", "--noise-std",
-                                      "0.25", "--out", str(tmp_path / "cli")])
-    assert quantize_config_from(args).options == {"noise_std": 0.25}
-    with pytest.raises(UserError, match="--noise-std does not apply to this run: it applies to --generator noise"):
-        resolve_config("quick", "gdfq", "kd", noise_std=0.5)
+    args = build_parser().parse_args(["quantize", "--generator", "noise", "--method", "logit-mse", "--act-range",
+                                      "ema-shrink", "--noise-std", "0.25", "--out", str(tmp_path / "cli")])
+    assert quantize_config_from(args).options == {"noise_std": 0.25, "range_shrink": 0.9}  # the setter's default
+    for option, taker in (("noise_std", "--generator noise"), ("range_shrink", "--act-range ema-shrink")):
+        with pytest.raises(UserError, match=f"--{option.replace('_', '-')} does not apply to this run: it applies "
+                                            f"to {taker}"):
+            resolve_config("quick", "gdfq", "kd", **{option: 0.5})

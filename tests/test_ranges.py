@@ -13,7 +13,6 @@ from zsq.models import load_model
 from zsq.quant import (ActQuantizer, QuantAct, act_quantizers, batch_range, bn_bounds, calibrate,
                        create_range_setter, quantize_model)
 from zsq.quant.modules import learned_fake_quantize
-from zsq.quant.ranges import RangeOptions
 from zsq.train import build_job, resolve_config
 
 
@@ -81,7 +80,7 @@ def test_bn_setters_set_or_clamp_hi():
     x = [torch.randn(8, 1, 8, 8) * 50]  # wide inputs: EMA ranges far above the BN bounds
     bounds = bn_bounds(m, 3.0)
     for name in ("bn-prior", "bn-clamp"):
-        setter = create_range_setter(name, RangeOptions(bn_k=3.0))
+        setter = create_range_setter(name, {"bn_k": 3.0})
         setter.prepare(m)
         calibrate(m, x)
         ema3 = m.act3.quant.hi.item()
@@ -134,7 +133,7 @@ def test_quantize_with_bn_prior_freezes_the_bn_bounds(tiny_teacher, fmnist_dir, 
     got = [hi for _, hi in json.loads((tmp_path / "run" / "result.json").read_text())["act_ranges"]]
     assert got == pytest.approx(expected, rel=1e-5)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (config["act_range"], config["bn_propagate"]) == ("bn-prior", "moments")
+    assert (config["act_range"], config["options"]) == ("bn-prior", {"bn_k": 2.0, "bn_propagate": "moments"})
 
 
 def test_learned_range_gradient_is_lsq():

@@ -81,17 +81,19 @@ def test_presets_and_overrides():
     assert (akt.epochs, akt.milestones, akt.batch_size) == (200, [100], 200)
     assert "akt_lambda" not in akt.options  # the paper budget keeps the official weight
     quick_akt = resolve_config("quick", "gdfq", "akt")
-    assert quick_akt.options == {"akt_lambda": 1e4} and (quick_akt.bn_propagate, quick_akt.bn_k) == ("moments", 2.5)
+    # the range setter's options are recorded in full: the preset's where it sets them, else the setter's defaults
+    assert quick_akt.options == {"akt_lambda": 1e4, "bn_k": 2.5, "bn_propagate": "moments"}
     quick_kd = resolve_config("quick", "gdfq", "kd")
-    assert (quick_kd.act_range, quick_kd.bn_propagate, quick_kd.bn_k) == ("bn-prior", "bounds", 2.5)
+    assert quick_kd.act_range == "bn-prior" and quick_kd.options == {"bn_k": 2.5, "bn_propagate": "bounds"}
     quick_gdfq = resolve_config("quick", "gdfq", "gdfq")
-    assert (quick_gdfq.act_range, quick_gdfq.act_percentile, quick_gdfq.ste) == ("percentile", 99.7, "clipped")
-    assert resolve_config("paper", "gdfq", "kd", act_range="bn-prior").bn_k == 3.0
-    assert resolve_config("quick", "gdfq", "akt", bn_propagate="bounds").bn_propagate == "bounds"
-    assert resolve_config("quick", "gdfq", "akt", akt_lambda=5.0).options == {"akt_lambda": 5.0}
+    assert (quick_gdfq.act_range, quick_gdfq.ste, quick_gdfq.options) == ("percentile", "clipped",
+                                                                        {"act_percentile": 99.7})
+    assert resolve_config("paper", "gdfq", "kd", act_range="bn-prior").options["bn_k"] == 3.0
+    assert resolve_config("quick", "gdfq", "akt", bn_propagate="bounds").options["bn_propagate"] == "bounds"
+    assert resolve_config("quick", "gdfq", "akt", akt_lambda=5.0).options["akt_lambda"] == 5.0
     quick = resolve_config("quick", "gdfq", "kd", batch_size=32, epochs=None, kd_temperature=4.0)
     assert quick.batch_size == 32 and quick.epochs == resolve_config("quick").epochs
-    assert quick.options == {"kd_temperature": 4.0}
+    assert quick.options == {"bn_k": 2.5, "bn_propagate": "bounds", "kd_temperature": 4.0}
     with pytest.raises(UserError, match="--lambda-l does not apply .* --generator adadfq"):
         resolve_config("quick", "gdfq", "kd", lambda_l=0.3)  # an AdaDFQ option on a GDFQ run
     with pytest.raises(UserError, match="preset"):
@@ -116,7 +118,7 @@ def test_options_that_do_not_apply_are_refused_and_not_recorded():
             quantize_config(argv)
     assert quantize_config(["--method", "akt", "--akt-base", "gdfq", "--ce-weight", "2"]).options["ce_weight"] == 2
     kd = resolve_config("quick", "gdfq", "gdfq")  # the quick preset's bn-k 2.5 does nothing under its percentile
-    assert (kd.act_range, kd.act_percentile, kd.bn_k, kd.bn_propagate) == ("percentile", 99.7, None, None)
+    assert (kd.act_range, kd.options) == ("percentile", {"act_percentile": 99.7})
     assert resolve_config("paper", "adadfq", "akt", akt_base="adadfq").options == {"akt_base": "adadfq"}
 
 

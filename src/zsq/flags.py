@@ -17,7 +17,7 @@ from .posttrain import PTQ_SOURCES, PtqConfig, resolve_ptq_config
 from .posttrain import config_dict as ptq_config_dict
 from .presets import PRESETS
 from .quant import PLACEMENTS, check_bits
-from .quant.ranges import BN_PROPAGATE, RANGE_SETTERS
+from .quant.ranges import RANGE_SETTERS
 from .synth import SOURCES, list_sources
 from .train import SELECT, TrainConfig, config_dict, resolve_config
 
@@ -91,15 +91,8 @@ QUANTIZE_HELP = {
     "act_range": "how activation ranges are set: ema-minmax (lineage; the paper preset's), percentile, bn-prior "
                  "(data-free, from the teacher's BatchNorm statistics), bn-clamp (EMA clamped to the BN bound), "
                  "learned (hi trained by its LSQ gradient from the BN prior)",
-    "act_percentile": "batch percentile of --act-range percentile (default 99.9; the quick preset's for --method "
-                      "gdfq, whose ranges it sets: 99.7)",
     "recalibrate_at": "at the start of this epoch, set the activation ranges again on the trained data source's "
                       "images (0 = never)",
-    "bn_k": "BN standard deviations above the BN mean for --act-range bn-prior/bn-clamp/learned (default 3; "
-            "the quick preset's: 2.5)",
-    "bn_propagate": "how the BN setters carry channel statistics across ReLUs and residual sums: bounds (add the "
-                    "inputs' bounds; default) or moments (rectified-Gaussian mean and std, variances add; the quick "
-                    "preset's for --method akt)",
     "health_every": "every N trained iterations, check the Q model's data-free health (zsq health) and log it "
                     "(0: only at the end)",
     "select": "the Q model kept: final, or the one with the best health score over the checks (a data-free "
@@ -113,7 +106,6 @@ QUANTIZE_HELP = {
     "warmup_epochs": "generator-only epochs that calibrate activation ranges (default: preset)",
     "batch_size": "synthetic batch size (default: preset)", "lr_q": "Q-model SGD learning rate (default: preset)",
     "lr_g": "generator Adam learning rate (default: preset)",
-    "range_lr_scale": "learning rate of --act-range learned's ranges, × lr-q (default 1)",
     "milestones": "epochs where both LRs decay, e.g. 100,200",
     "dataset": "evaluation dataset (default: the teacher's)", "data_dir": "dataset folder",
     "eval_every": "evaluate on the test set every N epochs (0: only at the end)",
@@ -142,10 +134,9 @@ def _field_type(f: dataclasses.Field) -> Callable:
 def add_quantize(sub) -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="train a low-bit model from a teacher, with no real data",
                        description="Every recipe field defaults to the preset; plug-in options apply to the chosen "
-                                   "generator or method.")
+                                   "generator, method or act-range.")
     choices = {"generator": list_sources(), "method": list_methods(), "preset": list(PRESETS),
                "first_last": ["same", "8bit"], "act_range": RANGE_SETTERS.names(), "ste": ["identity", "clipped"],
-               "bn_propagate": list(BN_PROPAGATE),
                "precision": ["fp32", "bf16"], "select": list(SELECT), "placement": list(PLACEMENTS)}
     for f in fields(TrainConfig):
         if f.name == "options":
@@ -158,7 +149,7 @@ def add_quantize(sub) -> argparse.ArgumentParser:
             q.add_argument(flag, type=_field_type(f), default=default, choices=choices.get(f.name),
                            help=QUANTIZE_HELP.get(f.name, f"(default: preset or {f.default!r})"))
     plugin = q.add_argument_group("plug-in options")
-    options = {**SOURCES.all_options(), **LOSSES.all_options()}
+    options = {**SOURCES.all_options(), **LOSSES.all_options(), **RANGE_SETTERS.all_options()}
     for name, f in sorted(options.items()):
         plugin.add_argument("--" + name.replace("_", "-"), type=_field_type(f), default=None,
                             help=f.metadata.get("help", ""))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UserError
 from .models import read_checkpoint
@@ -35,7 +35,8 @@ def clear_run(out: Path) -> None:
 
 
 def open_run(out: Path, config: dict[str, Any], resume: bool, restart: bool, world: int = 1,
-             say: Any = print) -> dict[str, Any] | None:
+             say: Any = print, as_now: Callable[[dict[str, Any]], dict[str, Any]] = lambda c: c
+             ) -> dict[str, Any] | None:
     """The resume state (state.pt) of the run in `out`, or None for a fresh run. `config` is what config.json
     will hold; a resumed run must have been started with the same one (device and threads aside) on as many
     processes (`world`)."""
@@ -57,7 +58,7 @@ def open_run(out: Path, config: dict[str, Any], resume: bool, restart: bool, wor
     if not resume:
         raise UserError(f"{out} already holds a run: pass --resume to continue it, --restart to start it over, or "
                         f"choose another --out")
-    saved = json.loads((out / "config.json").read_text())
+    saved = as_now(json.loads((out / "config.json").read_text()))  # an older zsq's config.json, as written now
     started = saved.get("distributed", {}).get("world_size", 1)
     if started != world:
         raise UserError(f"{out} was started on {started} process(es); resume it on as many (torchrun "

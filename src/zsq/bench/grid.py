@@ -153,12 +153,16 @@ def _applicable(grid_wide: dict[str, Any], row_flags: tuple[str, ...], names: di
     with an effect: the others are not passed, since zsq quantize refuses an option that does nothing."""
     from ..flags import PTQ_FLAGS, quantize_values  # the engine, loaded only when a grid is expanded
     from ..presets import preset_values
+    from ..quant.ranges import RANGE_SETTERS
     from ..train import TrainConfig, inapplicable, plugin_fields
 
     if names["method"] == PTQ:
         return {k: v for k, v in grid_wide.items() if k.replace("-", "_") in PTQ_FLAGS}
 
-    takes = {f.name for f in fields(TrainConfig)} | plugin_fields(names["generator"], names["method"])
+    # the source's and the loss's options (ema-minmax has none), and every range setter's: which setter a run
+    # uses may come from its row, the grid or its preset; `inapplicable` drops those it leaves without effect
+    takes = {f.name for f in fields(TrainConfig)} | plugin_fields(names["generator"], names["method"], "ema-minmax") \
+        | set(RANGE_SETTERS.all_options())
     known = {k: v for k, v in grid_wide.items() if k.replace("-", "_") in takes}
     given = quantize_values([*row_flags, *_flags(known, names), "--generator", names["generator"], "--method",
                              names["method"]])

@@ -71,17 +71,25 @@ def _changes(config: dict[str, Any]) -> dict[str, Any]:
     """What the run set beyond its preset (flags and plug-in options), for the group label."""
     from ..posttrain import resolve_ptq_config
     from ..posttrain import config_dict as ptq_config_dict
-    from ..train import config_dict, resolve_config
+    from ..quant.ranges import RANGE_SETTERS
+    from ..train import TrainConfig, config_dict, resolve_config
 
     base = (ptq_config_dict(resolve_ptq_config(config["preset"], config["generator"], teacher=config["teacher"]))
             if _is_ptq(config) else config_dict(resolve_config(config["preset"], config["generator"],
                                                                config["method"], teacher=config["teacher"])))
     config = _complete(config)
-    shown = BOOKKEEPING | _unread(config) | {"options", "recon", "wbits", "abits", "generator", "method", "preset"}
+    shown = BOOKKEEPING | {"options", "recon", "wbits", "abits", "generator", "method", "preset"}
     own = {k: v for k, v in config.items() if k not in shown and base.get(k) != v}
     recon = {k: v for k, v in config.get("recon", {}).items() if base["recon"].get(k) != v}
     opts = {k: v for k, v in config.get("options", {}).items() if base["options"].get(k) != v}
-    return {**own, **recon, **opts}
+    if _is_ptq(config):
+        return {**own, **recon, **opts}
+    # the range setter's options read beside it, where they stood when they were TrainConfig fields
+    ranges = {k: v for k, v in opts.items() if k in RANGE_SETTERS.all_options()}
+    order = {f.name: i for i, f in enumerate(dataclasses.fields(TrainConfig))}
+    beside = order["act_range"] + 0.5
+    placed = sorted([*own.items(), *ranges.items()], key=lambda kv: order.get(kv[0], beside))
+    return {**dict(placed), **{k: v for k, v in opts.items() if k not in ranges}}
 
 
 def _is_ptq(config: dict[str, Any]) -> bool:
@@ -89,32 +97,24 @@ def _is_ptq(config: dict[str, Any]) -> bool:
     return config.get("method") == "ptq"
 
 
-def _unread(config: dict[str, Any]) -> set[str]:
-    """Range options the run's setter ignores (bn_k with ema-minmax): they neither label nor split a group."""
-    from ..quant.ranges import unread_options
-
-    return set() if _is_ptq(config) else unread_options(config["act_range"])
-
-
 def _complete(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config with every field: one missing from an older run's config.json held its default then (it did
-    not exist yet), so it must not split that run from newer ones; for a range option its setter reads, that is
-    the setter's default (TrainConfig leaves unread ones unset)."""
+    """A run's config with every field, as written now: one missing from an older run's config.json held its
+    default then (it did not exist yet), so it must not split that run from newer ones; the range setter's options
+    are all recorded, at the setter's defaults where the run gave none."""
     from ..posttrain import PtqConfig
-    from ..quant.ranges import RANGE_SETTERS, RangeOptions
+    from ..quant.ranges import RANGE_SETTERS
     from ..recon import ReconConfig
-    from ..train import TrainConfig
+    from ..train import TrainConfig, current_config
 
     if _is_ptq(config):
         defaults = {f.name: f.default for f in dataclasses.fields(PtqConfig) if f.default is not dataclasses.MISSING}
         recon = dataclasses.asdict(ReconConfig())
         return json.loads(json.dumps({**defaults, **config, "recon": {**recon, **config.get("recon", {})}}))
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    full = json.loads(json.dumps({**defaults, **config}))
-    reads = RANGE_SETTERS.get(full["act_range"]).reads if full["act_range"] in RANGE_SETTERS else set()
-    for f in dataclasses.fields(RangeOptions):
-        if f.name in reads and full.get(f.name) is None:
-            full[f.name] = f.default
+    full = json.loads(json.dumps({**defaults, **current_config(config)}))
+    setter = RANGE_SETTERS.options_class(full["act_range"]) if full["act_range"] in RANGE_SETTERS else None
+    if setter is not None:
+        full["options"] = {**json.loads(json.dumps(dataclasses.asdict(setter()))), **full.get("options", {})}
     return full
 
 
@@ -124,7 +124,7 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for run in runs:
         cfg, res = run["config"], run["result"]
         full = _complete(cfg)
-        key = json.dumps({k: v for k, v in full.items() if k not in BOOKKEEPING | _unread(full)}, sort_keys=True)
+        key = json.dumps({k: v for k, v in full.items() if k not in BOOKKEEPING}, sort_keys=True)
         quoted = published(res.get("dataset", ""), res.get("model", ""), cfg["wbits"], cfg["abits"],
                            cfg["generator"], cfg["method"])
         g = groups.setdefault(key, {"bits": f"W{cfg['wbits']}A{cfg['abits']}", "generator": cfg["generator"],

@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..train import current_config
 from .report import BOOKKEEPING as REPORT_BOOKKEEPING
 from .report import curve_stats
 from ..errors import UserError
@@ -84,14 +85,15 @@ def run_grid(grid: Grid, out: str | Path, config_of: ConfigOf, runs_dir: str | P
 
 def _finished(store: Store, grid: Grid, spec: RunSpec, run_dir: Path, expected: dict[str, Any]) -> bool:
     stored = store.config(spec.name)
-    if stored is None and (run_dir / "result.json").exists() and (run_dir / "config.json").exists():
+    in_store = stored is not None
+    if not in_store and (run_dir / "result.json").exists() and (run_dir / "config.json").exists():
         stored = json.loads((run_dir / "config.json").read_text())
-        _check_same(spec.name, run_dir, stored, expected)
+    if stored is None:
+        return False
+    _check_same(spec.name, run_dir, current_config(stored), expected)  # an older zsq's config, as written now
+    if not in_store:
         _store(store, grid, spec, run_dir)
-        return True
-    if stored is not None:
-        _check_same(spec.name, run_dir, stored, expected)
-    return stored is not None
+    return True
 
 
 def _check_same(name: str, run_dir: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:

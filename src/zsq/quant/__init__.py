@@ -2,7 +2,7 @@
 from .fake import fake_quantize, per_channel_range, quant_params, quantize_int
 from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, batch_range
 from .placement import PLACEMENTS, default_placement, float_tensors
-from .ranges import RANGE_SETTERS, RangeOptions, bn_bounds, create_range_setter
+from .ranges import RANGE_SETTERS, bn_bounds, create_range_setter
 from .surgery import (
                       QuantConfig,
                       act_quantizers,
@@ -14,6 +14,6 @@ from .surgery import (
 )
 
 __all__ = ["ActQuantizer", "PLACEMENTS", "QuantAct", "QuantConfig", "QuantConv2d", "QuantLinear", "RANGE_SETTERS",
-           "RangeOptions", "act_quantizers", "batch_range", "bn_bounds", "calibrate", "check_bits",
+           "act_quantizers", "batch_range", "bn_bounds", "calibrate", "check_bits",
            "create_range_setter", "default_placement", "fake_quantize", "float_tensors", "gaussian_inputs",
            "observe_ranges", "per_channel_range", "quant_params", "quantize_int", "quantize_model"]

@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,30 +46,50 @@ def check_propagate(name: str) -> None:
 
 
 @dataclass
-class RangeOptions:
-    act_percentile: float = 99.9  # percentile setter: the batch percentile taken as hi (and 100 − p as lo)
-    bn_k: float = 3.0  # BN setters: standard deviations above the mean taken as a channel's bound
-    bn_propagate: str = "bounds"  # BN setters: how statistics cross ReLUs and residual sums (BN_PROPAGATE)
-    # LSQ's gradient scale lets a learned range share the weights' learning rate, which assumes the weights' long
-    # schedules: at the quick budget (500 steps, lr_q 1e-3 then 1e-4) the ranges moved under 0.3 % (README
-    # "Activation ranges")
-    range_lr_scale: float = 1.0  # learned setter: the ranges' learning rate, × lr_q (same schedule)
+class PercentileOptions:
+    act_percentile: float = field(default=99.9, metadata={
+        "help": "batch percentile of --act-range percentile, taken as hi (and 100 − p as lo; default 99.9)"})
 
     def __post_init__(self) -> None:
         if not 50 < self.act_percentile <= 100:
             raise UserError(f"act-percentile must be in (50, 100], got {self.act_percentile}")
+
+
+@dataclass
+class BNOptions:
+    bn_k: float = field(default=3.0, metadata={
+        "help": "BN standard deviations above the BN mean taken as a channel's bound, for --act-range "
+                "bn-prior/bn-clamp/learned (default 3)"})
+    bn_propagate: str = field(default="bounds", metadata={
+        "help": "how the BN setters carry channel statistics across ReLUs and residual sums: bounds (add the "
+                "inputs' bounds; default) or moments (rectified-Gaussian mean and std, variances add)"})
+
+    def __post_init__(self) -> None:
         if self.bn_k <= 0:
             raise UserError(f"bn-k must be > 0, got {self.bn_k}")
-        if self.range_lr_scale <= 0:
-            raise UserError(f"range-lr-scale must be > 0, got {self.range_lr_scale}")
         check_propagate(self.bn_propagate)
 
 
-class RangeSetter:
-    reads: frozenset[str] = frozenset()  # the RangeOptions fields this setter uses
-    needs_images = True  # sets ranges from the warm-up's images (so --warmup-epochs 0 cannot run it)
+@dataclass
+class LearnedOptions(BNOptions):
+    # LSQ's gradient scale lets a learned range share the weights' learning rate, which assumes the weights' long
+    # schedules: at the quick budget (500 steps, lr_q 1e-3 then 1e-4) the ranges moved under 0.3 % (README
+    # "Activation ranges")
+    range_lr_scale: float = field(default=1.0, metadata={
+        "help": "learning rate of --act-range learned's ranges, × lr-q, same schedule (default 1)"})
 
-    def __init__(self, opts: RangeOptions) -> None:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.range_lr_scale <= 0:
+            raise UserError(f"range-lr-scale must be > 0, got {self.range_lr_scale}")
+
+
+class RangeSetter:
+    """`ema-minmax`, and the base of the others: each registers with the dataclass of its options (None: none)."""
+    needs_images = True  # sets ranges from the warm-up's images (so --warmup-epochs 0 cannot run it)
+    lr_scale = 1.0  # learning rate of trained ranges, × lr_q (only `learned` trains them)
+
+    def __init__(self, opts: Any = None) -> None:
         self.opts = opts
 
     def prepare(self, qmodel: nn.Module) -> None:
@@ -86,18 +107,15 @@ RANGE_SETTERS: Registry[type[RangeSetter]] = Registry("activation range setter")
 RANGE_SETTERS.register("ema-minmax")(RangeSetter)
 
 
-@RANGE_SETTERS.register("percentile")
+@RANGE_SETTERS.register("percentile", options=PercentileOptions)
 class PercentileRange(RangeSetter):
-    reads = frozenset({"act_percentile"})
-
     def prepare(self, qmodel: nn.Module) -> None:
         for q in act_quantizers(qmodel):
             q.percentile = self.opts.act_percentile
 
 
-@RANGE_SETTERS.register("bn-prior")
+@RANGE_SETTERS.register("bn-prior", options=BNOptions)
 class BNPriorRange(RangeSetter):
-    reads = frozenset({"bn_k", "bn_propagate"})
     needs_images = False  # where the teacher's BN statistics bound a range; the others keep the warm-up's
     clamp = False
 
@@ -109,15 +127,17 @@ class BNPriorRange(RangeSetter):
             q.calibrated = True
 
 
-@RANGE_SETTERS.register("bn-clamp")
+@RANGE_SETTERS.register("bn-clamp", options=BNOptions)
 class BNClampRange(BNPriorRange):
     needs_images = True  # the EMA range is what it clamps
     clamp = True
 
 
-@RANGE_SETTERS.register("learned")
+@RANGE_SETTERS.register("learned", options=LearnedOptions)
 class LearnedRange(BNPriorRange):
-    reads = BNPriorRange.reads | {"range_lr_scale"}
+    @property
+    def lr_scale(self) -> float:
+        return self.opts.range_lr_scale
 
     def prepare(self, qmodel: nn.Module) -> None:
         """The parameters exist from the start, so the Q optimizer (built before the warm-up) holds them."""
@@ -137,18 +157,20 @@ class LearnedRange(BNPriorRange):
             q.learned = on
 
 
+def option_names(name: str) -> set[str]:
+    """The options range setter `name` takes."""
+    cls = RANGE_SETTERS.options_class(name)
+    return {f.name for f in fields(cls)} if cls else set()
+
+
 def unread_options(name: str) -> set[str]:
     """The range options a run with setter `name` ignores: runs that differ only in these are the same run."""
-    return {f.name for f in fields(RangeOptions)} - RANGE_SETTERS.get(name).reads
+    return set(RANGE_SETTERS.all_options()) - option_names(name)
 
 
-def readers(option: str) -> list[str]:
-    """The setters that use a range option (for the line that refuses it elsewhere)."""
-    return [name for name in RANGE_SETTERS.names() if option in RANGE_SETTERS.get(name).reads]
-
-
-def create_range_setter(name: str, opts: RangeOptions | None = None) -> RangeSetter:
-    return RANGE_SETTERS.get(name)(opts or RangeOptions())
+def create_range_setter(name: str, options: dict[str, Any] | None = None) -> RangeSetter:
+    """Setter `name` with its options from `options` (by name; others ignored, missing ones at their default)."""
+    return RANGE_SETTERS.get(name)(RANGE_SETTERS.build_options(name, options or {}))
 
 
 class _Tracer(LeafTracer):

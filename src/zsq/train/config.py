@@ -12,7 +12,7 @@ from ..distill import LOSSES
 from ..errors import UserError
 from ..presets import PRESETS, preset_values
 from ..quant import QuantConfig
-from ..quant.ranges import RANGE_SETTERS, RangeOptions, RangeSetter, create_range_setter, readers, unread_options
+from ..quant.ranges import RANGE_SETTERS, RangeSetter, create_range_setter
 from ..synth import SOURCES
 from ..validate import ProbeOptions
 
@@ -30,13 +30,7 @@ class TrainConfig:
     abits: int = 4
     first_last: str = "same"
     act_momentum: float = 0.9
-    act_range: str = "ema-minmax"  # activation range setter (zsq.quant.ranges)
-    # The setters' options (zsq.quant.ranges.RangeOptions): None where the chosen setter does not use one, its
-    # default where it does and none was given.
-    act_percentile: float | None = None  # the percentile setter's batch percentile
-    bn_k: float | None = None  # the BN setters' standard deviations above the BN mean
-    bn_propagate: str | None = None  # how the BN setters carry statistics across ReLUs and residual sums
-    range_lr_scale: float | None = None  # the `learned` ranges' learning rate, × lr_q (same schedule)
+    act_range: str = "ema-minmax"  # activation range setter (zsq.quant.ranges); its options are in `options`
     recalibrate_at: int = 0  # epoch at whose start the ranges are set again on the (trained) data source; 0 = off
     ste: str = "identity"
     model_def: str | None = None  # FILE.py:FACTORY building a user's teacher module (--teacher: its weights)
@@ -73,7 +67,9 @@ class TrainConfig:
     probe_images: int = ProbeOptions.probe_images  # the health check's probe set (zsq.validate), made once
     probe_iters: int = ProbeOptions.probe_iters  # per teacher and cached
     out: str = "runs/run"  # resolve_config names it after generator, method, bits, preset and seed
-    options: dict[str, Any] = field(default_factory=dict)  # plug-in options of the generator and the method
+    # Plug-in options of the data source, the transfer loss and the range setter; the range setter's are all
+    # recorded, at their defaults where none was given.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.quant()  # validates the quantizer fields
@@ -93,9 +89,8 @@ class TrainConfig:
         if unused:
             name, where = min(unused.items())
             raise UserError(f"--{name.replace('_', '-')} does not apply to this run: it applies to {where}")
-        for f in dataclasses.fields(RangeOptions):  # the setter's own options default to the setter's defaults
-            if getattr(self, f.name) is None and f.name in RANGE_SETTERS.get(self.act_range).reads:
-                setattr(self, f.name, f.default)
+        if RANGE_SETTERS.options_class(self.act_range) is not None:  # recorded in full: defaults where not given
+            self.options = {**asdict(self.range_setter().opts), **self.options}
         if self.warmup_epochs == 0 and RANGE_SETTERS.get(self.act_range).needs_images:
             raise UserError(f"--warmup-epochs 0 leaves no images to set activation ranges on: --act-range "
                             f"{self.act_range} needs them; bn-prior and learned set them from the teacher's "
@@ -120,8 +115,7 @@ class TrainConfig:
         return ProbeOptions(self.probe_images, self.probe_iters)
 
     def range_setter(self) -> RangeSetter:
-        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(RangeOptions)}
-        return create_range_setter(self.act_range, RangeOptions(**{k: v for k, v in given.items() if v is not None}))
+        return create_range_setter(self.act_range, self.options)
 
     def quant(self) -> QuantConfig:
         return QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last,
@@ -156,27 +150,30 @@ def _option_names(registry: Any, name: str) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} if cls else set()
 
 
-def plugin_fields(generator: str, method: str) -> set[str]:
-    """The option names that the data source `generator` and the transfer loss `method` take."""
-    return _option_names(SOURCES, generator) | _option_names(LOSSES, method)
+# The config fields that choose a plug-in, with the registry each is chosen from.
+PLUGINS = {"generator": SOURCES, "method": LOSSES, "act_range": RANGE_SETTERS}
+
+
+def plugin_fields(generator: str, method: str, act_range: str) -> set[str]:
+    """The option names that the data source, the transfer loss and the range setter take."""
+    return set().union(*(_option_names(PLUGINS[k], v) for k, v in
+                         (("generator", generator), ("method", method), ("act_range", act_range))))
 
 
 def inapplicable(values: dict[str, Any]) -> dict[str, str]:
     """The options in `values` (TrainConfig fields and plug-in options by name; None = not set) that the run's
-    choices leave without effect, each with what it applies to: a range option the setter does not read, a plug-in
-    option that neither the data source nor the loss takes, or one their own switches turn off (`unused()` of
-    the plug-in's options, e.g. --ce-weight under --akt-base kd)."""
+    choices leave without effect, each with what it applies to: a plug-in option that neither the data source,
+    the loss nor the range setter takes, or one their own switches turn off (`unused()` of the plug-in's options,
+    e.g. --ce-weight under --akt-base kd)."""
     own = {f.name for f in dataclasses.fields(TrainConfig)}
-    act_range = values.get("act_range") or TrainConfig.act_range
-    out = {name: "--act-range " + " or ".join(readers(name)) for name in unread_options(act_range)
-           if values.get(name) is not None}
     plugin = {**{k: v for k, v in values.items() if k not in own and v is not None}, **(values.get("options") or {})}
-    generator, method = values.get("generator") or TrainConfig.generator, values.get("method") or TrainConfig.method
-    for name in set(plugin) - plugin_fields(generator, method):
-        takers = [f"--{flag} {' or '.join(names)}" for flag, registry in (("generator", SOURCES), ("method", LOSSES))
+    chosen = {k: values.get(k) or getattr(TrainConfig, k) for k in PLUGINS}
+    out = {}
+    for name in set(plugin) - plugin_fields(**chosen):
+        takers = [f"--{key.replace('_', '-')} {' or '.join(names)}" for key, registry in PLUGINS.items()
                   if (names := [n for n in registry.names() if name in _option_names(registry, n)])]
-        out[name] = " / ".join(takers) or "no data source or method"
-    for registry, name in ((SOURCES, generator), (LOSSES, method)):
+        out[name] = " / ".join(takers) or "no data source, method or range setter"
+    for registry, name in ((PLUGINS[k], chosen[k]) for k in PLUGINS):
         cls = registry.options_class(name)
         if cls is not None and hasattr(cls, "unused"):
             opts = cls(**{k: v for k, v in plugin.items() if k in _option_names(registry, name)})
@@ -184,6 +181,23 @@ def inapplicable(values: dict[str, Any]) -> dict[str, str]:
     if values.get("warmup_epochs") == 0 and "warmup_batch" in plugin:  # no warm-up: no generator draws it
         out["warmup_batch"] = "--warmup-epochs ≥ 1"
     return out
+
+
+# Range-setter options that were TrainConfig fields (top level in config.json) before each setter registered its
+# own options, as data sources and losses do.
+FORMER_RANGE_FIELDS = ("act_percentile", "bn_k", "bn_propagate", "range_lr_scale")
+
+
+def current_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config.json as it is written now: an older one's range options moved into `options`, those its setter
+    does not take dropped (unset, or recorded by a zsq that did not refuse them yet), so that its run still
+    compares, groups and resumes with new ones."""
+    if not any(k in config for k in FORMER_RANGE_FIELDS):
+        return config
+    takes = _option_names(RANGE_SETTERS, config.get("act_range") or TrainConfig.act_range)
+    moved = {k: config[k] for k in FORMER_RANGE_FIELDS if config.get(k) is not None and k in takes}
+    rest = {k: v for k, v in config.items() if k not in FORMER_RANGE_FIELDS}
+    return {**rest, "options": {**moved, **config.get("options", {})}}
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

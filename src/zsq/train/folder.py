@@ -21,7 +21,7 @@ from ..provenance import code_version
 from ..quant import act_quantizers, float_tensors, observe_ranges
 from ..rundir import clear_run, open_run
 from ..validate import Health, health
-from .config import TrainConfig, config_dict
+from .config import TrainConfig, config_dict, current_config
 from .job import Job, check_health
 
 SAMPLES_SAVED = 32  # synthetic images kept in each run directory
@@ -97,7 +97,7 @@ def start_run_folder(cfg: TrainConfig, out: Path, d: Dist = SINGLE) -> None:
 
 def open_run_folder(cfg: TrainConfig, resume: bool, restart: bool, d: Dist = SINGLE) -> dict[str, Any] | None:
     return open_run(Path(cfg.out), run_config(cfg, d), resume, restart, d.world,
-                    say=print if d.main else (lambda *a: None))
+                    say=print if d.main else (lambda *a: None), as_now=current_config)
 
 
 def available_cores() -> int:
