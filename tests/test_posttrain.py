@@ -113,6 +113,11 @@ def test_a_ptq_run_made_before_a_new_reconstruction_field_still_matches_and_grou
     with pytest.raises(UserError, match=r"another config \(recon.lam: 1.0, the grid asks for 0.01\)"):
         _check_same("r", tmp_path, old, {**new, "recon": {**new["recon"], "lam": 0.01}})
     result = {"fp_top1": 94.0, "q_top1": 93.0, "wall_s": 60.0}
+    old["placement"] = "lineage"  # resolved when it ran: the default for zsq's own architectures
+    rtn = config_dict(resolve_ptq_config("quick", "genie", iters_per_unit=0, out=str(tmp_path / "c")))
     runs = [{"dir": "a", "config": old, "result": result},
-            {"dir": "b", "config": {**new, "seed": 1}, "result": result}]
-    assert [len(g["runs"]) for g in group_runs(runs)] == [2]
+            {"dir": "b", "config": {**new, "seed": 1}, "result": result},
+            {"dir": "c", "config": rtn, "result": result}]
+    groups = group_runs(runs)
+    assert [len(g["runs"]) for g in groups] == [2, 1]
+    assert [g["changes"] for g in groups] == [{}, {"iters_per_unit": 0}]  # labelled by the flags' names

@@ -72,15 +72,17 @@ def _changes(config: dict[str, Any]) -> dict[str, Any]:
     from ..posttrain import resolve_ptq_config
     from ..posttrain import config_dict as ptq_config_dict
     from ..quant.ranges import RANGE_SETTERS
+    from ..recon import USER_NAMES
     from ..train import TrainConfig, config_dict, resolve_config
 
     base = (ptq_config_dict(resolve_ptq_config(config["preset"], config["generator"], teacher=config["teacher"]))
             if _is_ptq(config) else config_dict(resolve_config(config["preset"], config["generator"],
                                                                config["method"], teacher=config["teacher"])))
     config = _complete(config)
+    base["placement"] = base.get("placement") or _default_placement(config)
     shown = BOOKKEEPING | {"options", "recon", "wbits", "abits", "generator", "method", "preset"}
     own = {k: v for k, v in config.items() if k not in shown and base.get(k) != v}
-    recon = {k: v for k, v in config.get("recon", {}).items() if base["recon"].get(k) != v}
+    recon = {USER_NAMES.get(k, k): v for k, v in config.get("recon", {}).items() if base["recon"].get(k) != v}
     opts = {k: v for k, v in config.get("options", {}).items() if base["options"].get(k) != v}
     if _is_ptq(config):
         return {**own, **recon, **opts}
@@ -97,6 +99,12 @@ def _is_ptq(config: dict[str, Any]) -> bool:
     return config.get("method") == "ptq"
 
 
+def _default_placement(config: dict[str, Any]) -> str:
+    """The placement a run without one resolved when it started (or had before the option existed): deployable
+    for a user's module (--model-def), lineage for zsq's architectures."""
+    return "deployable" if config.get("model_def") else "lineage"
+
+
 def _complete(config: dict[str, Any]) -> dict[str, Any]:
     """A run's config with every field, as written now: one missing from an older run's config.json held its
     default then (it did not exist yet), so it must not split that run from newer ones; the range setter's options
@@ -109,9 +117,11 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
     if _is_ptq(config):
         defaults = {f.name: f.default for f in dataclasses.fields(PtqConfig) if f.default is not dataclasses.MISSING}
         recon = dataclasses.asdict(ReconConfig())
-        return json.loads(json.dumps({**defaults, **config, "recon": {**recon, **config.get("recon", {})}}))
+        full = json.loads(json.dumps({**defaults, **config, "recon": {**recon, **config.get("recon", {})}}))
+        return {**full, "placement": full.get("placement") or _default_placement(full)}
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     full = json.loads(json.dumps({**defaults, **current_config(config)}))
+    full["placement"] = full.get("placement") or _default_placement(full)
     setter = RANGE_SETTERS.options_class(full["act_range"]) if full["act_range"] in RANGE_SETTERS else None
     if setter is not None:
         full["options"] = {**json.loads(json.dumps(dataclasses.asdict(setter()))), **full.get("options", {})}
