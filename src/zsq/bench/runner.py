@@ -107,8 +107,9 @@ def _check_same(name: str, run_dir: Path, stored: dict[str, Any], expected: dict
                         f"for {want!r}): give another --out/--runs or remove it")
 
 
-def _differences(stored: dict[str, Any], expected: dict[str, Any], skip: set[str] = frozenset(),
+def _differences(stored: dict[str, Any], expected: dict[str, Any], skip: frozenset[str] | set[str] = frozenset(),
                  prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, stored, expected) of each field that differs, descending into nested configs."""
     out = []
     for k in sorted(set(stored) & set(expected) - skip):
         have, want = stored[k], expected[k]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -155,17 +155,6 @@ class LearnedRange(BNPriorRange):
     def training(self, qmodel: nn.Module, on: bool) -> None:
         for q in act_quantizers(qmodel):
             q.learned = on
-
-
-def option_names(name: str) -> set[str]:
-    """The options range setter `name` takes."""
-    cls = RANGE_SETTERS.options_class(name)
-    return {f.name for f in fields(cls)} if cls else set()
-
-
-def unread_options(name: str) -> set[str]:
-    """The range options a run with setter `name` ignores: runs that differ only in these are the same run."""
-    return set(RANGE_SETTERS.all_options()) - option_names(name)
 
 
 def create_range_setter(name: str, options: dict[str, Any] | None = None) -> RangeSetter:
