@@ -121,3 +121,17 @@ def test_a_ptq_run_made_before_a_new_reconstruction_field_still_matches_and_grou
     groups = group_runs(runs)
     assert [len(g["runs"]) for g in groups] == [2, 1]
     assert [g["changes"] for g in groups] == [{}, {"iters_per_unit": 0}]  # labelled by the flags' names
+
+
+def test_resume_compares_the_configs_field_by_field(tmp_path):
+    """A run killed before a field was added (it ran with the field's default) resumes; another value does not."""
+    from zsq.rundir import open_run
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"seed": 0, "recon": {"iters": 2}, "device": "cpu"}))
+    torch.save({"units_done": 3}, out / "state.pt")
+    now = {"seed": 0, "recon": {"iters": 2, "loss": "mse"}, "device": "cuda"}  # a new field; another machine
+    assert open_run(out, now, resume=True, restart=False)["units_done"] == 3
+    with pytest.raises(UserError, match=r"another configuration \(recon.iters: 2, now 3\)"):
+        open_run(out, {**now, "recon": {"iters": 3, "loss": "mse"}}, resume=True, restart=False)

@@ -63,7 +63,24 @@ def open_run(out: Path, config: dict[str, Any], resume: bool, restart: bool, wor
     if started != world:
         raise UserError(f"{out} was started on {started} process(es); resume it on as many (torchrun "
                         f"--nproc_per_node), not {world}")
-    if {k: v for k, v in saved.items() if k not in MACHINE} != {k: v for k, v in config.items() if k not in MACHINE}:
-        raise UserError(f"{out} was started with another configuration; resume with the same arguments "
-                        f"or choose another --out")
+    differ = config_differences(saved, config, frozenset(MACHINE))
+    if differ:
+        path, have, want = differ[0]
+        raise UserError(f"{out} was started with another configuration ({path}: {have!r}, now {want!r}); resume "
+                        f"with the same arguments or choose another --out")
     return read_checkpoint(out / "state.pt")
+
+
+def config_differences(stored: dict[str, Any], now: dict[str, Any], skip: frozenset[str] = frozenset(),
+                       prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, stored, now) of each field of two config.json files that differs, nested configs field by
+    field. A field only one has is no difference (added since: the older run had its default), nor one that
+    `now` leaves unset (None: an option its choices do not use)."""
+    out = []
+    for k in sorted(set(stored) & set(now) - skip):
+        have, want = stored[k], now[k]
+        if isinstance(have, dict) and isinstance(want, dict):
+            out += config_differences(have, want, prefix=f"{prefix}{k}.")
+        elif want is not None and have != want:
+            out.append((prefix + k, have, want))
+    return out

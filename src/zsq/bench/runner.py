@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..rundir import config_differences
 from ..train import current_config
 from .report import BOOKKEEPING as REPORT_BOOKKEEPING
 from .report import curve_stats
@@ -100,24 +101,11 @@ def _check_same(name: str, run_dir: Path, stored: dict[str, Any], expected: dict
     """Fields in both must agree, nested ones (plug-in options, reconstruction) field by field; a field missing
     from an older run's config took its then default, and one the grid's run leaves unset (None: an option its
     choices do not use) cannot differ."""
-    differ = _differences(stored, expected, BOOKKEEPING)
+    differ = config_differences(stored, expected, frozenset(BOOKKEEPING))
     if differ:
         path, have, want = differ[0]
         raise UserError(f"run {name} ({run_dir}) was made with another config ({path}: {have!r}, the grid asks "
                         f"for {want!r}): give another --out/--runs or remove it")
-
-
-def _differences(stored: dict[str, Any], expected: dict[str, Any], skip: frozenset[str] | set[str] = frozenset(),
-                 prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted path, stored, expected) of each field that differs, descending into nested configs."""
-    out = []
-    for k in sorted(set(stored) & set(expected) - skip):
-        have, want = stored[k], expected[k]
-        if isinstance(have, dict) and isinstance(want, dict):
-            out += _differences(have, want, prefix=f"{prefix}{k}.")
-        elif want is not None and have != want:
-            out.append((prefix + k, have, want))
-    return out
 
 
 def _store(store: Store, grid: Grid, spec: RunSpec, run_dir: Path) -> dict[str, Any]:
