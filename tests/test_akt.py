@@ -216,7 +216,8 @@ def test_akt_run_logs_each_term(tiny_teacher, fmnist_dir, tmp_path):
     for key in ("kd", "ce", "spatial", "channel", "rfd", "grad_norm", "loss_q"):
         assert all(math.isfinite(r[key]) for r in trained), key
     config = json.loads((out / "config.json").read_text())
-    assert config["options"] == {"akt_layers": "units", "akt_base": "gdfq", "akt_lambda": 1e4}  # quick preset
+    assert config["options"] == {"akt_layers": "units", "akt_base": "gdfq", "akt_lambda": 1e4,  # quick preset,
+                                 "bn_k": 2.5, "bn_propagate": "moments"}  # with its range setter's options
     bad = run_cli("quantize", "--teacher", str(tiny_teacher), "--method", "akt", "--akt-layers", "layer9",
                   "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "no module named layer9" in bad.stderr and "Traceback" not in bad.stderr

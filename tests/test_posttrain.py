@@ -48,7 +48,7 @@ def test_ptq_cli_writes_a_run_that_eval_export_health_and_report_read(tiny_teach
     report = run_cli("report", str(run), str(tmp_path / "rtn"), "--out", str(tmp_path / "rep.md"))
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "rep.md").read_text()
-    assert "genie+ptq" in table and "real+ptq" in table and "iters=0" in table
+    assert "genie+ptq" in table and "real+ptq" in table and "iters_per_unit=0" in table
 
 
 def test_ptq_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):

@@ -240,7 +240,8 @@ def test_synq_run_end_to_end(tiny_teacher, fmnist_dir, tmp_path):
                          "--cam-target", "pred")
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "config.json").read_text())
-    assert config["promote"] == 0.01 and config["options"] == {"synq_d0": 6.0, "cam_target": "pred"}
+    assert config["promote"] == 0.01 and config["options"] == {"synq_d0": 6.0, "cam_target": "pred", "bn_k": 2.5,
+                                                                 "bn_propagate": "bounds"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if not r["warmup"]]
     assert trained and all({"kd", "fa", "selce", "selce_kept", "cam", "loss_promoted"} <= set(r) for r in trained)

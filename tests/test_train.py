@@ -38,7 +38,8 @@ def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
         assert key in result
     assert result["iterations"] == 6 and result["generator"] == "gdfq"
     config = json.loads((out / "config.json").read_text())
-    assert config["batch_size"] == 8 and config["options"] == {} and config["preset"] == "quick"
+    assert config["batch_size"] == 8 and config["preset"] == "quick"
+    assert config["options"] == {"act_percentile": 99.7}  # the quick preset's range setter for --method gdfq
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == list(range(6))
     assert all(r["warmup"] for r in rows[:3]) and "loss_q" in rows[3] and "grad_norm" in rows[3]
