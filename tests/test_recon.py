@@ -131,13 +131,14 @@ def test_fisher_weights_are_the_kl_gradient_per_image_and_weight_the_squared_err
     student, parts = prepare(teacher, quant, ReconConfig())
     last = len(parts) - 1  # the classifier: ∂KL(p_fp ‖ softmax(z))/∂z = softmax(z) − p_fp, per image
     z_q = _run(parts, images, last + 1, False, 64)
-    p_fp = torch.softmax(_run(parts, images, last + 1, True, 64), dim=1)
-    g = output_gradients(parts, images, last, chunk=64)
-    assert torch.allclose(g, (torch.softmax(z_q, dim=1) - p_fp).abs() + 1, atol=1e-6)
+    log_p_fp = torch.log_softmax(_run(parts, images, last + 1, True, 64), dim=1)
+    g = output_gradients(parts, _run(parts, images, last, False, 64), log_p_fp, last, chunk=64)
+    assert torch.allclose(g, (torch.softmax(z_q, dim=1) - log_p_fp.exp()).abs() + 1, atol=1e-6)
     # a middle unit: each image's own KL, so the weights do not depend on how the images are batched
-    mid = output_gradients(parts, images, 3, chunk=64)
+    x_q = _run(parts, images, 3, False, 64)
+    mid = output_gradients(parts, x_q, log_p_fp, 3, chunk=64)
     assert mid.shape == _run(parts, images, 4, False, 64).shape and float(mid.max()) > 1.0
-    assert torch.allclose(mid, output_gradients(parts, images, 3, chunk=16), atol=1e-6)
+    assert torch.allclose(mid, output_gradients(parts, x_q, log_p_fp, 3, chunk=16), atol=1e-6)
     out, target = torch.tensor([[[[1.0]], [[2.0]]]]), torch.zeros(1, 2, 1, 1)
     assert _reconstruction_loss(out, target).item() == 5.0  # 1² + 2²
     assert _reconstruction_loss(out, target, torch.tensor([[[[2.0]], [[1.0]]]])).item() == 8.0  # 4·1 + 1·4

@@ -197,17 +197,18 @@ def _reconstruction_loss(out: torch.Tensor, target: torch.Tensor, grad: torch.Te
     return (err if grad is None else err * grad.pow(2)).sum(1).mean()
 
 
-def output_gradients(units: list[Unit], images: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+def output_gradients(units: list[Unit], x_q: torch.Tensor, log_p_fp: torch.Tensor, k: int,
+                     chunk: int) -> torch.Tensor:
     """BRECQ's Fisher weights of unit k's output z, per image: |∂KL(p_fp ‖ p_q)/∂z| + 1, with the network
-    quantized up to and including unit k (at its current rounding) and full precision after it. Each image's KL is
-    differentiated on its own; BRECQ's code takes the batch mean over 32 images, which scales g by 1/32 and ties
-    the weights to its batch size."""
+    quantized up to and including unit k (at its current rounding) and full precision after it. `x_q`: unit k's
+    input from the quantized prefix; `log_p_fp`: the teacher's log-probabilities on the same images. Each image's
+    KL is differentiated on its own; BRECQ's code takes the batch mean over 32 images, which scales g by 1/32 and
+    ties the weights to its batch size."""
     rest = [m for u in units[k + 1:] for m in u.module.modules()]
     grads = []
-    for x in images.split(chunk):
+    for x, p_fp in zip(x_q.split(chunk), log_p_fp.split(chunk), strict=True):
         with torch.no_grad():
-            p_fp = F.log_softmax(_run(units, x, len(units), fp=True, chunk=chunk), dim=1)
-            z = _run(units, x, k + 1, fp=False, chunk=chunk)
+            z = _run([units[k]], x, 1, fp=False, chunk=chunk)
         z.requires_grad_(True)
         saved = _set_mode(rest, fp=True)
         try:
@@ -343,13 +344,16 @@ def reconstruct(teacher: nn.Module, images: torch.Tensor, quant: QuantConfig, re
         start = _load_progress(student, parts, resume)
         gen.set_state(resume["rng"])
         torch.set_rng_state(resume["torch_rng"])
+    # the teacher's log-probabilities, which every unit's Fisher weights compare against
+    log_p_fp = (F.log_softmax(_run(parts, images, len(parts), fp=True, chunk=256), dim=1)
+                if recon.loss == "fisher" else None)
     for k in range(start, len(parts)):
         unit = parts[k]
         x_fp = _run(parts, images, k, fp=True, chunk=256)
         y_fp = _run([unit], x_fp, 1, fp=True, chunk=256)
         x_q = _run(parts, images, k, fp=False, chunk=256)
         record = reconstruct_unit(unit, x_q, x_fp, y_fp, recon, gen, progress,
-                                  lambda: output_gradients(parts, images, k, chunk=256))
+                                  lambda: output_gradients(parts, x_q, log_p_fp, k, chunk=256))
         if on_unit is not None:
             on_unit(k, record, {"units_done": k + 1, "student": student.state_dict(), "rng": gen.get_state(),
                                 "torch_rng": torch.get_rng_state()})
