@@ -2,7 +2,8 @@
 
 Recipe: SGD with Nesterov momentum, one-cycle (or cosine) learning rate, label smoothing, random crop + flip;
 channels-last, and bf16 autocast where the hardware has it (`--precision auto`): 2.0× the fp32 throughput on a
-2-core AVX-512 CPU (benchmarks/teacher_step.py), but 5× slower than fp32 on an AVX2-only one, which gets fp32. The run checkpoints every epoch next to its output and resumes after a kill.
+2-core AVX-512 CPU (benchmarks/teacher_step.py), but 5× slower than fp32 on an AVX2-only one, which gets fp32.
+The run checkpoints every epoch next to its output and resumes after a kill.
 """
 from __future__ import annotations
 

@@ -112,7 +112,7 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
     from ..posttrain import PtqConfig
     from ..quant.ranges import RANGE_SETTERS
     from ..recon import ReconConfig
-    from ..train import TrainConfig, current_config
+    from ..train import TrainConfig, current_config, with_range_defaults
 
     if _is_ptq(config):
         defaults = {f.name: f.default for f in dataclasses.fields(PtqConfig) if f.default is not dataclasses.MISSING}
@@ -122,9 +122,8 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     full = json.loads(json.dumps({**defaults, **current_config(config)}))
     full["placement"] = full.get("placement") or _default_placement(full)
-    setter = RANGE_SETTERS.options_class(full["act_range"]) if full["act_range"] in RANGE_SETTERS else None
-    if setter is not None:
-        full["options"] = {**json.loads(json.dumps(dataclasses.asdict(setter()))), **full.get("options", {})}
+    if full["act_range"] in RANGE_SETTERS:  # an older run's setter may no longer exist
+        full["options"] = with_range_defaults(full["act_range"], full.get("options", {}))
     return full
 
 

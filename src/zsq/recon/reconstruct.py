@@ -48,7 +48,8 @@ class ReconConfig:
     weight_step: str = "learned"  # "learned" (Genie-M) or "fixed" at the L2.4 search's step (AdaRound, BRECQ)
     qdrop: float = 0.5  # probability that an element stays at full precision while a unit is fitted (0: off)
     init_images: int = 32  # images the activation steps' range search sees
-    loss: str = "mse"  # "mse" (all three official codes) or "fisher": BRECQ's paper, errors weighted by (|∂KL/∂z| + 1)²
+    # "mse" (all three official codes) or "fisher" (BRECQ's paper: errors weighted by (|∂KL/∂z| + 1)²)
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1 or self.init_images < 1:

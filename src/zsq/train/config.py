@@ -89,8 +89,7 @@ class TrainConfig:
         if unused:
             name, where = min(unused.items())
             raise UserError(f"--{name.replace('_', '-')} does not apply to this run: it applies to {where}")
-        if RANGE_SETTERS.options_class(self.act_range) is not None:  # recorded in full: defaults where not given
-            self.options = {**asdict(self.range_setter().opts), **self.options}
+        self.options = with_range_defaults(self.act_range, self.options)
         if self.warmup_epochs == 0 and RANGE_SETTERS.get(self.act_range).needs_images:
             raise UserError(f"--warmup-epochs 0 leaves no images to set activation ranges on: --act-range "
                             f"{self.act_range} needs them; bn-prior and learned set them from the teacher's "
@@ -181,6 +180,12 @@ def inapplicable(values: dict[str, Any]) -> dict[str, str]:
     if values.get("warmup_epochs") == 0 and "warmup_batch" in plugin:  # no warm-up: no generator draws it
         out["warmup_batch"] = "--warmup-epochs ≥ 1"
     return out
+
+
+def with_range_defaults(act_range: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with every option of range setter `act_range` recorded, at its default where none was given."""
+    cls = RANGE_SETTERS.options_class(act_range)
+    return {**asdict(cls()), **options} if cls is not None else options
 
 
 # Range-setter options that were TrainConfig fields (top level in config.json) before each setter registered its

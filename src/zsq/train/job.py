@@ -167,8 +167,8 @@ def build_job(cfg: TrainConfig, teacher: nn.Module | None = None, device: str = 
     layers = loss_fn.feature_layers(teacher, torch.zeros(2, info.in_channels, info.image_size, info.image_size,
                                                          device=device))
     q_params = [p for p in qmodel.parameters() if p.requires_grad]
-    q_opt = torch.optim.SGD(_q_groups(qmodel, q_params, cfg.range_setter().lr_scale), lr=cfg.lr_q, momentum=cfg.momentum,
-                            nesterov=True, weight_decay=cfg.weight_decay)
+    q_opt = torch.optim.SGD(_q_groups(qmodel, q_params, cfg.range_setter().lr_scale), lr=cfg.lr_q,
+                            momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     _set_lr(q_opt, cfg.lr_q)
     trained_source = source if source.online else warm_source
     g_params = list(trained_source.parameters()) if trained_source is not None else []
