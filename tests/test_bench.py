@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_cifar
 
+import zsq.errors
 from zsq.bench import load_grid, published
+from zsq.bench.store import Store
 from zsq.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +39,23 @@ seeds = [0, 1]
 options = { eval-limit = 20, synth-images = 16 }
 
 [[rows]]
+source = "gdfq"
+loss = "akt"
+options = { akt-base = "kd+ce", akt-lambda = "1e4" }
+
+[[rows]]
+source = "adadfq"
+loss = "akt"
+options = { akt-base = "gap-entropy", akt-lambda = "1e4" }
+
+[[rows]]
+source = "hast"
+loss = "hast"
+bits = [3]
+"""
+# The same grid in the keys and loss names before the plain names (one release of grace).
+FORMER_GRID = GRID[:GRID.index("[[rows]]")] + """
+[[rows]]
 generator = ["gdfq", "adadfq"]
 method = "akt"
 options = { akt-base = "{generator}", akt-lambda = "1e4" }
@@ -52,18 +71,26 @@ def test_grid_expansion(tmp_path):
     runs = load_grid(write_grid(tmp_path / "g.toml", GRID)).runs()
     assert len(runs) == 2 * 2 * 2 + 2  # bits × generators × seeds, and hast at W3A3 only
     names = {r.name for r in runs}
-    assert {"gdfq-akt-akt-base-gdfq---akt-lambda-1e4-w3-s0", "adadfq-akt-akt-base-adadfq---akt-lambda-1e4-w4a8-s1",
+    assert {"gdfq-akt-akt-base-kd-ce---akt-lambda-1e4-w3-s0", "adadfq-akt-akt-base-gap-entropy---akt-lambda-1e4-w4a8-s1",
             "hast-hast-w3-s0", "hast-hast-w3-s1"} <= names
     by_name = {r.name: r.argv(Path("o") / r.name) for r in runs}
-    ada = by_name["adadfq-akt-akt-base-adadfq---akt-lambda-1e4-w4a8-s1"]
-    assert ada[:8] == ["--wbits", "4", "--abits", "8", "--generator", "adadfq", "--method", "akt"]
-    assert ada[8:10] == ["--akt-base", "adadfq"] and ada[-4:-1] == ["--seed", "1", "--out"]
+    ada = by_name["adadfq-akt-akt-base-gap-entropy---akt-lambda-1e4-w4a8-s1"]
+    assert ada[:8] == ["--wbits", "4", "--abits", "8", "--source", "adadfq", "--loss", "akt"]
+    assert ada[8:10] == ["--akt-base", "gap-entropy"] and ada[-4:-1] == ["--seed", "1", "--out"]
     assert "--synth-images" not in ada and ada[ada.index("--eval-limit") + 1] == "20"  # only where it applies
     hast = by_name["hast-hast-w3-s0"]
     assert hast[hast.index("--synth-images") + 1] == "16" and hast[hast.index("--teacher") + 1] == "resnet20_fmnist"
     over = load_grid(tmp_path / "g.toml", teacher="t.pt", bits=[3], seeds=[1], overrides={"epochs": 2}).runs()
     assert len(over) == 3 and all(r.seed == 1 and r.wbits == 3 for r in over)
     assert all(r.common[1] == "t.pt" and "--epochs" in r.common for r in over)
+
+
+def test_a_grid_in_the_former_keys_and_names_runs_the_same_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(zsq.errors, "_said", set())
+    former = {r.name: r for r in load_grid(write_grid(tmp_path / "old.toml", FORMER_GRID)).runs()}
+    assert former == {r.name: r for r in load_grid(write_grid(tmp_path / "g.toml", GRID)).runs()}  # "{generator}" too
+    err = capsys.readouterr().err
+    assert "the grid key 'generator' is deprecated" in err and "the grid key 'method' for a loss" in err
 
 
 def test_a_rows_option_wins_over_the_grids(tmp_path):
@@ -73,23 +100,24 @@ def test_a_rows_option_wins_over_the_grids(tmp_path):
     runs = {r.name: r.argv(Path("o")) for r in load_grid(write_grid(tmp_path / "g.toml", text)).runs()}
     hast = runs["hast-hast-act-range-learned-w3-s0"]
     assert hast.count("--act-range") == 1 and hast[hast.index("--act-range") + 1] == "learned"
-    akt = runs["gdfq-akt-akt-base-gdfq---akt-lambda-1e4-w3-s0"]
+    akt = runs["gdfq-akt-akt-base-kd-ce---akt-lambda-1e4-w3-s0"]
     assert akt[akt.index("--act-range") + 1] == "ema-minmax"
 
 
 @pytest.mark.parametrize("text, message", [
     ("foo = 1\n" + GRID, "unknown key"),
-    (GRID.replace('method = "hast"\nbits = [3]', 'method = "hast"\nbits = [3]\ncolour = 1'), "needs generator"),
-    (GRID.replace('generator = "hast"', 'generator = "gdfq"').replace('method = "hast"', 'method = "gdfq"'),
+    (GRID.replace('loss = "hast"\nbits = [3]', 'loss = "hast"\nbits = [3]\ncolour = 1'), "needs source and loss"),
+    (GRID.replace('loss = "hast"', 'method = "ptq"\nloss = "hast"'), "needs source and loss"),
+    (GRID.replace('source = "hast"', 'source = "gdfq"').replace('loss = "hast"', 'loss = "kd+ce"'),
      "synth-images' applies to none"),
     (GRID.replace("eval-limit = 20", "eval-limt = 20"), "eval-limt' applies to none"),
-    (GRID.replace('generator = "hast"\nmethod = "hast"', 'generator = "gdfq"\nmethod = "akt"\noptions = '
-                  '{ akt-base = "gdfq", akt-lambda = "1e4" }'), "same run twice"),
+    (GRID.replace('source = "hast"\nloss = "hast"', 'source = "gdfq"\nloss = "akt"\noptions = '
+                  '{ akt-base = "kd+ce", akt-lambda = "1e4" }'), "same run twice"),
     (GRID.replace('teacher = "resnet20_fmnist"\n', ""), "--teacher"),
     (GRID.replace('preset = "quick"', 'preset = "quick"\ndataset = "cifar10"'), "--data-dir"),
     (GRID.replace("seeds = [0, 1]", "seeds = []"), "seeds"),
     ("bits = [", "not valid TOML"),
-], ids=["top-key", "row-key", "option-nowhere", "option-typo", "duplicate", "no-teacher", "no-data-dir", "no-seeds",
+], ids=["top-key", "row-key", "ptq-and-loss", "option-nowhere", "option-typo", "duplicate", "no-teacher", "no-data-dir", "no-seeds",
         "toml"])
 def test_grid_errors(tmp_path, text, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -99,7 +127,7 @@ def test_grid_errors(tmp_path, text, message):
 def test_bench_bad_input_exit_2(tmp_path):
     proc = run_cli("bench", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
-    grid = write_grid(tmp_path / "g.toml", GRID.replace('method = "akt"', 'method = "nope"'))
+    grid = write_grid(tmp_path / "g.toml", GRID.replace('loss = "akt"', 'loss = "nope"'))
     proc = run_cli("bench", str(grid), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "nope" in proc.stderr and proc.stderr.count("\n") == 1
     proc = run_cli("report", "--store", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.md"))
@@ -110,7 +138,7 @@ def _stored(db: Path) -> dict[str, tuple]:
     if not db.exists():
         return {}
     with sqlite3.connect(db) as con:
-        return {r[0]: r[1:] for r in con.execute("SELECT name, finished_at, q_top1, wbits, method, seed FROM runs")}
+        return {r[0]: r[1:] for r in con.execute("SELECT name, finished_at, q_top1, wbits, loss, seed FROM runs")}
 
 
 def test_bench_resume_after_kill_and_report(tiny_teacher, fmnist_dir, tmp_path):
@@ -119,8 +147,8 @@ preset = "quick"
 bits = [3, 4]
 seeds = [0, 1]
 [[rows]]
-generator = "gdfq"
-method = ["kd", "akt"]
+source = "gdfq"
+loss = ["kd", "akt"]
 """)
     out, db = tmp_path / "bench", tmp_path / "bench" / "results.db"
     cmd = [sys.executable, "-m", "zsq", "bench", str(grid), "--out", str(out), "--teacher", str(tiny_teacher),
@@ -151,18 +179,18 @@ method = ["kd", "akt"]
     text = (tmp_path / "r.md").read_text()
     assert "8 of the 8 planned runs finished" in text
     for bits in (3, 4):
-        for method in ("kd", "akt"):
+        for loss in ("kd", "akt"):
             accs = [after[n][1] for n in sorted(after, key=lambda n: after[n][4])
-                    if after[n][2] == bits and after[n][3] == method]
-            row = next(line for line in text.splitlines() if line.startswith(f"| W{bits}A{bits} | gdfq+{method} |"))
+                    if after[n][2] == bits and after[n][3] == loss]
+            row = next(line for line in text.splitlines() if line.startswith(f"| W{bits}A{bits} | gdfq | {loss} |"))
             cells = [c.strip() for c in row.split("|")]
-            assert cells[5] == "0,1"
-            assert cells[6] == f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}"
-            assert cells[7] == " / ".join(f"{a:.2f}" for a in accs)
+            assert cells[6] == "0,1"
+            assert cells[7] == f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}"
+            assert cells[8] == " / ".join(f"{a:.2f}" for a in accs)
 
 
 def test_report_readme_section(tiny_teacher, fmnist_dir, tmp_path):
-    grid = write_grid(tmp_path / "tiny.toml", '[[rows]]\ngenerator = "gdfq"\nmethod = "kd"\n')
+    grid = write_grid(tmp_path / "tiny.toml", '[[rows]]\nsource = "gdfq"\nloss = "kd"\n')
     proc = run_cli("bench", str(grid), "--out", str(tmp_path / "tiny"), "--teacher", str(tiny_teacher),
                    "--data-dir", str(fmnist_dir), *TINY_SET)
     assert proc.returncode == 0, proc.stderr
@@ -172,10 +200,60 @@ def test_report_readme_section(tiny_teacher, fmnist_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("-->\nend\n")
-    assert "1 of the 1 planned runs finished" in text and "| W4A4 | gdfq+kd |" in text
+    assert "1 of the 1 planned runs finished" in text and "| W4A4 | gdfq | kd |" in text
     readme.write_text("no markers\n")
     proc = run_cli("report", "--store", str(tmp_path / "tiny"), "--readme", str(readme))
     assert proc.returncode == 2 and "<!-- zsq report: tiny -->" in proc.stderr
+
+
+FORMER_SCHEMA = """
+CREATE TABLE runs (name TEXT PRIMARY KEY, grid TEXT, dataset TEXT, model TEXT, teacher TEXT, wbits INTEGER,
+    abits INTEGER, generator TEXT, method TEXT, preset TEXT, seed INTEGER, flags TEXT, q_top1 REAL, q_top5 REAL,
+    fp_top1 REAL, wall_s REAL, code TEXT, dir TEXT, finished_at TEXT, config TEXT, result TEXT);
+CREATE TABLE plan (name TEXT PRIMARY KEY, grid TEXT, argv TEXT);
+"""
+
+
+def test_a_store_from_before_the_plain_names_reads_and_resumes_under_them(tmp_path):
+    """Columns generator/method, losses gdfq/adadfq, run names after them: the store is renamed when opened, so a
+    grid in today's names finds its finished runs and the report shows today's names (a mapping, not a rerun)."""
+    import json
+
+    db = sqlite3.connect(tmp_path / "results.db")
+    db.executescript(FORMER_SCHEMA)
+    former = [("gdfq-gdfq-w3-s0", "gdfq", "gdfq", []),
+              ("adadfq-akt-akt-base-adadfq---akt-lambda-1e4-w3-s0", "adadfq", "akt",
+               ["--akt-base", "adadfq", "--akt-lambda", "1e4"])]
+    for seed, (name, generator, method, flags) in enumerate(former):
+        config = {"teacher": "resnet20_fmnist", "generator": generator, "method": method, "preset": "quick",
+                  "wbits": 3, "abits": 3, "seed": 0,
+                  "options": {"akt_base": "adadfq", "akt_lambda": 1e4} if flags else {}}
+        result = {"q_top1": 90.0 + seed, "fp_top1": 94.73, "wall_s": 60.0, "generator": generator, "method": method}
+        db.execute("INSERT INTO runs VALUES (?, 'g', 'fashion-mnist', 'resnet20', 'resnet20_fmnist', 3, 3, ?, ?, "
+                   "'quick', 0, ?, ?, NULL, 94.73, 60.0, 'x', ?, 'now', ?, ?)",
+                   (name, generator, method, json.dumps(flags), 90.0 + seed, f"runs/{name}", json.dumps(config),
+                    json.dumps(result)))
+        db.execute("INSERT INTO plan VALUES (?, 'g', ?)", (name, json.dumps(
+            ["--wbits", "3", "--abits", "3", "--generator", generator, "--method", method, *flags, "--seed", "0"])))
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    assert store.planned() == ["adadfq-akt-akt-base-gap-entropy---akt-lambda-1e4-w3-s0", "gdfq-kd+ce-w3-s0"]
+    rows = {r["name"]: r for r in store.rows()}
+    assert set(rows) == set(store.planned())
+    assert rows["gdfq-kd+ce-w3-s0"]["loss"] == "kd+ce" and rows["gdfq-kd+ce-w3-s0"]["source"] == "gdfq"
+    assert rows["adadfq-akt-akt-base-gap-entropy---akt-lambda-1e4-w3-s0"]["flags"][:2] == ["--akt-base", "gap-entropy"]
+    plan = dict(store.db.execute("SELECT name, argv FROM plan").fetchall())
+    assert json.loads(plan["gdfq-kd+ce-w3-s0"])[4:8] == ["--source", "gdfq", "--loss", "kd+ce"]
+    store.close()
+    assert Store(tmp_path).planned() == sorted(plan)  # opened again: nothing left to rename
+    proc = run_cli("report", "--store", str(tmp_path), "--out", str(tmp_path / "r.md"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # stored runs: no deprecation line
+    text = (tmp_path / "r.md").read_text()
+    assert "2 of the 2 planned runs finished" in text
+    gdfq = next(line for line in text.splitlines() if line.startswith("| W3A3 | gdfq | kd+ce | "))
+    akt = next(line for line in text.splitlines() if line.startswith("| W3A3 | adadfq | akt | "))
+    assert "| 90.00 |" in gdfq and "akt_base=gap-entropy" in akt and "| 91.00 |" in akt
 
 
 @pytest.mark.parametrize("dataset, classes, quoted", [("cifar10", 10, "72.23 (AKT Tab. 2)"),
@@ -197,7 +275,7 @@ def test_paper_grid_on_fake_cifar(tmp_path, dataset, classes, quoted):
     proc = run_cli("report", "--store", str(tmp_path / "bench"), "--out", str(tmp_path / "r.md"))
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "r.md").read_text()
-    gdfq = next(line for line in text.splitlines() if line.startswith("| W3A3 | gdfq+gdfq |"))
+    gdfq = next(line for line in text.splitlines() if line.startswith("| W3A3 | gdfq | kd+ce |"))
     assert gdfq.rstrip(" |").endswith(quoted) and "| paper |" in gdfq
-    assert "| W3A3 | genie+ptq |" in text  # the post-training rows, with no published number beside them
+    assert "| W3A3 | genie | ptq |" in text  # the post-training rows, with no published number beside them
     assert published(dataset, "resnet20", 3, 3, "hast", "synq").top1 == {"cifar10": 88.11, "cifar100": 57.28}[dataset]
