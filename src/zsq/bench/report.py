@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .published import published
-from ..train.config import PTQ
+from ..train.config import PTQ, current_config
 from .store import Store
 from ..errors import UserError
 from ..io import save_bytes
@@ -28,8 +28,6 @@ BOOKKEEPING = {"seed", "out", "device", "threads", "ckpt_every", "log_every", "e
 def read_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
     """The finished runs among `paths` (run directories, or folders holding them): config (as written now) +
     result each."""
-    from ..train import current_config
-
     runs = []
     for path in map(Path, paths):
         dirs = [path] if (path / "result.json").exists() else sorted(p.parent for p in path.glob("*/result.json"))
@@ -62,8 +60,6 @@ def curve_stats(metrics: Path) -> dict[str, dict[str, float]]:
 
 def read_store(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The runs of a bench store (as read_runs gives them) and the names of every run its grids planned."""
-    from ..train import current_config
-
     store = Store(folder, create=False)
     try:
         rows, planned = store.rows(), store.planned()
@@ -138,8 +134,6 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
 
 def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs that differ only in seed (and bookkeeping), as one row each: accuracies per seed, mean, std."""
-    from ..train import current_config
-
     groups: dict[str, dict[str, Any]] = {}
     for run in runs:
         cfg, res = current_config(run["config"]), run["result"]  # runs given by hand may hold older configs

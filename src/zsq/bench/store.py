@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from ..distill import LOSSES, current_option
 from ..errors import UserError
 from ..train.config import PTQ
 from .grid import flag_tag
@@ -47,8 +48,6 @@ class Store:
         """A store from before the plain names (columns generator, method; losses gdfq, adadfq): its columns,
         losses and run names as a grid names them now, so that the grids find their finished runs and the
         report shows today's names. The stored config.json and result.json stay as they were written."""
-        from ..distill import LOSSES, current_option
-
         def loss(name: str) -> str:
             return LOSSES.canonical(name, quiet=True) if name in LOSSES else name
 
