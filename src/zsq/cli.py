@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of the first and last layer: same as the rest (papers) or 8")
     e.add_argument("--calib-batches", type=positive_int, default=4, help="Gaussian-noise batches for activation ranges")
     e.add_argument("--placement", choices=list(PLACEMENTS), help=QUANTIZE_HELP["placement"])
-    e.add_argument("--batch-size", type=positive_int, default=500)
+    e.add_argument("--batch-size", type=positive_int, help="images per forward (default: 64 on a CPU, 500 on a GPU)")
     e.add_argument("--eval-limit", type=positive_int, help="evaluate on the first N test images only")
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
