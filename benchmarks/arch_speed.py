@@ -39,7 +39,7 @@ def _images(root: Path) -> Path:
 def _run_seconds(model: torch.nn.Module, iters: int, batch: int, data: Path, out: Path, device: str,
                  threads: int) -> float:
     t0 = time.perf_counter()
-    zsq.quantize(model, wbits=4, abits=4, generator="gdfq", method="kd", dataset="imagefolder", data_dir=str(data),
+    zsq.quantize(model, wbits=4, abits=4, source="gdfq", loss="kd", dataset="imagefolder", data_dir=str(data),
                  epochs=1, iters_per_epoch=iters, warmup_epochs=0, act_range="bn-prior", batch_size=batch,
                  eval_limit=4, probe_images=8, probe_iters=1, device=device, threads=threads, out=str(out),
                  quiet=True)

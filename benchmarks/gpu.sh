@@ -14,7 +14,7 @@ $py benchmarks/preset_speed.py --device cuda --iters "${ITERS:-100}" | tee "$out
 $py benchmarks/arch_speed.py --device cuda --batch-size "${ARCH_BATCH:-64}" | tee "$out/arch_speed.log"
 if [ -z "${SPEED_ONLY:-}" ] && [ ! -f "$out/paper-akt-w4/result.json" ]; then
   resume=$([ -f "$out/paper-akt-w4/state.pt" ] && echo --resume || true)
-  $py -m zsq quantize --teacher resnet20_fmnist --wbits 4 --abits 4 --generator adadfq --method akt --akt-base adadfq \
+  $py -m zsq quantize --teacher resnet20_fmnist --wbits 4 --abits 4 --source adadfq --loss akt --akt-base gap-entropy \
     --preset paper --device cuda --seed 0 --quiet --out "$out/paper-akt-w4" $resume
 fi
 $py - "$out" <<'PY'

@@ -1,7 +1,9 @@
 """Does the data-free health score predict real accuracy? Recomputes `zsq health` for every finished run under the
-given folders and sets it against the run's real test accuracy.
+given folders (or reads the score each run of a results store recorded at its end, on the probe given here) and
+sets it against the run's real test accuracy.
 
     python benchmarks/health_study.py --runs /tmp/grid --runs /tmp/hgrid --out results/health/study.json
+    python benchmarks/health_study.py --store results/fmnist-ptq --out results/health/study-ptq.json
 
 Reports the Spearman rank correlation of the score (and of each signal) with test top-1, over all runs and within
 each bit width; the runs more than 10 points below FP that were not flagged and those within 3 points that were;
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from zsq.analysis import spearman
+from zsq.bench.report import read_store
 from zsq.io import save_bytes, save_json
 from zsq.validate import ProbeOptions, run_health
 
@@ -43,6 +46,15 @@ def study(folders: list[Path], opts: ProbeOptions) -> list[dict]:
         print(f"{result['q_top1']:6.2f}  score {h.score:5.1f}{' FLAGGED' if h.flagged else '        '}  {run.name}",
               flush=True)
     return rows
+
+
+def stored(folder: Path, opts: ProbeOptions) -> list[dict]:
+    """The health each run of a results store recorded at its end, where it was checked on the probe `opts`."""
+    runs, _ = read_store(folder)
+    return [{"run": r["name"], "q_top1": r["result"]["q_top1"], "fp_top1": r["result"]["fp_top1"],
+             "wbits": r["config"]["wbits"], **r["result"]["health"], "selection": None} for r in runs
+            if r["result"].get("health") and (r["config"].get("probe_images"), r["config"].get("probe_iters"))
+            == (opts.probe_images, opts.probe_iters)]
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -102,13 +114,18 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", action="append", required=True, type=Path, help="a folder of run directories")
+    p.add_argument("--runs", action="append", default=[], type=Path, help="a folder of run directories")
+    p.add_argument("--store", action="append", default=[], type=Path,
+                   help="a zsq bench output folder: its runs' recorded health (those checked on the probe given)")
     p.add_argument("--out", type=Path, help="write every run's signals and the summary here (JSON)")
     p.add_argument("--table", type=Path, help="write the bands and the per-run table here (markdown)")
     p.add_argument("--probe-images", type=int, default=ProbeOptions.probe_images)
     p.add_argument("--probe-iters", type=int, default=ProbeOptions.probe_iters)
     args = p.parse_args()
-    rows = study(args.runs, ProbeOptions(args.probe_images, args.probe_iters))
+    opts = ProbeOptions(args.probe_images, args.probe_iters)
+    if not args.runs and not args.store:
+        p.error("give --runs or --store")
+    rows = study(args.runs, opts) + [r for folder in args.store for r in stored(folder, opts)]
     summary = summarise(rows)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

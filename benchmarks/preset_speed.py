@@ -19,8 +19,8 @@ import torch
 
 from zsq.train import quantize_run, resolve_config
 
-PAIRS = (("gdfq", "gdfq", {}), ("adadfq", "adadfq", {}), ("hast", "hast", {}),
-         ("adadfq", "akt", {"akt_base": "adadfq"}), ("hast", "synq", {}))
+PAIRS = (("gdfq", "kd+ce", {}), ("adadfq", "gap-entropy", {}), ("hast", "hast", {}),
+         ("adadfq", "akt", {"akt_base": "gap-entropy"}), ("hast", "synq", {}))
 
 
 def iterations_per_second(metrics: Path, warmup_iters: int) -> float:
@@ -32,12 +32,12 @@ def iterations_per_second(metrics: Path, warmup_iters: int) -> float:
     return (i1 - i0) / (t1 - t0)
 
 
-def measure(preset: str, generator: str, method: str, options: dict, iters: int, device: str, teacher: str,
+def measure(preset: str, source: str, loss: str, options: dict, iters: int, device: str, teacher: str,
             folder: Path) -> dict:
-    cfg = resolve_config(preset, generator, method, teacher=teacher, epochs=2, warmup_epochs=1, milestones=[],
+    cfg = resolve_config(preset, source, loss, teacher=teacher, epochs=2, warmup_epochs=1, milestones=[],
                          iters_per_epoch=iters, log_every=10, eval_limit=500, device=device, seed=0,
-                         out=str(folder / f"{preset}-{generator}-{method}"),
-                         **options, **({"synth_images": 256, "synth_iters": 20} if generator == "hast" else {}))
+                         out=str(folder / f"{preset}-{source}-{loss}"),
+                         **options, **({"synth_images": 256, "synth_iters": 20} if source == "hast" else {}))
     result = quantize_run(cfg, quiet=True)
     return {"batch_size": cfg.batch_size, "it_per_s": round(iterations_per_second(result.run_dir / "metrics.jsonl",
                                                                                   iters), 2)}
@@ -54,9 +54,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             figures[preset] = {}
-            for generator, method, options in PAIRS:
-                r = measure(preset, generator, method, options, args.iters, args.device, args.teacher, Path(tmp))
-                figures[preset][f"{generator}+{method}"] = r
+            for source, loss, options in PAIRS:
+                r = measure(preset, source, loss, options, args.iters, args.device, args.teacher, Path(tmp))
+                figures[preset][f"{source}/{loss}"] = r
             base = figures[preset]["gdfq+gdfq"]["it_per_s"]
             for name, r in figures[preset].items():
                 r["ratio_to_gdfq"] = round(r["it_per_s"] / base, 3)

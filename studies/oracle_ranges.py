@@ -6,7 +6,7 @@ back by its range setter.
 
 The oracle is a range-setter plug-in registered here, outside the library (it needs data). Same seed, same
 generator images as the `zsq quantize` run with the library's setters: only the ranges differ.
-Usage: python studies/oracle_ranges.py [--method gdfq] [--bits 3] [--seeds 3 4] [--out runs/oracle-ranges]
+Usage: python studies/oracle_ranges.py [--loss kd+ce] [--bits 3] [--seeds 3 4] [--out runs/oracle-ranges]
 Prints one JSON object as its last line.
 """
 from __future__ import annotations
@@ -42,24 +42,24 @@ class RealDataRange(RangeSetter):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", default="gdfq", help="transfer loss (akt: with the quick preset's akt options)")
+    ap.add_argument("--loss", default="kd+ce", help="transfer loss (akt: with the quick preset's akt options)")
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--seeds", nargs="+", type=int, default=[3, 4])
     ap.add_argument("--out", default="runs/oracle-ranges")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    extra = {"akt_base": "gdfq"} if args.method == "akt" else {}
+    extra = {"akt_base": "kd+ce"} if args.loss == "akt" else {}
     runs = {}
     for seed in args.seeds:
-        out = Path(args.out) / f"gdfq-{args.method}-oracle-real-w{args.bits}-s{seed}"
-        cfg = resolve_config("quick", "gdfq", args.method, teacher="resnet20_fmnist", wbits=args.bits,
+        out = Path(args.out) / f"gdfq-{args.loss}-oracle-real-w{args.bits}-s{seed}"
+        cfg = resolve_config("quick", "gdfq", args.loss, teacher="resnet20_fmnist", wbits=args.bits,
                              abits=args.bits, act_range="oracle-real", seed=seed, device=args.device, out=str(out),
                              **extra)
         if not (out / "result.json").exists():  # rerunning the command resumes or skips
             quantize_run(cfg, resume=(out / "state.pt").exists(), quiet=True)
         runs[seed] = q_top1 = json.loads((out / "result.json").read_text())["q_top1"]
         print(f"seed {seed}: q_top1 {q_top1:.2f}", flush=True)
-    print(json.dumps({"benchmark": "oracle_ranges", "method": args.method, "bits": args.bits, "ste": cfg.ste,
+    print(json.dumps({"benchmark": "oracle_ranges", "loss": args.loss, "bits": args.bits, "ste": cfg.ste,
                       "percentile": PERCENTILE, "q_top1": runs}))
 
 

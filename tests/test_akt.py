@@ -187,11 +187,11 @@ def test_akt_default_lambda_and_base_losses():
     summed.feature_layers(create_model("resnet20", in_channels=1), torch.zeros(2, 1, 32, 32))
     assert summed.lam == 1000 * 9  # the official lam on batch sums: at its batch of 200, the same weight
     inp = _inputs(["a"])
-    gdfq = create_loss("akt", {"akt_base": "gdfq", "akt_layers": "a", "akt_alpha": 1.0})
+    gdfq = create_loss("akt", {"akt_base": "kd+ce", "akt_layers": "a", "akt_alpha": 1.0})
     gdfq.layers = ["a"]
     loss, terms = gdfq(inp)
     assert "ce" in terms and loss.item() == pytest.approx(terms["kd"].item() + terms["ce"].item(), rel=1e-5)
-    ada = create_loss("akt", {"akt_base": "adadfq", "akt_alpha": 1.0})
+    ada = create_loss("akt", {"akt_base": "gap-entropy", "akt_alpha": 1.0})
     ada.layers = ["a"]
     assert "gap_entropy" in ada(inp)[1]
     for bad in ({"akt_alpha": 1.5}, {"akt_combine": "mean"}, {"akt_base": "akt"}, {"akt_tau": 0.0},
@@ -207,8 +207,8 @@ def test_akt_default_lambda_and_base_losses():
 
 def test_akt_run_logs_each_term(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "akt"
-    proc = quantize_tiny(tiny_teacher, fmnist_dir, out, "--generator", "gdfq", "--method", "akt", "--akt-layers",
-                         "units", "--akt-base", "gdfq")
+    proc = quantize_tiny(tiny_teacher, fmnist_dir, out, "--source", "gdfq", "--loss", "akt", "--akt-layers",
+                         "units", "--akt-base", "kd+ce")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if not r["warmup"]]
@@ -216,15 +216,15 @@ def test_akt_run_logs_each_term(tiny_teacher, fmnist_dir, tmp_path):
     for key in ("kd", "ce", "spatial", "channel", "rfd", "grad_norm", "loss_q"):
         assert all(math.isfinite(r[key]) for r in trained), key
     config = json.loads((out / "config.json").read_text())
-    assert config["options"] == {"akt_layers": "units", "akt_base": "gdfq", "akt_lambda": 1e4,  # quick preset,
+    assert config["options"] == {"akt_layers": "units", "akt_base": "kd+ce", "akt_lambda": 1e4,  # quick preset,
                                  "bn_k": 2.5, "bn_propagate": "moments"}  # with its range setter's options
-    bad = run_cli("quantize", "--teacher", str(tiny_teacher), "--method", "akt", "--akt-layers", "layer9",
+    bad = run_cli("quantize", "--teacher", str(tiny_teacher), "--loss", "akt", "--akt-layers", "layer9",
                   "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "no module named layer9" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_akt_through_the_python_api(tiny_teacher, fmnist_dir, tmp_path):
-    result = zsq.quantize(str(tiny_teacher), wbits=3, abits=3, generator="adadfq", method="akt-channel",
+    result = zsq.quantize(str(tiny_teacher), wbits=3, abits=3, source="adadfq", loss="akt-channel",
                           epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=8, data_dir=str(fmnist_dir),
                           eval_limit=50, out=str(tmp_path / "api"), quiet=True, **PROBE_KW)
     assert 0 <= result.q_top1 <= 100

@@ -65,7 +65,7 @@ def test_hutchinson_matches_the_explicit_hessian_of_a_tiny_network():
 
 def test_quantize_tracks_curvature_and_keeps_its_batches_on_resume(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "curv"
-    args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--method", "akt",
+    args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--loss", "akt",
             "--epochs", "3", "--iters-per-epoch", "4", "--warmup-epochs", "1", "--batch-size", "8",
             "--eval-limit", "50", "--track-curvature", "3", "--curvature-samples", "2", "--ckpt-every", "6",
             "--deterministic", "--out", str(out), "--quiet", *TINY_PROBE]
@@ -89,7 +89,7 @@ def test_quantize_tracks_curvature_and_keeps_its_batches_on_resume(tiny_teacher,
 
 
 def _tiny_run(tiny_teacher, fmnist_dir, out, seed: int, *extra: str) -> None:
-    proc = quantize_tiny(tiny_teacher, fmnist_dir, out, "--method", "akt", "--seed", str(seed), *extra)
+    proc = quantize_tiny(tiny_teacher, fmnist_dir, out, "--loss", "akt", "--seed", str(seed), *extra)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import zsq
-from zsq.distill import create_loss, find_cam_layer, find_stages, list_methods
+from zsq.distill import create_loss, find_cam_layer, find_stages, list_losses
 from zsq.export.onnx_qdq import build_onnx
 from zsq.models import create_model
 from zsq.quant import QuantAct, act_quantizers, bn_bounds, calibrate, gaussian_inputs, quantize_model
@@ -32,7 +32,7 @@ def _model(arch: str, channels: int = 1, **kw) -> nn.Module:
 
 def _run(model: nn.Module, generator: str, method: str, fmnist_dir, out) -> zsq.Result:
     offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if generator in BUILDERS else {}
-    return zsq.quantize(model, wbits=4, abits=4, generator=generator, method=method, dataset="fashion-mnist",
+    return zsq.quantize(model, wbits=4, abits=4, source=generator, loss=method, dataset="fashion-mnist",
                         data_dir=str(fmnist_dir), epochs=3, iters_per_epoch=1, warmup_epochs=1, batch_size=4,
                         eval_limit=8, out=str(out), quiet=True, **offline, **PROBE_KW)
 
@@ -42,15 +42,15 @@ def _check(r: zsq.Result) -> None:
     assert all(not q.observing and q.hi > q.lo for q in act_quantizers(r.qmodel))
 
 
-@pytest.mark.parametrize("generator,method", list(itertools.product(list_sources(), list_methods())))
+@pytest.mark.parametrize("generator,method", list(itertools.product(list_sources(), list_losses())))
 def test_mobilenet_v2_with_every_source_and_loss(generator, method, fmnist_dir, tmp_path):
     _check(_run(_model("mobilenet_v2"), generator, method, fmnist_dir, tmp_path / "r"))
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", list_losses())
 def test_resnet50_with_every_loss(method, fmnist_dir, tmp_path):
     sources = list_sources()
-    generator = sources[list_methods().index(method) % len(sources)]  # every source on the bottleneck too
+    generator = sources[list_losses().index(method) % len(sources)]  # every source on the bottleneck too
     _check(_run(_model("resnet50"), generator, method, fmnist_dir, tmp_path / "r"))
 
 
@@ -123,7 +123,7 @@ def test_architectures_export_to_onnx_and_match_onnxruntime(arch, placement):
 def test_resnet50_at_224_runs_one_quantize_iteration(imagefolder_224, tmp_path):
     torch.manual_seed(0)
     teacher = create_model("resnet50", num_classes=2).eval()
-    r = zsq.quantize(teacher, wbits=4, abits=4, generator="gdfq", method="kd", dataset="imagefolder",
+    r = zsq.quantize(teacher, wbits=4, abits=4, source="gdfq", loss="kd", dataset="imagefolder",
                      data_dir=str(imagefolder_224), epochs=1, iters_per_epoch=1, warmup_epochs=0,
                      act_range="bn-prior", batch_size=8, eval_limit=4, out=str(tmp_path / "r"), quiet=True, **PROBE_KW)
     assert r.summary["iterations"] == 1 and r.summary["skipped_steps"] == 0

@@ -93,7 +93,7 @@ def test_two_ranks_end_identical_and_write_once(tiny_teacher, fmnist_dir, tmp_pa
 def test_first_step_equals_one_process_on_the_double_batch(tiny_teacher, fmnist_dir, tmp_path):
     """2 ranks × B images = 1 process × 2B images, same images: the same Q model after its first step. The BN
     prior makes the ranges independent of the warm-up images, which differ between the two runs."""
-    common = dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), generator="fixed-test-images", method="gdfq",
+    common = dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), source="fixed-test-images", loss="kd+ce",
                   wbits=4, abits=4, act_range="bn-prior", epochs=2, iters_per_epoch=1, warmup_epochs=1,
                   eval_limit=8, lr_q=0.05, **PROBE_KW)
     two = _spawn(tmp_path, out=str(tmp_path / "two"), batch_size=8, **common)[0]["state"]

@@ -48,10 +48,10 @@ def test_the_architecture_doc_examples_train_and_get_their_flags(doc_plugins, ti
     finally:
         job.close()
     assert not any(skipped.values()) and terms["loss_q"] == pytest.approx(2.0 * terms["mse"].item())
-    args = build_parser().parse_args(["quantize", "--generator", "noise", "--method", "logit-mse", "--act-range",
+    args = build_parser().parse_args(["quantize", "--source", "noise", "--loss", "logit-mse", "--act-range",
                                       "ema-shrink", "--noise-std", "0.25", "--out", str(tmp_path / "cli")])
     assert quantize_config_from(args).options == {"noise_std": 0.25, "range_shrink": 0.9}  # the setter's default
-    for option, taker in (("noise_std", "--generator noise"), ("range_shrink", "--act-range ema-shrink")):
+    for option, taker in (("noise_std", "--source noise"), ("range_shrink", "--act-range ema-shrink")):
         with pytest.raises(UserError, match=f"--{option.replace('_', '-')} does not apply to this run: it applies "
                                             f"to {taker}"):
             resolve_config("quick", "gdfq", "kd", **{option: 0.5})

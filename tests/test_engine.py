@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zsq.distill import TransferInputs, create_loss, kd_loss, list_methods
+import zsq.errors
+from zsq.distill import LOSSES, TransferInputs, create_loss, kd_loss, list_losses
 from zsq.errors import UserError
 from zsq.synth import BNStatistics, ConditionalGenerator, SourceContext, create_source, list_sources
 from zsq.synth.adadfq import band_loss, entropy
@@ -72,11 +73,11 @@ def test_gdfq_and_adadfq_transfer_losses_by_hand():
     t = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
     q = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     y = torch.tensor([0, 1])
-    loss, terms = create_loss("gdfq", {"kd_temperature": 1.0})(_inputs(t, q, y))
+    loss, terms = create_loss("kd+ce", {"kd_temperature": 1.0})(_inputs(t, q, y))
     ce = F.cross_entropy(q, y)
     assert loss.item() == pytest.approx((kd_loss(t, q, 1.0) + ce).item(), rel=1e-6)
     assert set(terms) == {"kd", "ce"}
-    loss, terms = create_loss("adadfq", {"kd_temperature": 1.0})(_inputs(t, q, y))
+    loss, terms = create_loss("gap-entropy", {"kd_temperature": 1.0})(_inputs(t, q, y))
     p1 = torch.softmax(torch.tensor([1.0, 0.0]), 0)  # rows of z_t − z_q: [1, 0] and [−1, 2]
     p2 = torch.softmax(torch.tensor([-1.0, 2.0]), 0)
     h = (-(p1 * p1.log()).sum() - (p2 * p2.log()).sum()) / 2
@@ -84,7 +85,7 @@ def test_gdfq_and_adadfq_transfer_losses_by_hand():
     assert loss.item() == pytest.approx(math.log(2) - h.item(), rel=1e-6)
     assert terms["gap_entropy"].item() == pytest.approx(h.item(), rel=1e-6)
     # maximal entropy (log C) when the gap is constant
-    loss, _ = create_loss("adadfq", {})(_inputs(t, t + 5.0, y))
+    loss, _ = create_loss("gap-entropy", {})(_inputs(t, t + 5.0, y))
     assert loss.item() == pytest.approx(0.0, abs=1e-4)
 
 
@@ -128,6 +129,19 @@ def test_adadfq_generator_loss_composition():
 
 def test_registries_list_the_plugins():
     assert {"gdfq", "adadfq"} <= set(list_sources())
-    assert {"kd", "gdfq", "adadfq"} <= set(list_methods())
-    with pytest.raises(UserError, match="unknown method"):
+    assert {"kd", "kd+ce", "gap-entropy"} <= set(list_losses())
+    with pytest.raises(UserError, match="unknown loss 'nope'"):
         create_loss("nope")
+
+
+def test_a_former_loss_name_is_the_same_loss_with_one_deprecation_line(capsys, monkeypatch):
+    monkeypatch.setattr(zsq.errors, "_said", set())  # once per process: start this test's process afresh
+    t, q, y = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
+    assert not {"gdfq", "adadfq"} & set(list_losses())  # the former names are not offered
+    for old, new in (("gdfq", "kd+ce"), ("adadfq", "gap-entropy")):
+        for _ in range(2):
+            assert torch.equal(create_loss(old, {})(_inputs(t, q, y))[0], create_loss(new, {})(_inputs(t, q, y))[0])
+        assert LOSSES.canonical(old, quiet=True) == new
+    assert capsys.readouterr().err.splitlines() == [
+        "zsq: the loss name 'gdfq' is deprecated and goes in the next release: use 'kd+ce'",
+        "zsq: the loss name 'adadfq' is deprecated and goes in the next release: use 'gap-entropy'"]

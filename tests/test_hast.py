@@ -101,7 +101,7 @@ def test_synth_cli_writes_a_set_quantize_can_use(tmp_path, fmnist_dir):
     data = read_set(out)
     assert data["images"].shape == (8, 1, 32, 32) and json.loads(data["recipe"])["synth_iters"] == 2
     run = tmp_path / "run"
-    proc = run_cli("quantize", "--generator", "hast", "--method", "kd", "--synth-data", str(out), "--data-dir",
+    proc = run_cli("quantize", "--source", "hast", "--loss", "kd", "--synth-data", str(out), "--data-dir",
                    str(fmnist_dir), "--epochs", "2", "--iters-per-epoch", "2", "--warmup-epochs", "1",
                    "--batch-size", "4", "--eval-limit", "20", "--out", str(run), "--quiet", *TINY_PROBE)
     assert proc.returncode == 0, proc.stderr
@@ -146,7 +146,7 @@ def test_fgsm_promotion_moves_each_pixel_by_eps_uphill():
 
 def test_promote_works_with_any_loss(tiny_teacher, fmnist_dir, tmp_path):
     import zsq
-    r = zsq.quantize(str(tiny_teacher), generator="gdfq", method="kd", promote=0.01, data_dir=str(fmnist_dir),
+    r = zsq.quantize(str(tiny_teacher), source="gdfq", loss="kd", promote=0.01, data_dir=str(fmnist_dir),
                      epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=4, eval_limit=20,
                      out=str(tmp_path / "p"), quiet=True, **PROBE_KW)
     rows = [json.loads(l) for l in (r.run_dir / "metrics.jsonl").read_text().splitlines()]

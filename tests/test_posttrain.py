@@ -27,7 +27,8 @@ def test_ptq_cli_writes_a_run_that_eval_export_health_and_report_read(tiny_teach
     assert "W4A4 ptq on genie" in proc.stdout
     result = json.loads((run / "result.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    assert result["method"] == config["method"] == "ptq" and result["generator"] == "genie"
+    assert result["method"] == config["method"] == "ptq" and result["source"] == config["source"] == "genie"
+    assert "loss" not in config and "loss" not in result
     assert result["uses_data"] is False and config["recon"]["iters"] == 2 and config["images"] == 16
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == result["units"] and len(rows) == 11
@@ -48,7 +49,7 @@ def test_ptq_cli_writes_a_run_that_eval_export_health_and_report_read(tiny_teach
     report = run_cli("report", str(run), str(tmp_path / "rtn"), "--out", str(tmp_path / "rep.md"))
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "rep.md").read_text()
-    assert "genie+ptq" in table and "real+ptq" in table and "iters_per_unit=0" in table
+    assert "| genie | ptq |" in table and "| real | ptq |" in table and "iters_per_unit=0" in table
 
 
 def test_ptq_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):
@@ -90,13 +91,13 @@ def test_ptq_bad_input_is_one_line(tiny_teacher, fmnist_dir, tmp_path):
 def test_a_grid_row_with_method_ptq_runs_zsq_ptq(tmp_path):
     grid = tmp_path / "g.toml"
     grid.write_text('teacher = "resnet20_fmnist"\nbits = [4]\noptions = {eval-limit = 100, epochs = 2}\n'
-                    '[[rows]]\ngenerator = ["genie", "real"]\nmethod = "ptq"\noptions = {iters-per-unit = 0}\n'
-                    '[[rows]]\ngenerator = "hast"\nmethod = "kd"\n')
+                    '[[rows]]\nsource = ["genie", "real"]\nmethod = "ptq"\noptions = {iters-per-unit = 0}\n'
+                    '[[rows]]\nsource = "hast"\nloss = "kd"\n')
     specs = load_grid(grid).runs()
-    ptq = [s for s in specs if s.method == "ptq"]
+    ptq = [s for s in specs if s.command == "ptq"]
     assert [s.command for s in specs] == ["ptq", "ptq", "quantize"]
     argv = ptq[0].argv(tmp_path / "r")
-    assert argv[argv.index("--source") + 1] == "genie" and "--generator" not in argv and "--method" not in argv
+    assert argv[argv.index("--source") + 1] == "genie" and "--loss" not in argv and "--method" not in argv
     assert "--eval-limit" in argv and "--epochs" not in argv  # a QAT-only option does not reach a PTQ run
     assert "--epochs" in specs[2].argv(tmp_path / "q")
 

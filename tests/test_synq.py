@@ -199,7 +199,7 @@ def test_promotion_direction_leaves_the_cam_term_out(tiny_teacher, fmnist_dir, t
     real = zsq.train.job.fgsm_promote
     monkeypatch.setattr(zsq.train.job, "fgsm_promote",
                         lambda x, loss, eps: directions.append(loss.item()) or real(x, loss, eps))
-    r = zsq.quantize(str(tiny_teacher), generator="gdfq", method="synq", data_dir=str(fmnist_dir), epochs=2,
+    r = zsq.quantize(str(tiny_teacher), source="gdfq", loss="synq", data_dir=str(fmnist_dir), epochs=2,
                      iters_per_epoch=2, warmup_epochs=1, batch_size=6, eval_limit=8, synq_tau=0.9,
                      out=str(tmp_path / "s"), quiet=True, **PROBE_KW)
     rows = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -236,7 +236,7 @@ def test_bad_synq_options():
 
 def test_synq_run_end_to_end(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "synq"
-    proc = quantize_tiny(tiny_teacher, fmnist_dir, out, "--generator", "gdfq", "--method", "synq", "--synq-d0", "6",
+    proc = quantize_tiny(tiny_teacher, fmnist_dir, out, "--source", "gdfq", "--loss", "synq", "--synq-d0", "6",
                          "--cam-target", "pred")
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "config.json").read_text())
@@ -246,6 +246,6 @@ def test_synq_run_end_to_end(tiny_teacher, fmnist_dir, tmp_path):
     trained = [r for r in rows if not r["warmup"]]
     assert trained and all({"kd", "fa", "selce", "selce_kept", "cam", "loss_promoted"} <= set(r) for r in trained)
     assert all(math.isfinite(r["loss_q"]) for r in trained)
-    bad = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--method", "synq",
+    bad = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--loss", "synq",
                   "--synq-parts", "lpf,sharpen", "--out", str(tmp_path / "bad"), "--quiet")
     assert bad.returncode == 2 and "synq-parts" in bad.stderr and "Traceback" not in bad.stderr

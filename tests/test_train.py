@@ -12,34 +12,33 @@ import pytest
 import torch
 
 import zsq
+import zsq.errors
 from zsq.device import deterministic
-from zsq.distill import list_methods
 from zsq.errors import UserError
 from zsq.quant import ActQuantizer
-from zsq.synth import list_sources
-from zsq.synth.pixels import BUILDERS
 from zsq.train import resolve_config
 from zsq.validate import ProbeOptions
 
 from conftest import PROBE_KW, TINY, TINY_PROBE, kill_when, run_cli
 
+
 def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--wbits", "4",
-                   "--abits", "4", "--generator", "gdfq", "--method", "gdfq", *TINY, "--out", str(out), "--quiet")
+                   "--abits", "4", "--source", "gdfq", "--loss", "kd+ce", *TINY, "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "result.json", "samples.pt",
                                                      "student.pt"]
     samples = torch.load(out / "samples.pt", weights_only=True)  # what zsq analyze draws
     assert samples["images"].shape[1:] == (1, 32, 32) and len(samples["labels"]) == 32 and samples["source"] == "gdfq"
     result = json.loads((out / "result.json").read_text())
-    for key in ("fp_top1", "q_top1", "wbits", "abits", "generator", "method", "preset", "iterations", "wall_s",
+    for key in ("fp_top1", "q_top1", "wbits", "abits", "source", "loss", "preset", "iterations", "wall_s",
                 "seed", "device", "torch"):
         assert key in result
-    assert result["iterations"] == 6 and result["generator"] == "gdfq"
+    assert result["iterations"] == 6 and (result["source"], result["loss"]) == ("gdfq", "kd+ce")
     config = json.loads((out / "config.json").read_text())
     assert config["batch_size"] == 8 and config["preset"] == "quick"
-    assert config["options"] == {"act_percentile": 99.7}  # the quick preset's range setter for --method gdfq
+    assert config["options"] == {"act_percentile": 99.7}  # the quick preset's range setter for --loss kd+ce
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == list(range(6))
     assert all(r["warmup"] for r in rows[:3]) and "loss_q" in rows[3] and "grad_norm" in rows[3]
@@ -52,18 +51,6 @@ def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
 
 
-@pytest.mark.parametrize("generator", list_sources())
-@pytest.mark.parametrize("method", list_methods())
-def test_every_generator_with_every_method(generator, method, tiny_teacher, fmnist_dir, tmp_path):
-    offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if generator in BUILDERS else {}
-    r = zsq.quantize(str(tiny_teacher), wbits=3, abits=4, generator=generator, method=method, data_dir=str(fmnist_dir),
-                     epochs=2, iters_per_epoch=2, warmup_epochs=1, batch_size=6, out=str(tmp_path / "r"), quiet=True,
-                     **offline, **PROBE_KW)
-    assert 0 <= r.q_top1 <= 100 and r.summary["skipped_steps"] == 0
-    quants = [m for m in r.qmodel.modules() if isinstance(m, ActQuantizer)]
-    assert quants and all(not q.observing and q.hi > q.lo for q in quants)  # calibrated in warm-up, then frozen
-
-
 def test_warmup_calibrates_ranges_and_leaves_weights_alone(tiny_teacher, fmnist_dir, tmp_path):
     teacher = zsq.load_model(str(tiny_teacher))
     r = zsq.quantize(teacher, dataset="fashion-mnist", data_dir=str(fmnist_dir), epochs=2, iters_per_epoch=2,
@@ -74,9 +61,9 @@ def test_warmup_calibrates_ranges_and_leaves_weights_alone(tiny_teacher, fmnist_
 
 
 def test_presets_and_overrides():
-    paper = resolve_config("paper", "adadfq", "adadfq")
+    paper = resolve_config("paper", "adadfq", "gap-entropy")
     assert (paper.epochs, paper.iters_per_epoch, paper.batch_size, paper.milestones) == (400, 200, 16, [100, 200, 300])
-    assert resolve_config("paper", "gdfq", "gdfq").options == {"kd_reduction": "elementwise"}
+    assert resolve_config("paper", "gdfq", "kd+ce").options == {"kd_reduction": "elementwise"}
     assert resolve_config("paper", "gdfq", "kd").batch_size == 200
     akt = resolve_config("paper", "adadfq", "akt-channel")  # AKT's own budget, over the data source's
     assert (akt.epochs, akt.milestones, akt.batch_size) == (200, [100], 200)
@@ -86,7 +73,7 @@ def test_presets_and_overrides():
     assert quick_akt.options == {"akt_lambda": 1e4, "bn_k": 2.5, "bn_propagate": "moments"}
     quick_kd = resolve_config("quick", "gdfq", "kd")
     assert quick_kd.act_range == "bn-prior" and quick_kd.options == {"bn_k": 2.5, "bn_propagate": "bounds"}
-    quick_gdfq = resolve_config("quick", "gdfq", "gdfq")
+    quick_gdfq = resolve_config("quick", "gdfq", "kd+ce")
     assert (quick_gdfq.act_range, quick_gdfq.ste, quick_gdfq.options) == ("percentile", "clipped",
                                                                         {"act_percentile": 99.7})
     assert resolve_config("paper", "gdfq", "kd", act_range="bn-prior").options["bn_k"] == 3.0
@@ -95,7 +82,7 @@ def test_presets_and_overrides():
     quick = resolve_config("quick", "gdfq", "kd", batch_size=32, epochs=None, kd_temperature=4.0)
     assert quick.batch_size == 32 and quick.epochs == resolve_config("quick").epochs
     assert quick.options == {"bn_k": 2.5, "bn_propagate": "bounds", "kd_temperature": 4.0}
-    with pytest.raises(UserError, match="--lambda-l does not apply .* --generator adadfq"):
+    with pytest.raises(UserError, match="--lambda-l does not apply .* --source adadfq"):
         resolve_config("quick", "gdfq", "kd", lambda_l=0.3)  # an AdaDFQ option on a GDFQ run
     with pytest.raises(UserError, match="preset"):
         resolve_config("fast")
@@ -106,25 +93,40 @@ def test_options_that_do_not_apply_are_refused_and_not_recorded():
     compute the same thing never differ in config.json), and a preset's such value is dropped, not recorded."""
     from zsq.flags import quantize_config
 
-    for argv, needle in ((["--method", "adadfq", "--kd-reduction", "elementwise"], "--kd-reduction"),
-                         (["--method", "akt", "--ce-weight", "2"], "--ce-weight .* --akt-base gdfq"),
-                         (["--method", "akt", "--akt-combine", "sum", "--akt-alpha", "0.3"], "--akt-combine convex"),
-                         (["--method", "synq", "--synq-parts", "lpf,selce", "--cam-type", "gradcampp"], "with cam"),
+    for argv, needle in ((["--loss", "gap-entropy", "--kd-reduction", "elementwise"], "--kd-reduction"),
+                         (["--loss", "akt", "--ce-weight", "2"], r"--ce-weight .* --akt-base kd\+ce"),
+                         (["--loss", "akt", "--akt-combine", "sum", "--akt-alpha", "0.3"], "--akt-combine convex"),
+                         (["--loss", "synq", "--synq-parts", "lpf,selce", "--cam-type", "gradcampp"], "with cam"),
                          (["--act-range", "ema-minmax", "--bn-k", "3"], "--bn-k .* bn-prior"),
                          (["--act-range", "bn-prior", "--range-lr-scale", "2"], "--act-range learned"),
-                         (["--generator", "hast", "--synth-data", "x.pt", "--synth-iters", "5"], "--synth-data"),
-                         (["--generator", "hast", "--act-range", "bn-prior", "--warmup-epochs", "0",
+                         (["--source", "hast", "--synth-data", "x.pt", "--synth-iters", "5"], "--synth-data"),
+                         (["--source", "hast", "--act-range", "bn-prior", "--warmup-epochs", "0",
                            "--warmup-batch", "16"], "--warmup-epochs ≥ 1")):
         with pytest.raises(UserError, match=needle):
             quantize_config(argv)
-    assert quantize_config(["--method", "akt", "--akt-base", "gdfq", "--ce-weight", "2"]).options["ce_weight"] == 2
-    kd = resolve_config("quick", "gdfq", "gdfq")  # the quick preset's bn-k 2.5 does nothing under its percentile
+    assert quantize_config(["--loss", "akt", "--akt-base", "kd+ce", "--ce-weight", "2"]).options["ce_weight"] == 2
+    kd = resolve_config("quick", "gdfq", "kd+ce")  # the quick preset's bn-k 2.5 does nothing under its percentile
     assert (kd.act_range, kd.options) == ("percentile", {"act_percentile": 99.7})
-    assert resolve_config("paper", "adadfq", "akt", akt_base="adadfq").options == {"akt_base": "adadfq"}
+    assert resolve_config("paper", "adadfq", "akt", akt_base="gap-entropy").options == {"akt_base": "gap-entropy"}
+
+
+def test_the_former_flag_and_loss_names_run_the_same_config(capsys, monkeypatch):
+    from zsq.flags import quantize_config
+
+    monkeypatch.setattr(zsq.errors, "_said", set())
+    former = quantize_config(["--generator", "adadfq", "--method", "akt", "--akt-base", "adadfq"])
+    assert former == quantize_config(["--source", "adadfq", "--loss", "akt", "--akt-base", "gap-entropy"])
+    assert former.options["akt_base"] == "gap-entropy"  # config.json records the name it has now
+    assert quantize_config(["--method", "gdfq"]) == quantize_config(["--loss", "kd+ce"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["zsq: --generator is deprecated and goes in the next release: use --source",
+                   "zsq: --method is deprecated and goes in the next release: use --loss",
+                   "zsq: the loss name 'adadfq' is deprecated and goes in the next release: use 'gap-entropy'",
+                   "zsq: the loss name 'gdfq' is deprecated and goes in the next release: use 'kd+ce'"]
 
 
 def test_bad_quantize_input(tiny_teacher):
-    for args, needle in ((["--wbits", "9"], "2..8"), (["--generator", "vae"], "vae"), (["--method", "x"], "'x'"),
+    for args, needle in ((["--wbits", "9"], "2..8"), (["--source", "vae"], "vae"), (["--loss", "x"], "'x'"),
                          (["--warmup-epochs", "5", "--epochs", "2"], "warmup-epochs"),
                          (["--teacher", "nope.pt"], "not found")):
         proc = run_cli("quantize", "--teacher", str(tiny_teacher), *args)

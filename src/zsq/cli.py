@@ -77,7 +77,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize_run(cfg, resume=args.resume, quiet=args.quiet, restart=args.restart)
     s = result.summary
     if result.rank == 0:
-        print(f"{cfg.out}: W{s['wbits']}A{s['abits']} {s['generator']}+{s['method']} ({s['preset']}): "
+        print(f"{cfg.out}: W{s['wbits']}A{s['abits']} source {s['source']}, loss {s['loss']} ({s['preset']}): "
               f"q_top1 {s['q_top1']:.2f} (FP {s['fp_top1']:.2f}) in {s['wall_s'] / 60:.1f} min")
         h = Health(**s["health"])
         print(("warning: " if h.flagged else "") + h.line(), file=sys.stderr if h.flagged else sys.stdout)
@@ -88,7 +88,7 @@ def _cmd_ptq(args: argparse.Namespace) -> int:
     cfg = ptq_config_from(args)
     result = ptq_run(cfg, resume=args.resume, restart=args.restart, quiet=args.quiet)
     s = result.summary
-    print(f"{cfg.out}: W{s['wbits']}A{s['abits']} ptq on {s['generator']} ({s['preset']}): q_top1 {s['q_top1']:.2f} "
+    print(f"{cfg.out}: W{s['wbits']}A{s['abits']} ptq on {s['source']} ({s['preset']}): q_top1 {s['q_top1']:.2f} "
           f"(FP {s['fp_top1']:.2f}) in {s['wall_s'] / 60:.1f} min")
     h = Health(**s["health"])
     print(("warning: " if h.flagged else "") + h.line(), file=sys.stderr if h.flagged else sys.stdout)
@@ -149,7 +149,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _add_synth(sub) -> None:
     s = sub.add_parser("synth", help="optimise an offline synthetic set (HAST, ZeroQ, Genie) for a teacher and save it",
                        description="Writes images, labels, the recipe and a hash of the teacher's weights; "
-                                   "`zsq quantize --generator hast --synth-data FILE` trains on it.")
+                                   "`zsq quantize --source hast --synth-data FILE` trains on it.")
     s.add_argument("--teacher", default="resnet20_fmnist", help="shipped teacher, architecture or checkpoint path")
     s.add_argument("--checkpoint", help="weights for an architecture name")
     s.add_argument("--source", default="hast", choices=sorted(BUILDERS))
@@ -238,7 +238,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _add_report(sub) -> None:
     r = sub.add_parser("report", help="one table of finished runs, seeds grouped as mean ± std (markdown and HTML)",
                        description="Published numbers (quoted) appear beside ours where dataset, model, bits, "
-                                   "data source and method match.")
+                                   "data source and loss match.")
     r.add_argument("runs", nargs="*", help="run directories, or folders holding them")
     r.add_argument("--store", help="a zsq bench output folder (its results.db)")
     r.add_argument("--out", help="markdown file; the HTML goes beside it")
@@ -268,7 +268,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub) -> None:
-    b = sub.add_parser("bench", help="run a grid file (bits × data sources × methods × seeds) into a results store",
+    b = sub.add_parser("bench", help="run a grid file (bits × data sources × losses × seeds) into a results store",
                        description="Each run is a `zsq quantize` process; finished runs are skipped and killed ones "
                                    "resumed, so the same command continues a grid. Results: OUT/results.db "
                                    "(read by zsq report --store OUT).")
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of the first and last layer: same as the rest (papers) or 8")
     e.add_argument("--calib-batches", type=positive_int, default=4, help="Gaussian-noise batches for activation ranges")
     e.add_argument("--placement", choices=list(PLACEMENTS), help=QUANTIZE_HELP["placement"])
-    e.add_argument("--batch-size", type=positive_int, default=500)
+    e.add_argument("--batch-size", type=positive_int, help="images per forward (default: 64 on a CPU, 500 on a GPU)")
     e.add_argument("--eval-limit", type=positive_int, help="evaluate on the first N test images only")
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)

@@ -12,10 +12,18 @@ from .models import dataset_info, load_model
 from .quant import QuantConfig, calibrate, default_placement, gaussian_inputs, quantize_model
 
 
+def eval_batch(device: str) -> int:
+    """Images per forward when evaluating: 64 on a CPU, where a batch of 500 outgrows the caches (10,000
+    Fashion-MNIST test images at 1 thread: ResNet-20 32.5 s against 19.2 s, MobileNetV2 32.7 s against 21.0 s, the
+    same top-1), 500 on a GPU."""
+    return 64 if torch.device(device).type == "cpu" else 500
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: ImageSet, batch_size: int = 500, device: str = "cpu",
+def evaluate(model: nn.Module, ds: ImageSet, batch_size: int | None = None, device: str = "cpu",
              limit: int | None = None, progress: bool = False) -> dict[str, float]:
     """Accuracy in percent. Counts stay on the device until the end: one sync per evaluation."""
+    batch_size = batch_size or eval_batch(device)
     model.eval()
     correct1 = torch.zeros((), dtype=torch.long, device=device)
     correct5 = torch.zeros((), dtype=torch.long, device=device)
@@ -56,7 +64,7 @@ def eval_set_for(model: nn.Module, dataset: str | None = None, data_dir: str | N
 
 
 def run_eval(model: str, checkpoint: str | None = None, dataset: str | None = None, data_dir: str | None = None,
-             wbits: int = 32, abits: int = 32, first_last: str = "same", batch_size: int = 500,
+             wbits: int = 32, abits: int = 32, first_last: str = "same", batch_size: int | None = None,
              limit: int | None = None, device: str = "auto", calib_batches: int = 4, seed: int = 0,
              model_def: str | None = None, placement: str | None = None) -> dict:
     """Load a model, optionally fake-quantize it with Gaussian-noise activation ranges (the 'no training'

@@ -11,14 +11,14 @@ from dataclasses import fields
 from typing import Any, Callable
 
 from .data import list_datasets
-from .distill import LOSSES, list_methods
-from .errors import UserError
+from .distill import LOSSES
+from .errors import UserError, deprecated
 from .posttrain import PTQ_SOURCES, PtqConfig, resolve_ptq_config
 from .posttrain import config_dict as ptq_config_dict
 from .presets import PRESETS
 from .quant import PLACEMENTS, check_bits
 from .quant.ranges import RANGE_SETTERS
-from .synth import SOURCES, list_sources
+from .synth import SOURCES
 from .train import SELECT, TrainConfig, config_dict, resolve_config
 
 
@@ -62,6 +62,18 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
+class Renamed(argparse.Action):
+    """A flag's former name, kept for one release: sets the new flag's value, with a deprecation line."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        deprecated(option_string or self.new, self.new)
+        setattr(namespace, self.dest, values)
+
+
 def add_model_def(parser: argparse.ArgumentParser, default: str = "") -> None:
     parser.add_argument("--model-def", metavar="FILE.py:FACTORY",
                         help=f"a user's own architecture: FACTORY in FILE.py builds the module with no arguments "
@@ -84,7 +96,7 @@ def float_pair(text: str) -> tuple[float, float]:
 
 
 QUANTIZE_HELP = {
-    "promote": "ε of HAST's FGSM difficulty promotion, with any method (0 = off; the hast presets: 0.01)",
+    "promote": "ε of HAST's FGSM difficulty promotion, with any loss (0 = off; the hast presets: 0.01)",
     "track_curvature": "every N trained iterations, log Hutchinson's Hessian trace of the transfer loss on fixed "
                        "synthetic batches (hessian_trace, hessian_trace_se in metrics.jsonl; 0 = off)",
     "curvature_samples": "Rademacher vectors per Hessian-trace estimate (default 16)",
@@ -100,7 +112,9 @@ QUANTIZE_HELP = {
     "probe_images": "images of the health check's probe set (built once per teacher, cached)",
     "probe_iters": "BN-statistics steps per probe batch",
     "teacher": "shipped teacher, architecture (with --checkpoint) or checkpoint path",
-    "generator": "data source", "method": "transfer loss", "preset": "recipe: paper budget or quick CPU budget",
+    "source": "data source: online generators gdfq, adadfq; offline sets hast, zeroq, genie (formerly --generator)",
+    "loss": "transfer loss: kd, kd+ce (GDFQ's), gap-entropy (AdaDFQ's), hast, akt…, synq (formerly --method)",
+    "preset": "recipe: paper budget or quick CPU budget",
     "wbits": "weight bits (2..8; 32 = FP)", "abits": "activation bits (2..8; 32 = FP)",
     "epochs": "epochs (default: preset)", "iters_per_epoch": "iterations per epoch (default: preset)",
     "warmup_epochs": "generator-only epochs that calibrate activation ranges (default: preset)",
@@ -134,20 +148,25 @@ def _field_type(f: dataclasses.Field) -> Callable:
 def add_quantize(sub) -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="train a low-bit model from a teacher, with no real data",
                        description="Every recipe field defaults to the preset; plug-in options apply to the chosen "
-                                   "generator, method or act-range.")
-    choices = {"generator": list_sources(), "method": list_methods(), "preset": list(PRESETS),
+                                   "source, loss or act-range.")
+    choices = {"source": SOURCES.names(), "preset": list(PRESETS),
                "first_last": ["same", "8bit"], "act_range": RANGE_SETTERS.names(), "ste": ["identity", "clipped"],
                "precision": ["fp32", "bf16"], "select": list(SELECT), "placement": list(PLACEMENTS)}
     for f in fields(TrainConfig):
         if f.name == "options":
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.name in ("teacher", "generator", "method", "preset", "wbits", "abits") else None
+        default = f.default if f.name in ("teacher", "source", "loss", "preset", "wbits", "abits") else None
         if str(f.type) == "bool":
             q.add_argument(flag, action="store_true", default=None, help=QUANTIZE_HELP.get(f.name))
+        elif f.name == "loss":  # a former name is translated, with a deprecation line
+            q.add_argument(flag, type=LOSSES.canonical, default=default, metavar="{" + ",".join(LOSSES.names()) + "}",
+                           help=QUANTIZE_HELP[f.name])
         else:
             q.add_argument(flag, type=_field_type(f), default=default, choices=choices.get(f.name),
                            help=QUANTIZE_HELP.get(f.name, f"(default: preset or {f.default!r})"))
+    for old, new in (("--generator", "--source"), ("--method", "--loss")):
+        q.add_argument(old, dest=new[2:], action=Renamed, new=new, help=argparse.SUPPRESS)
     plugin = q.add_argument_group("plug-in options")
     options = {**SOURCES.all_options(), **LOSSES.all_options(), **RANGE_SETTERS.all_options()}
     for name, f in sorted(options.items()):
@@ -169,7 +188,7 @@ def _quantize_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def quantize_config_from(args: argparse.Namespace) -> TrainConfig:
     values = _quantize_values(args)
-    return resolve_config(values.pop("preset"), values.pop("generator"), values.pop("method"), **values)
+    return resolve_config(values.pop("preset"), values.pop("source"), values.pop("loss"), **values)
 
 
 def quantize_values(argv: list[str]) -> dict[str, Any]:

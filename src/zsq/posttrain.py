@@ -29,7 +29,7 @@ from .quant import QuantConfig, act_quantizers, default_placement, float_tensors
 from .recon import USER_NAMES, ReconConfig, reconstruct
 from .rundir import clear_run, open_run
 from .synth import SOURCES, SourceContext, create_source
-from .train import Result, available_cores
+from .train import Result, available_cores, current_config
 from .validate import ProbeOptions, health, probe_set
 
 REAL = "real"  # training images of the teacher's dataset: not data-free, the upper bound a PTQ table quotes
@@ -41,7 +41,7 @@ class PtqConfig:
     teacher: str = "resnet20_fmnist"  # shipped teacher, architecture (+ checkpoint) or checkpoint path
     checkpoint: str | None = None
     model_def: str | None = None  # FILE.py:FACTORY building a user's teacher module
-    generator: str = "genie"  # the images: an offline data source, or "real"
+    source: str = "genie"  # the images: an offline data source, or "real"
     preset: str = "quick"
     wbits: int = 4
     abits: int = 4
@@ -65,20 +65,20 @@ class PtqConfig:
     def __post_init__(self) -> None:
         if isinstance(self.recon, dict):
             self.recon = ReconConfig(**self.recon)
-        if self.generator not in PTQ_SOURCES:
-            raise UserError(f"PTQ images come from {', '.join(PTQ_SOURCES)}, not '{self.generator}' (an online "
+        if self.source not in PTQ_SOURCES:
+            raise UserError(f"PTQ images come from {', '.join(PTQ_SOURCES)}, not '{self.source}' (an online "
                             f"generator trains beside a QAT student: use zsq quantize)")
         if self.images < 1:
             raise UserError(f"images must be ≥ 1, got {self.images}")
         if self.threads < 0:
             raise UserError(f"threads must be ≥ 1 (or 0: the cores this process may use), got {self.threads}")
-        own = set() if self.generator == REAL else {f.name for f in dataclasses.fields(
-            SOURCES.options_class(self.generator))}
+        own = set() if self.source == REAL else {f.name for f in dataclasses.fields(
+            SOURCES.options_class(self.source))}
         for name in self.options:
             if name == "synth_images":
                 raise UserError("--synth-images: the set's size is --images under zsq ptq")
             if name not in own or name == "warmup_batch":  # no QAT warm-up here
-                raise UserError(f"--{name.replace('_', '-')} does not apply to --source {self.generator}")
+                raise UserError(f"--{name.replace('_', '-')} does not apply to --source {self.source}")
         self.quant()
         self.probe()
 
@@ -96,15 +96,15 @@ class PtqConfig:
 RECON_FLAGS = {USER_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(ReconConfig)}
 
 
-def resolve_ptq_config(preset: str = "quick", generator: str = "genie", **overrides: Any) -> PtqConfig:
+def resolve_ptq_config(preset: str = "quick", source: str = "genie", **overrides: Any) -> PtqConfig:
     """Defaults → preset → overrides (None = not given). Reconstruction settings by name (`iters_per_unit` for
     ReconConfig.iters, `recon_loss` for its loss), the source's options by their own names."""
-    values = {**ptq_preset_values(preset, generator), **{k: v for k, v in overrides.items() if v is not None}}
+    values = {**ptq_preset_values(preset, source), **{k: v for k, v in overrides.items() if v is not None}}
     own = {f.name for f in dataclasses.fields(PtqConfig)} - {"recon", "options"}
     recon = {RECON_FLAGS[k]: values.pop(k) for k in list(values) if k in RECON_FLAGS}
     top = {k: values.pop(k) for k in list(values) if k in own}
     options = {**values.pop("options", {}), **values}
-    return PtqConfig(preset=preset, generator=generator, recon=ReconConfig(**recon), options=options, **top)
+    return PtqConfig(preset=preset, source=source, recon=ReconConfig(**recon), options=options, **top)
 
 
 def config_dict(cfg: PtqConfig) -> dict[str, Any]:
@@ -114,14 +114,14 @@ def config_dict(cfg: PtqConfig) -> dict[str, Any]:
 
 def _images(cfg: PtqConfig, teacher: nn.Module, info: Any, device: str, quiet: bool) -> tuple[torch.Tensor, dict]:
     """The images the units are fitted on, in the teacher's input space, and facts about them for result.json."""
-    if cfg.generator == REAL:
+    if cfg.source == REAL:
         train = load_dataset(info.name, "train", cfg.data_dir, image_size=info.image_size)
         if cfg.images > len(train):
             raise UserError(f"--images {cfg.images}: {info.name}'s training split has {len(train)}")
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.images]
         return normalize(train.take(idx), info).to(device), {"uses_data": True, "real_images": cfg.images}
     ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet)
-    source = create_source(cfg.generator, ctx, cfg.source_options())
+    source = create_source(cfg.source, ctx, cfg.source_options())
     if len(source.images) < cfg.images:
         raise UserError(f"{source.path} holds {len(source.images)} images, fewer than --images {cfg.images}")
     return source.images[: cfg.images], {"uses_data": False, **source.describe()}
@@ -145,16 +145,16 @@ def ptq_run(cfg: PtqConfig, teacher: nn.Module | None = None, resume: bool = Fal
             teacher = copy.deepcopy(teacher)
         if cfg.placement is None:
             cfg = dataclasses.replace(cfg, placement=default_placement(teacher))
-        state = open_run(out, config_dict(cfg), resume, restart)
+        state = open_run(out, config_dict(cfg), resume, restart, as_now=current_config)
         test_set = eval_set_for(teacher, cfg.dataset, cfg.data_dir)
         info = test_set.info
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         print(f"zsq ptq: {model_name(teacher)} W{cfg.wbits}A{cfg.abits} ({cfg.placement}, first/last "
-              f"{cfg.first_last}), {cfg.images} {cfg.generator} images, {cfg.recon.iters} steps per unit, preset "
+              f"{cfg.first_last}), {cfg.images} {cfg.source} images, {cfg.recon.iters} steps per unit, preset "
               f"{cfg.preset} on {device}, {cfg.threads} thread(s) → {out}", flush=True)
-        if cfg.generator == REAL:
+        if cfg.source == REAL:
             print(f"note: --source real fits on {cfg.images} training images of {info.name}: it uses data (an upper "
                   f"bound for the data-free rows), result.json says so (uses_data)", flush=True)
         t0 = time.perf_counter()
@@ -202,7 +202,7 @@ def _write_results(cfg: PtqConfig, teacher: nn.Module, student: nn.Module, test_
         teacher.to(device)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
-               "wbits": cfg.wbits, "abits": cfg.abits, "generator": cfg.generator, "method": "ptq",
+               "wbits": cfg.wbits, "abits": cfg.abits, "source": cfg.source, "method": "ptq",
                "preset": cfg.preset, "iterations": cfg.recon.iters * len(rows), "units": [r["name"] for r in rows],
                "wall_s": wall, "seed": cfg.seed, "device": device, "torch": str(torch.__version__),
                "dataset": test_set.info.name, "model": model_name(teacher), "code": code_version(), **facts,

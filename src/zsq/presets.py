@@ -34,8 +34,8 @@ PAPER_BY_SOURCE: dict[str, dict[str, Any]] = {
 # AKT (akt.md §4): 200 epochs, ×0.1 at epoch 100, batch 200 (the CIFAR-10 figure; the paper text says 16 for
 # CIFAR-100, its official config 200), whatever the data source.
 AKT_PAPER: dict[str, Any] = {"epochs": 200, "milestones": [100], "batch_size": 200}
-PAPER_BY_METHOD: dict[str, dict[str, Any]] = {
-    "gdfq": {"kd_reduction": "elementwise"},  # the GDFQ code's nn.KLDivLoss() mean over B·C elements
+PAPER_BY_LOSS: dict[str, dict[str, Any]] = {
+    "kd+ce": {"kd_reduction": "elementwise"},  # the GDFQ code's nn.KLDivLoss() mean over B·C elements
     "akt": AKT_PAPER,
     "akt-spatial": AKT_PAPER,
     "akt-channel": AKT_PAPER,
@@ -80,18 +80,19 @@ QUICK_BY_SOURCE: dict[str, dict[str, Any]] = {
 # AKT's official λ (2e5 per map) with the quick lr_q 1e-3 diverged at W3A3 (NaN at step 124, README "AKT's
 # scale"); λ 1e4 gives the RFD and KD gradients about equal norms at the start (benchmarks/akt_scale.py).
 AKT_QUICK: dict[str, Any] = {"akt_lambda": 1e4}
-QUICK_BY_METHOD: dict[str, dict[str, Any]] = {
+QUICK_BY_LOSS: dict[str, dict[str, Any]] = {
     "hast": {"promote": 0.01, "lr_q": 1e-5},
     "synq": {"promote": 0.01, "lr_q": 1e-5},  # the same 20·T²·KD scale as hast
     # λ 2e5: RFD over KD as in the quick akt (1e4 against a KD weight of 1; synq weighs KD by 20)
     "akt+synq": {"promote": 0.01, "lr_q": 1e-5, "akt_lambda": 2e5},
     # AKT carries BN statistics as moments (README "Activation ranges": W3A3, 5 seeds, k = 2.5, every seed within
-    # 4 points of FP; bounds, k = 3: 91.03 ± 0.49); plain KD keeps bounds (90.05 ± 2.05 with moments, k = 3).
+    # 4 points of FP; bounds, k = 3: 91.03 ± 0.49); KD + CE kept bounds (90.05 ± 2.05 with moments, k = 3).
     "akt": {**AKT_QUICK, "bn_propagate": "moments"},
-    # Plain KD takes its ranges from the 99.7th percentile of the warm-up's synthetic images (README "Activation
-    # ranges": W3A3, 5 seeds, every seed within 4 points of FP, where the BN prior left 3 of 5 below; at 99.7 the
-    # median range matches the real-data oracle's, at 99.9 it is about 1.25 times as wide).
-    "gdfq": {"act_range": "percentile", "act_percentile": 99.7},
+    # KD + CE (README's "plain KD" rows before the rename) takes its ranges from the 99.7th percentile of the
+    # warm-up's synthetic images (README "Activation ranges": W3A3, 5 seeds, every seed within 4 points of FP, where
+    # the BN prior left 3 of 5 below; at 99.7 the median range matches the real-data oracle's, at 99.9 it is about
+    # 1.25 times as wide).
+    "kd+ce": {"act_range": "percentile", "act_percentile": 99.7},
     "akt-spatial": AKT_QUICK,
     "akt-channel": AKT_QUICK,
 }
@@ -107,11 +108,11 @@ PTQ_QUICK_BY_SOURCE: dict[str, dict[str, Any]] = {"genie": {"synth_iters": 100},
                                                   "zeroq": {"synth_iters": 100}}
 
 
-def preset_values(preset: str, source: str, method: str) -> dict[str, Any]:
+def preset_values(preset: str, source: str, loss: str) -> dict[str, Any]:
     if preset == "quick":
-        return {**QUICK, **QUICK_BY_SOURCE.get(source, {}), **QUICK_BY_METHOD.get(method, {})}
+        return {**QUICK, **QUICK_BY_SOURCE.get(source, {}), **QUICK_BY_LOSS.get(loss, {})}
     if preset == "paper":
-        return {**PAPER_COMMON, **PAPER_BY_SOURCE.get(source, {}), **PAPER_BY_METHOD.get(method, {})}
+        return {**PAPER_COMMON, **PAPER_BY_SOURCE.get(source, {}), **PAPER_BY_LOSS.get(loss, {})}
     raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
 
 

@@ -5,7 +5,7 @@ import functools
 import subprocess
 from pathlib import Path
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,7 +10,7 @@ import dataclasses
 import fnmatch
 from typing import Any, Callable, Generic, TypeVar
 
-from .errors import UserError
+from .errors import UserError, deprecated
 
 F = TypeVar("F", bound=Callable)
 
@@ -20,21 +20,39 @@ class Registry(Generic[F]):
         self.family = family
         self._entries: dict[str, F] = {}
         self._options: dict[str, type | None] = {}
+        self._aliases: dict[str, str] = {}  # a former name → the name it has now
 
-    def register(self, name: str | None = None, options: type | None = None) -> Callable[[F], F]:
+    def register(self, name: str | None = None, options: type | None = None,
+                 aliases: tuple[str, ...] = ()) -> Callable[[F], F]:
+        """`aliases`: former names, still accepted for one release with a deprecation line."""
         def deco(fn: F) -> F:
             key = name or fn.__name__
-            if key in self._entries:
+            if key in self._entries or key in self._aliases or any(a in self._entries for a in aliases):
                 raise ValueError(f"{self.family} '{key}' is registered twice")
             self._entries[key] = fn
             self._options[key] = options
+            self._aliases.update(dict.fromkeys(aliases, key))
             return fn
 
         return deco
 
+    def canonical(self, name: str, quiet: bool = False) -> str:
+        """The name a plug-in has now: a former name is translated (with a deprecation line unless `quiet`, e.g.
+        when reading a run made before the rename); an unknown one raises UserError."""
+        if name in self._aliases:
+            if not quiet:
+                deprecated(f"the {self.family} name '{name}'", f"'{self._aliases[name]}'")
+            return self._aliases[name]
+        self.get(name)
+        return name
+
+    def renamed(self) -> dict[str, str]:
+        """Former name → current name."""
+        return dict(self._aliases)
+
     def get(self, name: str) -> F:
         try:
-            return self._entries[name]
+            return self._entries[self._aliases.get(name, name)]
         except KeyError:
             raise UserError(
                 f"unknown {self.family} '{name}'; choose one of: {', '.join(self.names())}"
@@ -44,11 +62,11 @@ class Registry(Generic[F]):
         return sorted(k for k in self._entries if fnmatch.fnmatch(k, pattern))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._aliases
 
     def options_class(self, name: str) -> type | None:
         self.get(name)
-        return self._options[name]
+        return self._options[self._aliases.get(name, name)]
 
     def build_options(self, name: str, values: dict[str, Any]) -> Any:
         """The plug-in's options dataclass filled from `values` (keys it does not have are ignored)."""

@@ -25,7 +25,7 @@ DPI = 100
 
 def _label(run: dict[str, Any]) -> str:
     c = run["config"]
-    return f"{c['generator']}+{c['method']} W{c['wbits']}A{c['abits']} s{c['seed']}"
+    return f"{c['source']} / {c.get('loss', 'ptq')} W{c['wbits']}A{c['abits']} s{c['seed']}"
 
 
 def _metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -89,7 +89,7 @@ def plot_samples(runs: list[dict[str, Any]], out_dir: Path, n: int = 16) -> list
     """A grid of the synthetic images of each data source (the first run of each that saved samples)."""
     paths, seen = [], set()
     for run in runs:
-        source, data = run["config"]["generator"], _samples(run["dir"])
+        source, data = run["config"]["source"], _samples(run["dir"])
         if source in seen or data is None:
             continue
         seen.add(source)

@@ -1,5 +1,5 @@
-"""Grid files: bits × data sources × methods × seeds, with a preset and overrides, expanded into `zsq quantize` runs
-(and `zsq ptq` runs: method "ptq", generator = its image source).
+"""Grid files: bits × data sources × losses × seeds, with a preset and overrides, expanded into `zsq quantize` runs
+(and `zsq ptq` runs: a row with `method = "ptq"` and the source of its images).
 
 A grid is a TOML file:
 
@@ -9,13 +9,18 @@ A grid is a TOML file:
     seeds = [0, 1, 2]
     options = {eval-limit = 2000}    # zsq quantize flags for every run (optional)
 
-    [[rows]]                         # generator × method; either may be a list (their product)
-    generator = ["gdfq", "adadfq"]   # a row may also restrict `bits` to a subset of the grid's
-    method = "akt"
-    options = {akt-base = "{generator}", akt-lambda = "1e4"}
+    [[rows]]                         # source × loss; either may be a list (their product)
+    source = ["gdfq", "adadfq"]      # a row may also restrict `bits` to a subset of the grid's
+    loss = "akt"
+    options = {akt-lambda = "1e4"}
+
+    [[rows]]                         # zsq ptq on the genie set
+    source = "genie"
+    method = "ptq"
 
 Option keys are `zsq quantize` flags without the dashes; true is a bare flag, a list is comma-joined, and
-"{generator}" / "{method}" in a value is replaced by the row's. Also: `dataset`, `data_dir` (top level).
+"{source}" / "{loss}" in a value is replaced by the row's. The keys' former names (`generator`; `method` for a
+loss) are read for one release, with a deprecation line. Also: `dataset`, `data_dir` (top level).
 Grid-wide options (and `zsq bench --set`) go to the runs they apply to: `synth-images` reaches the hast runs
 only, and a key that applies to no run at all is an error. A row's own option wins over a grid-wide one (the
 row is named after it): grid-wide `act-range = "ema-minmax"` with a row setting `act-range = "learned"`.
@@ -29,20 +34,22 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..distill import LOSSES, current_option
+from ..errors import UserError, deprecated
+from ..train.config import PTQ
 
-PTQ = "ptq"  # a row's method that runs `zsq ptq` (post-training reconstruction) on the row's image source
 TOP_KEYS = {"teacher", "preset", "bits", "seeds", "options", "rows", "dataset", "data_dir", "description"}
-ROW_KEYS = {"generator", "method", "options", "bits"}
+ROW_KEYS = {"source", "loss", "method", "options", "bits", "generator"}  # generator: the former name of source
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One `zsq quantize` run of a grid; `flags` are the row's options, part of the run's name."""
+    """One `zsq quantize` run of a grid (or `zsq ptq`: loss PTQ); `flags` are the row's options, part of the run's
+    name."""
 
     name: str
-    generator: str
-    method: str
+    source: str
+    loss: str
     wbits: int
     abits: int
     seed: int
@@ -51,12 +58,11 @@ class RunSpec:
 
     @property
     def command(self) -> str:
-        """`ptq` for a post-training row (method "ptq", its generator the image source), else `quantize`."""
-        return "ptq" if self.method == PTQ else "quantize"
+        """`ptq` for a post-training row, else `quantize`."""
+        return "ptq" if self.loss == PTQ else "quantize"
 
     def argv(self, out: Path) -> list[str]:
-        chosen = ["--source", self.generator] if self.method == PTQ else ["--generator", self.generator, "--method",
-                                                                          self.method]
+        chosen = ["--source", self.source] + ([] if self.loss == PTQ else ["--loss", self.loss])
         return ["--wbits", str(self.wbits), "--abits", str(self.abits), *chosen, *self.flags, *self.common,
                 "--seed", str(self.seed), "--out", str(out)]
 
@@ -82,14 +88,14 @@ class Grid:
                                                                       self.seeds):
             if allowed is not None and (wbits, abits) not in allowed:
                 continue
-            for generator, method in itertools.product(_as_list(row["generator"]), _as_list(row["method"])):
-                names = {"generator": generator, "method": method}
+            for source, loss in itertools.product(_as_list(row["source"]), _as_list(row["loss"])):
+                names = {"source": source, "loss": loss}
                 flags = _flags(row.get("options", {}), names)
                 own = {k: v for k, v in self.options.items() if k not in row.get("options", {})}  # the row's own wins
                 mine = _applicable(own, flags, names, self.preset)
                 used |= set(mine) | (set(self.options) & set(row.get("options", {})))
                 common = ("--teacher", self.teacher, "--preset", self.preset, *_flags(mine, names))
-                specs.append(RunSpec(run_name(generator, method, flags, wbits, abits, seed), generator, method,
+                specs.append(RunSpec(run_name(source, loss, flags, wbits, abits, seed), source, loss,
                                      wbits, abits, seed, flags, common))
         twice = [name for name, n in Counter(s.name for s in specs).items() if n > 1]
         if twice:
@@ -101,11 +107,14 @@ class Grid:
         return specs
 
 
-def run_name(generator: str, method: str, flags: tuple[str, ...], wbits: int, abits: int, seed: int) -> str:
-    """generator-method[-flags]-wK[aL]-sN: readable, and stable so that a rerun finds its finished runs."""
-    tag = "".join(c if c.isalnum() else "-" for c in " ".join(flags)).strip("-")
+def run_name(source: str, loss: str, flags: tuple[str, ...], wbits: int, abits: int, seed: int) -> str:
+    """source-loss[-flags]-wK[aL]-sN: readable, and stable so that a rerun finds its finished runs."""
     bits = f"w{wbits}" if wbits == abits else f"w{wbits}a{abits}"
-    return f"{generator}-{method}{'-' + tag if tag else ''}-{bits}-s{seed}"
+    return f"{source}-{loss}{'-' + flag_tag(flags) if flags else ''}-{bits}-s{seed}"
+
+
+def flag_tag(flags: tuple[str, ...]) -> str:
+    return "".join(c if c.isalnum() else "-" for c in " ".join(flags)).strip("-")
 
 
 def load_grid(path: str | Path, teacher: str | None = None, data_dir: str | None = None,
@@ -137,14 +146,33 @@ def load_grid(path: str | Path, teacher: str | None = None, data_dir: str | None
     options.update(overrides or {})
     rows = raw.get("rows") or []
     if not rows:
-        raise UserError(f"grid {path} has no [[rows]] (each with a generator and a method)")
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or "generator" not in row or "method" not in row or set(row) - ROW_KEYS:
-            raise UserError(f"grid {path}, row {i}: needs generator and method (and optionally options, bits), "
-                            f"got {row!r}")
+        raise UserError(f"grid {path} has no [[rows]] (each with a source and a loss, or method = \"ptq\")")
+    rows = [_row(row, i, path) for i, row in enumerate(rows, 1)]
     return Grid(path, str(teacher), str(raw.get("preset", "quick")),
                 _bit_pairs(bits if bits is not None else raw.get("bits", [4]), path),
                 _int_list(seeds if seeds is not None else raw.get("seeds", [0]), "seeds", path), rows, options)
+
+
+def _row(row: Any, i: int, path: Path) -> dict[str, Any]:
+    """A [[rows]] entry with its choices under their names now: `source`, and `loss` (PTQ for `method = "ptq"`)."""
+    bad = UserError(f"grid {path}, row {i}: needs source and loss, or source and method = \"ptq\" (and optionally "
+                    f"options, bits), got {row!r}")
+    if not isinstance(row, dict) or set(row) - ROW_KEYS or {"source", "generator"} <= set(row):
+        raise bad
+    row = dict(row)
+    if "generator" in row:
+        deprecated("the grid key 'generator'", "'source'")
+        row["source"] = row.pop("generator")
+    if row.get("method", PTQ) != PTQ:
+        if "loss" in row:
+            raise bad
+        deprecated("the grid key 'method' for a loss", "'loss'")
+        row["loss"] = row.pop("method")
+    ptq = row.pop("method", None) == PTQ
+    if "source" not in row or ptq == ("loss" in row):
+        raise bad
+    row["loss"] = PTQ if ptq else [LOSSES.canonical(name) for name in _as_list(row["loss"])]
+    return row
 
 
 def _applicable(grid_wide: dict[str, Any], row_flags: tuple[str, ...], names: dict[str, str],
@@ -156,17 +184,17 @@ def _applicable(grid_wide: dict[str, Any], row_flags: tuple[str, ...], names: di
     from ..quant.ranges import RANGE_SETTERS
     from ..train import TrainConfig, inapplicable, plugin_fields
 
-    if names["method"] == PTQ:
+    if names["loss"] == PTQ:
         return {k: v for k, v in grid_wide.items() if k.replace("-", "_") in PTQ_FLAGS}
 
     # the source's and the loss's options (ema-minmax has none), and every range setter's: which setter a run
     # uses may come from its row, the grid or its preset; `inapplicable` drops those it leaves without effect
-    takes = {f.name for f in fields(TrainConfig)} | plugin_fields(names["generator"], names["method"], "ema-minmax") \
+    takes = {f.name for f in fields(TrainConfig)} | plugin_fields(names["source"], names["loss"], "ema-minmax") \
         | set(RANGE_SETTERS.all_options())
     known = {k: v for k, v in grid_wide.items() if k.replace("-", "_") in takes}
-    given = quantize_values([*row_flags, *_flags(known, names), "--generator", names["generator"], "--method",
-                             names["method"]])
-    unused = inapplicable({**preset_values(preset, names["generator"], names["method"]), **given})
+    given = quantize_values([*row_flags, *_flags(known, names), "--source", names["source"], "--loss",
+                             names["loss"]])
+    unused = inapplicable({**preset_values(preset, names["source"], names["loss"]), **given})
     return {k: v for k, v in known.items() if k.replace("-", "_") not in unused}
 
 
@@ -182,7 +210,9 @@ def _flags(options: dict[str, Any], names: dict[str, str]) -> tuple[str, ...]:
             out.append(flag)
         elif value is not False:
             text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-            out += [flag, text.format(**names) if "{" in text else text]
+            if "{" in text:
+                text = text.format(**names, generator=names["source"], method=names["loss"])
+            out += [flag, current_option(key.replace("-", "_"), text)]
     return tuple(out)
 
 

@@ -1,7 +1,8 @@
 """Published top-1 (%) quoted from the papers, to print beside ours where the setting matches.
 
-Keyed by (dataset, model, wbits, abits, generator, method) in zsq's names: a paper's "GDFQ+AKT" is data from
-the gdfq generator trained with the akt loss, SynQ is the hast-style pixel set with the synq loss. Single runs,
+Keyed by (dataset, model, wbits, abits, source, loss) in zsq's names: a paper's "GDFQ" is data from the gdfq
+generator trained with GDFQ's kd+ce loss, "GDFQ+AKT" the same data with the akt loss, "AdaDFQ" adadfq data with
+its gap-entropy loss, SynQ the hast-style pixel set with the synq loss. Single runs,
 no std, and selected on the test set by the papers; quoted, never ours.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ _T2 = {
     "cifar100": {3: (47.59, 49.06, 45.21, 46.80, 52.74, 54.68), 4: (63.39, 63.37, 64.40, 65.26, 66.81, 66.94),
                  5: (66.12, 67.46, 68.82, 68.91, 69.93, 69.75)},
 }
-_T2_RUNS = (("gdfq", "gdfq"), ("gdfq", "akt"), ("hast", "hast"), ("hast", "akt"), ("adadfq", "adadfq"),
+_T2_RUNS = (("gdfq", "kd+ce"), ("gdfq", "akt"), ("hast", "hast"), ("hast", "akt"), ("adadfq", "gap-entropy"),
             ("adadfq", "akt"))
 # Table 4 of AKT: AdaDFQ+AKT on CIFAR-10, one attention only (RFD with both is Table 2's AdaDFQ+AKT).
 _T4 = {"akt-spatial": {3: 86.09, 4: 92.36, 5: 93.62}, "akt-channel": {3: 86.10, 4: 92.49, 5: 93.75}}
@@ -36,11 +37,11 @@ def _table() -> dict[tuple[str, str, int, int, str, str], Published]:
     table = {}
     for dataset, by_bits in _T2.items():
         for bits, values in by_bits.items():
-            for (generator, method), top1 in zip(_T2_RUNS, values, strict=True):
-                table[(dataset, "resnet20", bits, bits, generator, method)] = Published(top1, AKT_T2)
-    for method, by_bits in _T4.items():
+            for (source, loss), top1 in zip(_T2_RUNS, values, strict=True):
+                table[(dataset, "resnet20", bits, bits, source, loss)] = Published(top1, AKT_T2)
+    for loss, by_bits in _T4.items():
         for bits, top1 in by_bits.items():
-            table[("cifar10", "resnet20", bits, bits, "adadfq", method)] = Published(top1, AKT_T4)
+            table[("cifar10", "resnet20", bits, bits, "adadfq", loss)] = Published(top1, AKT_T4)
     for dataset, by_bits in _SYNQ.items():
         for bits, top1 in by_bits.items():
             table[(dataset, "resnet20", bits, bits, "hast", "synq")] = Published(top1, SYNQ)
@@ -50,5 +51,5 @@ def _table() -> dict[tuple[str, str, int, int, str, str], Published]:
 PUBLISHED = _table()
 
 
-def published(dataset: str, model: str, wbits: int, abits: int, generator: str, method: str) -> Published | None:
-    return PUBLISHED.get((dataset, model, wbits, abits, generator, method))
+def published(dataset: str, model: str, wbits: int, abits: int, source: str, loss: str) -> Published | None:
+    return PUBLISHED.get((dataset, model, wbits, abits, source, loss))

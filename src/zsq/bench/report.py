@@ -1,7 +1,7 @@
 """`zsq report`: every finished run in one table, seeds of the same configuration grouped as mean ± std.
 
 Runs come from run directories or from a bench results store; where the setting matches a published one
-(dataset, model, bits, data source, method), the paper's number is quoted beside ours.
+(dataset, model, bits, data source, loss), the paper's number is quoted beside ours.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .published import published
+from ..train.config import PTQ, current_config
 from .store import Store
 from ..errors import UserError
 from ..io import save_bytes
@@ -25,7 +26,8 @@ BOOKKEEPING = {"seed", "out", "device", "threads", "ckpt_every", "log_every", "e
 
 
 def read_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
-    """The finished runs among `paths` (run directories, or folders holding them): config + result each."""
+    """The finished runs among `paths` (run directories, or folders holding them): config (as written now) +
+    result each."""
     runs = []
     for path in map(Path, paths):
         dirs = [path] if (path / "result.json").exists() else sorted(p.parent for p in path.glob("*/result.json"))
@@ -34,7 +36,8 @@ def read_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
                 result = json.loads((d / "result.json").read_text())
                 if (d / "metrics.jsonl").exists():
                     result.update(curve_stats(d / "metrics.jsonl"))
-                runs.append({"dir": str(d), "config": json.loads((d / "config.json").read_text()), "result": result})
+                runs.append({"name": d.name, "dir": str(d), "config": current_config(json.loads((d / "config.json").read_text())),
+                             "result": result})
     if not runs:
         raise UserError(f"no finished run (a folder with result.json and config.json) in {', '.join(map(str, paths))}")
     return runs
@@ -62,7 +65,7 @@ def read_store(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
         rows, planned = store.rows(), store.planned()
     finally:
         store.close()
-    runs = [{"dir": r["dir"], "config": r["config"], "result": {**r["result"], "dataset": r["dataset"],
+    runs = [{"name": r["name"], "dir": r["dir"], "config": current_config(r["config"]), "result": {**r["result"], "dataset": r["dataset"],
                                                                   "model": r["model"]}} for r in rows]
     return runs, planned
 
@@ -75,12 +78,14 @@ def _changes(config: dict[str, Any]) -> dict[str, Any]:
     from ..recon import USER_NAMES
     from ..train import TrainConfig, config_dict, resolve_config
 
-    base = (ptq_config_dict(resolve_ptq_config(config["preset"], config["generator"], teacher=config["teacher"]))
-            if _is_ptq(config) else config_dict(resolve_config(config["preset"], config["generator"],
-                                                               config["method"], teacher=config["teacher"])))
+    base = (ptq_config_dict(resolve_ptq_config(config["preset"], config["source"], teacher=config["teacher"]))
+            if _is_ptq(config) else config_dict(resolve_config(config["preset"], config["source"], config["loss"],
+                                                               teacher=config["teacher"])))
     config = _complete(config)
     base["placement"] = base.get("placement") or _default_placement(config)
-    shown = BOOKKEEPING | {"options", "recon", "wbits", "abits", "generator", "method", "preset"}
+    # the probe measures the health score, it does not change the Q model: a group, never a recipe change
+    shown = BOOKKEEPING | {"options", "recon", "wbits", "abits", "source", "loss", "method", "preset", "probe_images",
+                           "probe_iters"}
     own = {k: v for k, v in config.items() if k not in shown and base.get(k) != v}
     recon = {USER_NAMES.get(k, k): v for k, v in config.get("recon", {}).items() if base["recon"].get(k) != v}
     opts = {k: v for k, v in config.get("options", {}).items() if base["options"].get(k) != v}
@@ -96,7 +101,7 @@ def _changes(config: dict[str, Any]) -> dict[str, Any]:
 
 def _is_ptq(config: dict[str, Any]) -> bool:
     """A `zsq ptq` run (post-training reconstruction), whose config is a PtqConfig, not a TrainConfig."""
-    return config.get("method") == "ptq"
+    return config.get("method") == PTQ
 
 
 def _default_placement(config: dict[str, Any]) -> str:
@@ -112,7 +117,7 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
     from ..posttrain import PtqConfig
     from ..quant.ranges import RANGE_SETTERS
     from ..recon import ReconConfig
-    from ..train import TrainConfig, current_config, with_range_defaults
+    from ..train import TrainConfig, with_range_defaults
 
     if _is_ptq(config):
         defaults = {f.name: f.default for f in dataclasses.fields(PtqConfig) if f.default is not dataclasses.MISSING}
@@ -120,7 +125,7 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
         full = json.loads(json.dumps({**defaults, **config, "recon": {**recon, **config.get("recon", {})}}))
         return {**full, "placement": full.get("placement") or _default_placement(full)}
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    full = json.loads(json.dumps({**defaults, **current_config(config)}))
+    full = json.loads(json.dumps({**defaults, **config}))
     full["placement"] = full.get("placement") or _default_placement(full)
     if full["act_range"] in RANGE_SETTERS:  # an older run's setter may no longer exist
         full["options"] = with_range_defaults(full["act_range"], full.get("options", {}))
@@ -131,16 +136,17 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs that differ only in seed (and bookkeeping), as one row each: accuracies per seed, mean, std."""
     groups: dict[str, dict[str, Any]] = {}
     for run in runs:
-        cfg, res = run["config"], run["result"]
+        cfg, res = current_config(run["config"]), run["result"]  # runs given by hand may hold older configs
         full = _complete(cfg)
         key = json.dumps({k: v for k, v in full.items() if k not in BOOKKEEPING}, sort_keys=True)
+        loss = cfg.get("loss", PTQ)
         quoted = published(res.get("dataset", ""), res.get("model", ""), cfg["wbits"], cfg["abits"],
-                           cfg["generator"], cfg["method"])
-        g = groups.setdefault(key, {"bits": f"W{cfg['wbits']}A{cfg['abits']}", "generator": cfg["generator"],
-                                    "method": cfg["method"], "preset": cfg["preset"], "changes": _changes(cfg),
+                           cfg["source"], loss)
+        g = groups.setdefault(key, {"bits": f"W{cfg['wbits']}A{cfg['abits']}", "source": cfg["source"],
+                                    "loss": loss, "preset": cfg["preset"], "changes": _changes(cfg),
                                     "fp_top1": res["fp_top1"], "published": quoted, "runs": []})
         g["runs"].append({"seed": cfg["seed"], "q_top1": res["q_top1"], "wall_min": res["wall_s"] / 60,
-                          "dir": run["dir"], "grad_norm": res.get("grad_norm"),
+                          "name": run.get("name", Path(run["dir"]).name), "dir": run["dir"], "grad_norm": res.get("grad_norm"),
                           "hessian_trace": res.get("hessian_trace"), "health": res.get("health")})
     rows = []
     for g in groups.values():
@@ -157,11 +163,11 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          sum(r["health"]["flagged"] for r in g["runs"])) if all(r["health"] for r in g["runs"])
                  else None)
         rows.append(g)
-    return sorted(rows, key=lambda g: (g["bits"], g["generator"], g["method"], len(g["changes"]),
+    return sorted(rows, key=lambda g: (g["bits"], g["source"], g["loss"], len(g["changes"]),
                                        json.dumps(g["changes"])))
 
 
-HEADER = ["bits", "data + loss", "beyond the preset", "preset", "seeds", "q_top1 mean ± std (ours)", "per seed",
+HEADER = ["bits", "source", "loss", "beyond the preset", "preset", "seeds", "q_top1 mean ± std (ours)", "per seed",
           "FP − mean", "wall (min)"]
 QUOTED = "published (quoted)"
 GRAD = "Q grad norm median / max"
@@ -178,7 +184,7 @@ def _header(rows: list[dict[str, Any]]) -> list[str]:
 
 def _cells(g: dict[str, Any], header: list[str]) -> list[str]:
     changes = ", ".join(f"{k}={v}" for k, v in g["changes"].items()) or "–"
-    cells = [g["bits"], f"{g['generator']}+{g['method']}", changes, g["preset"],
+    cells = [g["bits"], g["source"], g["loss"], changes, g["preset"],
              ",".join(str(r["seed"]) for r in g["runs"]),
              f"{g['mean']:.2f} ± {g['std']:.2f}" if len(g["runs"]) > 1 else f"{g['mean']:.2f}",
              " / ".join(f"{r['q_top1']:.2f}" for r in g["runs"]), f"{g['fp_top1'] - g['mean']:.2f}",
@@ -205,7 +211,7 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
 def _progress(planned: list[str] | None, rows: list[dict[str, Any]]) -> str:
     if planned is None:
         return ""
-    done = {Path(r["dir"]).name for g in rows for r in g["runs"]}
+    done = {r["name"] for g in rows for r in g["runs"]}
     return f"{len(done & set(planned))} of the {len(planned)} planned runs finished."
 
 

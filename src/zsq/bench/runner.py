@@ -109,7 +109,7 @@ def _check_same(name: str, run_dir: Path, stored: dict[str, Any], expected: dict
 
 
 def _store(store: Store, grid: Grid, spec: RunSpec, run_dir: Path) -> dict[str, Any]:
-    config = json.loads((run_dir / "config.json").read_text())
+    config = current_config(json.loads((run_dir / "config.json").read_text()))
     result = json.loads((run_dir / "result.json").read_text())
     dataset, model = result.get("dataset"), result.get("model")
     if dataset is None or model is None:  # runs made before result.json recorded them

@@ -11,12 +11,17 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from ..distill import LOSSES, current_option
 from ..errors import UserError
+from ..train.config import PTQ
+from .grid import flag_tag
+
+RENAMED_FLAGS = {"--generator": "--source", "--method": "--loss"}  # before the plain names
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     name TEXT PRIMARY KEY, grid TEXT, dataset TEXT, model TEXT, teacher TEXT, wbits INTEGER, abits INTEGER,
-    generator TEXT, method TEXT, preset TEXT, seed INTEGER, flags TEXT, q_top1 REAL, q_top5 REAL, fp_top1 REAL,
+    source TEXT, loss TEXT, preset TEXT, seed INTEGER, flags TEXT, q_top1 REAL, q_top5 REAL, fp_top1 REAL,
     wall_s REAL, code TEXT, dir TEXT, finished_at TEXT, config TEXT, result TEXT);
 CREATE TABLE IF NOT EXISTS plan (name TEXT PRIMARY KEY, grid TEXT, argv TEXT);
 """
@@ -33,9 +38,45 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path)
+            if "generator" in [r[1] for r in self.db.execute("PRAGMA table_info(runs)")]:
+                self._rename()
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path} is not a zsq results store ({e})") from None
+
+    def _rename(self) -> None:
+        """A store from before the plain names (columns generator, method; losses gdfq, adadfq): its columns,
+        losses and run names as a grid names them now, so that the grids find their finished runs and the
+        report shows today's names. The stored config.json and result.json stay as they were written."""
+        def loss(name: str) -> str:
+            return LOSSES.canonical(name, quiet=True) if name in LOSSES else name
+
+        def flags(argv: list[str]) -> list[str]:
+            return [loss(v) if k == "--method" else RENAMED_FLAGS.get(v, current_option(k[2:].replace("-", "_"), v,
+                                                                                          quiet=True))
+                    for k, v in zip(["", *argv], argv)]
+
+        def name(run: str, source: str, old: str) -> str:
+            if not run.startswith(f"{source}-{old}-"):
+                return run
+            rest = run[len(f"{source}-{old}"):]
+            for before, now in LOSSES.renamed().items():
+                rest = rest.replace(f"-akt-base-{before}-", f"-akt-base-{flag_tag((now,))}-")
+            return f"{source}-{loss(old)}{rest}"
+
+        with self.db:
+            self.db.execute("ALTER TABLE runs RENAME COLUMN generator TO source")
+            self.db.execute("ALTER TABLE runs RENAME COLUMN method TO loss")
+            for run, source, old, argv in self.db.execute("SELECT name, source, loss, flags FROM runs").fetchall():
+                self.db.execute("UPDATE runs SET name = ?, loss = ?, flags = ? WHERE name = ?",
+                                (name(run, source, old), loss(old), json.dumps(flags(json.loads(argv))), run))
+            for run, argv in self.db.execute("SELECT name, argv FROM plan").fetchall():
+                argv = json.loads(argv)
+                source = argv[argv.index("--generator") + 1] if "--generator" in argv else None
+                old = argv[argv.index("--method") + 1] if "--method" in argv else None
+                renamed = name(run, source, old) if source and old else run
+                self.db.execute("UPDATE plan SET name = ?, argv = ? WHERE name = ?",
+                                (renamed, json.dumps(flags(argv)), run))
 
     def close(self) -> None:
         self.db.close()
@@ -47,8 +88,8 @@ class Store:
 
     def add(self, name: str, grid: str, flags: list[str], config: dict[str, Any], result: dict[str, Any],
             run_dir: Path, dataset: str, model: str) -> None:
-        row = (name, grid, dataset, model, config["teacher"], config["wbits"], config["abits"], config["generator"],
-               config["method"], config["preset"], config["seed"], json.dumps(flags), result["q_top1"],
+        row = (name, grid, dataset, model, config["teacher"], config["wbits"], config["abits"], config["source"],
+               config.get("loss", PTQ), config["preset"], config["seed"], json.dumps(flags), result["q_top1"],
                result.get("q_top5"), result["fp_top1"], result["wall_s"],
                result.get("code", "unknown (run made before zsq recorded its code version)"), str(run_dir),
                datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

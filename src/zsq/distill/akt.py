@@ -208,12 +208,15 @@ class RFDOptions:
         return per_map * max(n_maps, 1)
 
 
+AKT_BASES = ("kd", "kd+ce", "gap-entropy")  # the logit losses AKT's RFD is added to
+
+
 @dataclass
 class AKTOptions(GDFQLossOptions, RFDOptions):
     akt_alpha: float = field(default=0.5, metadata={"help": "weight α of the logit part: α·KD + (1−α)·RFD (convex)"})
     akt_combine: str = field(default="convex", metadata={
         "help": "convex: α·KD + (1−α)·RFD (paper Eq. 9); sum: KD + RFD (official code)"})
-    akt_base: str = field(default="kd", metadata={"help": "logit loss under AKT: kd, gdfq or adadfq"})
+    akt_base: str = field(default="kd", metadata={"help": "logit loss under AKT: kd, kd+ce or gap-entropy"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -222,16 +225,18 @@ class AKTOptions(GDFQLossOptions, RFDOptions):
             raise UserError(f"akt-alpha must be in [0, 1], got {self.akt_alpha}")
         if self.akt_combine not in ("convex", "sum"):
             raise UserError(f"akt-combine must be convex or sum, got '{self.akt_combine}'")
-        if self.akt_base not in ("kd", "gdfq", "adadfq"):
-            raise UserError(f"akt-base must be kd, gdfq or adadfq, got '{self.akt_base}'")
+        if self.akt_base in LOSSES:
+            self.akt_base = LOSSES.canonical(self.akt_base)
+        if self.akt_base not in AKT_BASES:
+            raise UserError(f"akt-base must be {', '.join(AKT_BASES)}, got '{self.akt_base}'")
 
     def unused(self) -> dict[str, str]:
         """The options these choices leave without effect, each with what it applies to."""
         out = {}
-        if self.akt_base != "gdfq":
-            out["ce_weight"] = "--akt-base gdfq"
-        if self.akt_base == "adadfq":
-            out["kd_reduction"] = "--akt-base kd or gdfq"
+        if self.akt_base != "kd+ce":
+            out["ce_weight"] = "--akt-base kd+ce"
+        if self.akt_base == "gap-entropy":
+            out["kd_reduction"] = "--akt-base kd or kd+ce"
         if self.akt_combine == "sum":
             out["akt_alpha"] = "--akt-combine convex"
         return out

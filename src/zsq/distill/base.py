@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -56,14 +56,21 @@ class TransferLoss(nn.Module):
         return None
 
 
-LOSSES: Registry[Callable[[object], TransferLoss]] = Registry("method")
+LOSSES: Registry[Callable[[object], TransferLoss]] = Registry("loss")
+LOSS_VALUED = ("akt_base",)  # options whose value names a loss
 
 
-def list_methods() -> list[str]:
+def list_losses() -> list[str]:
     return LOSSES.names()
 
 
+def current_option(name: str, value: Any, quiet: bool = False) -> Any:
+    """A plug-in option's value with a loss's former name translated, where the option names a loss."""
+    return LOSSES.canonical(value, quiet) if name in LOSS_VALUED and value in LOSSES else value
+
+
 def create_loss(name: str, options: dict | None = None) -> TransferLoss:
+    name = LOSSES.canonical(name)
     return LOSSES.get(name)(LOSSES.build_options(name, options or {}))
 
 

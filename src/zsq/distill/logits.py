@@ -1,4 +1,5 @@
-"""Logit-based transfer losses: `kd`, `gdfq` (KD + CE on the sampled labels), `adadfq` (entropy of the gap)."""
+"""Logit-based transfer losses: `kd`, `kd+ce` (KD + CE on the sampled labels: GDFQ's loss, formerly `gdfq`),
+`gap-entropy` (AdaDFQ's entropy of the logit gap, formerly `adadfq`)."""
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ class KDOptions(TemperatureOptions):
 
 @dataclass
 class GDFQLossOptions(KDOptions):
-    ce_weight: float = field(default=1.0, metadata={"help": "weight of CE(Q(x), sampled labels) in the gdfq loss"})
+    ce_weight: float = field(default=1.0, metadata={"help": "weight of CE(Q(x), sampled labels) in the kd+ce loss"})
 
 
 def kd_loss(t_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float,
@@ -87,11 +88,11 @@ def kd(opts: KDOptions) -> KD:
     return KD(opts)
 
 
-@LOSSES.register("gdfq", options=GDFQLossOptions)
-def gdfq(opts: GDFQLossOptions) -> GDFQLoss:
+@LOSSES.register("kd+ce", options=GDFQLossOptions, aliases=("gdfq",))
+def kd_ce(opts: GDFQLossOptions) -> GDFQLoss:
     return GDFQLoss(opts)
 
 
-@LOSSES.register("adadfq", options=TemperatureOptions)
-def adadfq(opts: TemperatureOptions) -> AdaDFQLoss:
+@LOSSES.register("gap-entropy", options=TemperatureOptions, aliases=("adadfq",))
+def gap_entropy(opts: TemperatureOptions) -> AdaDFQLoss:
     return AdaDFQLoss(opts)

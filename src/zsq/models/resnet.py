@@ -180,6 +180,12 @@ def _cifar_resnet(depth: int, **kwargs) -> ResNet:
 
 
 @register_model
+def resnet8(**kwargs) -> ResNet:
+    """One block per stage: the smallest of the family, for tests that train many short runs."""
+    return _cifar_resnet(8, **kwargs)
+
+
+@register_model
 def resnet20(**kwargs) -> ResNet:
     return _cifar_resnet(20, **kwargs)
 

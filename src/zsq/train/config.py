@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..distill import LOSSES
+from ..distill import LOSSES, current_option
 from ..errors import UserError
 from ..presets import PRESETS, preset_values
 from ..quant import QuantConfig
@@ -23,8 +23,8 @@ SELECT = ("final", "health")  # which Q model a run keeps (--select)
 class TrainConfig:
     teacher: str = "resnet20_fmnist"  # shipped teacher, architecture (+ checkpoint) or checkpoint path
     checkpoint: str | None = None
-    generator: str = "gdfq"  # data source
-    method: str = "kd"  # transfer loss
+    source: str = "gdfq"  # data source (zsq.synth)
+    loss: str = "kd"  # transfer loss (zsq.distill)
     preset: str = "quick"
     wbits: int = 4
     abits: int = 4
@@ -66,15 +66,16 @@ class TrainConfig:
     select: str = "final"  # the Q model kept: the final one, or the one with the best health score
     probe_images: int = ProbeOptions.probe_images  # the health check's probe set (zsq.validate), made once
     probe_iters: int = ProbeOptions.probe_iters  # per teacher and cached
-    out: str = "runs/run"  # resolve_config names it after generator, method, bits, preset and seed
+    out: str = "runs/run"  # resolve_config names it after source, loss, bits, preset and seed
     # Plug-in options of the data source, the transfer loss and the range setter; the range setter's are all
     # recorded, at their defaults where none was given.
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.quant()  # validates the quantizer fields
-        SOURCES.get(self.generator)
-        LOSSES.get(self.method)
+        SOURCES.get(self.source)
+        self.loss = LOSSES.canonical(self.loss)
+        self.options = {k: current_option(k, v) for k, v in self.options.items()}
         RANGE_SETTERS.get(self.act_range)
         for name in ("epochs", "iters_per_epoch", "batch_size", "ckpt_every", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
@@ -121,16 +122,16 @@ class TrainConfig:
                            act_momentum=self.act_momentum, ste=self.ste, placement=self.placement or "lineage")
 
 
-def resolve_config(preset: str = "quick", generator: str = "gdfq", method: str = "kd", **overrides: Any) -> TrainConfig:
-    """TrainConfig defaults → preset for (generator, method) → overrides; None values are ignored. Keys that are
+def resolve_config(preset: str = "quick", source: str = "gdfq", loss: str = "kd", **overrides: Any) -> TrainConfig:
+    """TrainConfig defaults → preset for (source, loss) → overrides; None values are ignored. Keys that are
     not TrainConfig fields are plug-in options. An option that the run's choices leave without effect is refused
     when given (TrainConfig says so) and dropped when the preset set it: config.json records what applies."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     own = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in overrides.items() if v is not None}
-    merged = {**preset_values(preset, generator, method), **given, "preset": preset, "generator": generator,
-              "method": method}
+    loss = LOSSES.canonical(loss)
+    merged = {**preset_values(preset, source, loss), **given, "preset": preset, "source": source, "loss": loss}
     for name in set(inapplicable(merged)) - set(given):
         merged.pop(name, None)
     if merged.get("akt_reduction") == "sum" and "akt_lambda" in merged and "akt_lambda" not in given:
@@ -138,7 +139,7 @@ def resolve_config(preset: str = "quick", generator: str = "gdfq", method: str =
                         f"batch-mean KLs; give --akt-lambda for batch sums (the same weight is "
                         f"{merged['akt_lambda']:g} / batch size), or omit both for the official weight")
     values = {k: v for k, v in merged.items() if k in own}
-    values.setdefault("out", f"runs/{generator}-{method}-w{values.get('wbits', 4)}a{values.get('abits', 4)}"
+    values.setdefault("out", f"runs/{source}-{loss}-w{values.get('wbits', 4)}a{values.get('abits', 4)}"
                              f"-{preset}-s{values.get('seed', 0)}")
     options = {**values.pop("options", {}), **{k: v for k, v in merged.items() if k not in own}}
     return TrainConfig(**values, options=options)
@@ -150,13 +151,13 @@ def _option_names(registry: Any, name: str) -> set[str]:
 
 
 # The config fields that choose a plug-in, with the registry each is chosen from.
-PLUGINS = {"generator": SOURCES, "method": LOSSES, "act_range": RANGE_SETTERS}
+PLUGINS = {"source": SOURCES, "loss": LOSSES, "act_range": RANGE_SETTERS}
 
 
-def plugin_fields(generator: str, method: str, act_range: str) -> set[str]:
+def plugin_fields(source: str, loss: str, act_range: str) -> set[str]:
     """The option names that the data source, the transfer loss and the range setter take."""
     return set().union(*(_option_names(PLUGINS[k], v) for k, v in
-                         (("generator", generator), ("method", method), ("act_range", act_range))))
+                         (("source", source), ("loss", loss), ("act_range", act_range))))
 
 
 def inapplicable(values: dict[str, Any]) -> dict[str, str]:
@@ -171,7 +172,7 @@ def inapplicable(values: dict[str, Any]) -> dict[str, str]:
     for name in set(plugin) - plugin_fields(**chosen):
         takers = [f"--{key.replace('_', '-')} {' or '.join(names)}" for key, registry in PLUGINS.items()
                   if (names := [n for n in registry.names() if name in _option_names(registry, n)])]
-        out[name] = " / ".join(takers) or "no data source, method or range setter"
+        out[name] = " / ".join(takers) or "no data source, loss or range setter"
     for registry, name in ((PLUGINS[k], chosen[k]) for k in PLUGINS):
         cls = registry.options_class(name)
         if cls is not None and hasattr(cls, "unused"):
@@ -191,18 +192,37 @@ def with_range_defaults(act_range: str, options: dict[str, Any]) -> dict[str, An
 # Range-setter options that were TrainConfig fields (top level in config.json) before each setter registered its
 # own options, as data sources and losses do.
 FORMER_RANGE_FIELDS = ("act_percentile", "bn_k", "bn_propagate", "range_lr_scale")
+FIRST_PROBE = {"probe_images": 512, "probe_iters": 200}  # the health probe before its size was an option
+PTQ = "ptq"  # config.json's `method` of a `zsq ptq` run (zsq.posttrain), which has a source and no loss
 
 
 def current_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A config.json as it is written now: an older one's range options moved into `options`, those its setter
-    does not take dropped (unset, or recorded by a zsq that did not refuse them yet), so that its run still
-    compares, groups and resumes with new ones."""
+    """A config.json as it is written now, so that an older run still compares, groups and resumes with new
+    ones: `generator` and `method` (a QAT loss) are `source` and `loss`, a loss's or AKT base's former name is
+    its name now; the health probe is the first one where none is recorded; range options move into `options`, those its setter does not take dropped (unset, or recorded
+    by a zsq that did not refuse them yet)."""
+    config = _current_names(config)
+    if "probe_images" not in config:  # made before the probe was an option: checked on the first one
+        config.update(FIRST_PROBE)
     if not any(k in config for k in FORMER_RANGE_FIELDS):
         return config
     takes = _option_names(RANGE_SETTERS, config.get("act_range") or TrainConfig.act_range)
     moved = {k: config[k] for k in FORMER_RANGE_FIELDS if config.get(k) is not None and k in takes}
     rest = {k: v for k, v in config.items() if k not in FORMER_RANGE_FIELDS}
     return {**rest, "options": {**moved, **config.get("options", {})}}
+
+
+def _current_names(config: dict[str, Any]) -> dict[str, Any]:
+    config = dict(config)
+    if "generator" in config:
+        config["source"] = config.pop("generator")
+    if config.get("method", PTQ) != PTQ:
+        config["loss"] = config.pop("method")
+    if "loss" in config and config["loss"] in LOSSES:
+        config["loss"] = LOSSES.canonical(config["loss"], quiet=True)
+    if config.get("options"):
+        config["options"] = {k: current_option(k, v, quiet=True) for k, v in config["options"].items()}
+    return config
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

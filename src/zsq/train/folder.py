@@ -121,8 +121,8 @@ def warn_if_busy(cores: int) -> None:
 def header(job: Job) -> str:
     cfg = job.cfg
     return (f"zsq quantize: {model_name(job.teacher)} W{cfg.wbits}A{cfg.abits} ({cfg.placement}), source "
-            f"{cfg.generator}, loss "
-            f"{cfg.method}, preset {cfg.preset}: {cfg.epochs * cfg.iters_per_epoch} iterations "
+            f"{cfg.source}, loss "
+            f"{cfg.loss}, preset {cfg.preset}: {cfg.epochs * cfg.iters_per_epoch} iterations "
             f"({cfg.warmup_epochs * cfg.iters_per_epoch} warm-up) on {job.device}, {cfg.threads} thread(s) "
             f"→ {job.out}")
 
@@ -160,7 +160,7 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
         save_checkpoint(job.teacher.cpu(), out / "teacher.pt", job.test_set.info, {"top1": fp["top1"]})
         job.teacher.to(job.device)
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
-               "wbits": cfg.wbits, "abits": cfg.abits, "generator": cfg.generator, "method": cfg.method,
+               "wbits": cfg.wbits, "abits": cfg.abits, "source": cfg.source, "loss": cfg.loss,
                "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.seed,
                "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.skipped.get("Q model", 0),
                "skipped_generator_steps": job.skipped.get("generator", 0),
@@ -172,7 +172,7 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
                **({"final_q_top1": final_top1} if final_top1 is not None else {})}
     with torch.no_grad(), autocast(job.device, cfg.precision):  # what the data source made, for zsq analyze
         x, y = job.source.sample(SAMPLES_SAVED, torch.Generator().manual_seed(cfg.seed))
-    save_torch({"images": x.float().cpu(), "labels": y.cpu(), "source": cfg.generator}, out / "samples.pt")
+    save_torch({"images": x.float().cpu(), "labels": y.cpu(), "source": cfg.source}, out / "samples.pt")
     save_json(summary, out / "result.json")
     (out / "state.pt").unlink(missing_ok=True)
     return summary

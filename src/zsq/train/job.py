@@ -115,6 +115,11 @@ class Job:
         """One iteration (see `_iteration`): the loss terms, and per optimiser whether its step was skipped."""
         return _iteration(self, warm)
 
+    def transfer_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The clean transfer loss of the Q model on a batch, as a Q step sees it (prepared by the loss, e.g.
+        SynQ's low-pass filter; no promotion, no step): on a fixed batch, whether training lowers it."""
+        return _clean_loss(self, (self.loss_fn.prepare(x), y))
+
     def close(self) -> None:
         """Remove every hook this run put on the teacher and the Q model (the teacher may be the user's)."""
         self.t_tap.remove()
@@ -155,7 +160,7 @@ def build_job(cfg: TrainConfig, teacher: nn.Module | None = None, device: str = 
         p.requires_grad_(True)
     qmodel.eval()  # BN uses the teacher's running statistics throughout; its affine parameters still train
     ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
-    source = create_source(cfg.generator, ctx, cfg.options)
+    source = create_source(cfg.source, ctx, cfg.options)
     # hast.md §1b: an offline set is not what the ranges should see first; a GDFQ generator, trained during the
     # warm-up epochs and then discarded, provides the calibration images.
     warm_source = create_source("gdfq", ctx) if not source.online and cfg.warmup_epochs > 0 else None
@@ -163,7 +168,7 @@ def build_job(cfg: TrainConfig, teacher: nn.Module | None = None, device: str = 
         source.to(memory_format=torch.channels_last)
         if warm_source is not None:
             warm_source.to(memory_format=torch.channels_last)
-    loss_fn = create_loss(cfg.method, cfg.options).to(device)
+    loss_fn = create_loss(cfg.loss, cfg.options).to(device)
     layers = loss_fn.feature_layers(teacher, torch.zeros(2, info.in_channels, info.image_size, info.image_size,
                                                          device=device))
     q_params = [p for p in qmodel.parameters() if p.requires_grad]

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..device import deterministic, resolve_device
 from ..dist import session
-from ..errors import UserError
+from ..errors import UserError, deprecated
 from ..evaluate import evaluate
 from ..io import save_torch
 from ..models import load_model
@@ -183,16 +183,23 @@ def _loop(job: Job, quiet: bool) -> None:
     job.wall_s = wall_before + time.time() - t0
 
 
-def quantize(teacher: str | nn.Module = "resnet20_fmnist", wbits: int = 4, abits: int = 4, generator: str = "gdfq",
-             method: str = "kd", preset: str = "quick", resume: bool = False, quiet: bool = False,
+def quantize(teacher: str | nn.Module = "resnet20_fmnist", wbits: int = 4, abits: int = 4, source: str = "gdfq",
+             loss: str = "kd", preset: str = "quick", resume: bool = False, quiet: bool = False,
              restart: bool = False, **overrides: Any) -> Result:
-    """Python entry point: `zsq.quantize(teacher, wbits=4, abits=4, generator="adadfq", method="kd")`.
+    """Python entry point: `zsq.quantize(teacher, wbits=4, abits=4, source="adadfq", loss="kd")`.
 
     `teacher` is a name/path (as for `zsq.load_model`) or any `nn.Module` classifier (then pass `dataset=`).
+    The former keywords `generator=` and `method=` still work for one release.
     """
+    if "generator" in overrides:
+        deprecated("zsq.quantize(generator=...)", "source=...")
+        source = overrides.pop("generator")
+    if "method" in overrides:
+        deprecated("zsq.quantize(method=...)", "loss=...")
+        loss = overrides.pop("method")
     module = teacher if isinstance(teacher, nn.Module) else None
     name = "module" if module is not None else str(teacher)
     if module is not None and getattr(module, "zsq_model_def", None):
         overrides.setdefault("model_def", module.zsq_model_def)  # later commands rebuild it from the same code
-    cfg = resolve_config(preset, generator, method, teacher=name, wbits=wbits, abits=abits, **overrides)
+    cfg = resolve_config(preset, source, loss, teacher=name, wbits=wbits, abits=abits, **overrides)
     return quantize_run(cfg, teacher=module, resume=resume, quiet=quiet, restart=restart)
