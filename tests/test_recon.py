@@ -104,6 +104,10 @@ def test_units_must_read_and_write_one_tensor():
 
 
 def _tiny_case(bits: int = 3):
+    # The teacher's weights from a fixed seed: drawn from the global generator, a test's outcome depended on the
+    # tests that ran before it in the worker (for 1 of 12 seeds a rounding tie flipped in onnxruntime: logits off by
+    # 0.4 % of their range, the same top-1, beyond the 1e-3 of the ONNX check).
+    torch.manual_seed(0)
     teacher = randomise_bn(create_model("resnet20", in_channels=1))
     images = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     return teacher, images, QuantConfig(bits, bits, **FIXED)
