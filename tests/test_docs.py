@@ -41,7 +41,7 @@ def test_the_architecture_doc_examples_train_and_get_their_flags(doc_plugins, ti
         job.start_epoch(0)
         job.iterate(True)  # warm-up: a GDFQ generator calibrates the ranges, as for any offline source
         observed = [q.hi.item() for q in act_quantizers(job.qmodel)]
-        job.cfg.range_setter().finish(job.qmodel)  # what the loop does when the warm-up ends
+        job.set_ranges()  # what the loop does when the warm-up ends
         assert [q.hi.item() for q in act_quantizers(job.qmodel)] == pytest.approx([0.5 * h for h in observed])
         job.start_epoch(1)
         terms, skipped = job.iterate(False)

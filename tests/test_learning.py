@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from conftest import PROBE_KW, run_cli
 
 from zsq.distill import list_losses
-from zsq.quant import ActQuantizer, observe_ranges
+from zsq.quant import ActQuantizer
 from zsq.synth import list_sources
 from zsq.synth.pixels import BUILDERS
 from zsq.train import build_job, resolve_config
-from zsq.train.job import freeze_ranges
 
 WARMUP, TRAINED, BATCH = 4, 12, 8  # generator steps that calibrate the ranges; Q steps; their batch
 # Losses with a cross-entropy on the source's labels, which the teacher does not always give (kd+ce: GDFQ's CE;
@@ -61,8 +60,7 @@ def test_a_short_run_lowers_the_loss_and_brings_q_nearer_the_teacher(source, los
         job.start_epoch(0)
         for _ in range(WARMUP):
             job.iterate(True)
-        observe_ranges(job.qmodel, False)  # what the loop does when the warm-up ends
-        freeze_ranges(job)
+        job.set_ranges()  # what the loop does when the warm-up ends
         job.start_epoch(1)
         x, y = (t.detach() for t in job.source.sample(32, torch.Generator().manual_seed(1)))
         held_out = job.source.sample(64, torch.Generator().manual_seed(2))[0].detach()
@@ -75,7 +73,8 @@ def test_a_short_run_lowers_the_loss_and_brings_q_nearer_the_teacher(source, los
         job.close()
     quants = [m for m in job.qmodel.modules() if isinstance(m, ActQuantizer)]
     assert quants and all(not q.observing and q.hi > q.lo for q in quants)  # calibrated in warm-up, then frozen
-    said = f"loss {before[0]:.4g} → {after[0]:.4g}, KL(teacher ‖ Q) on held-out images {before[1]:.4g} → {after[1]:.4g}"
+    said = (f"loss {before[0]:.4g} → {after[0]:.4g}, KL(teacher ‖ Q) on held-out images {before[1]:.4g} → "
+            f"{after[1]:.4g}")
     assert after[0] < before[0], said
     if loss not in LABEL_PULLED:
         assert after[1] < before[1], said

@@ -115,6 +115,12 @@ class Job:
         """One iteration (see `_iteration`): the loss terms, and per optimiser whether its step was skipped."""
         return _iteration(self, warm)
 
+    def set_ranges(self) -> None:
+        """The warm-up is over: stop observing, and let the range setter set the activation ranges from what was
+        observed (averaged over the ranks)."""
+        observe_ranges(self.qmodel, False)
+        freeze_ranges(self)
+
     def transfer_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The clean transfer loss of the Q model on a batch, as a Q step sees it (prepared by the loss, e.g.
         SynQ's low-pass filter; no promotion, no step): on a fixed batch, whether training lowers it."""

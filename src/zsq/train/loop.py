@@ -19,7 +19,7 @@ from ..errors import UserError, deprecated
 from ..evaluate import evaluate
 from ..io import save_torch
 from ..models import load_model
-from ..quant import act_quantizers, default_placement, observe_ranges
+from ..quant import act_quantizers, default_placement
 from ..synth import SourceContext
 from ..validate import probe_set
 from .config import TrainConfig, resolve_config
@@ -158,8 +158,7 @@ def _loop(job: Job, quiet: bool) -> None:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.flush().items() if k in ("loss_q", "loss_g")})
             end_of_epoch = job.step % cfg.iters_per_epoch == 0
             if end_of_epoch and epoch + 1 == cfg.warmup_epochs:
-                observe_ranges(job.qmodel, False)
-                freeze_ranges(job)
+                job.set_ranges()
             if cfg.health_every and not warm and (trained + 1) % cfg.health_every == 0 and job.step < total:
                 h = check_health(job)
                 metrics.event({"iter": step, "epoch": epoch, **health_row(h)})
