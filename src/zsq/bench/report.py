@@ -36,8 +36,8 @@ def read_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
                 result = json.loads((d / "result.json").read_text())
                 if (d / "metrics.jsonl").exists():
                     result.update(curve_stats(d / "metrics.jsonl"))
-                runs.append({"name": d.name, "dir": str(d), "config": current_config(json.loads((d / "config.json").read_text())),
-                             "result": result})
+                config = current_config(json.loads((d / "config.json").read_text()))
+                runs.append({"name": d.name, "dir": str(d), "config": config, "result": result})
     if not runs:
         raise UserError(f"no finished run (a folder with result.json and config.json) in {', '.join(map(str, paths))}")
     return runs
@@ -65,8 +65,8 @@ def read_store(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
         rows, planned = store.rows(), store.planned()
     finally:
         store.close()
-    runs = [{"name": r["name"], "dir": r["dir"], "config": current_config(r["config"]), "result": {**r["result"], "dataset": r["dataset"],
-                                                                  "model": r["model"]}} for r in rows]
+    runs = [{"name": r["name"], "dir": r["dir"], "config": current_config(r["config"]),
+             "result": {**r["result"], "dataset": r["dataset"], "model": r["model"]}} for r in rows]
     return runs, planned
 
 
@@ -146,7 +146,8 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                     "loss": loss, "preset": cfg["preset"], "changes": _changes(cfg),
                                     "fp_top1": res["fp_top1"], "published": quoted, "runs": []})
         g["runs"].append({"seed": cfg["seed"], "q_top1": res["q_top1"], "wall_min": res["wall_s"] / 60,
-                          "name": run.get("name", Path(run["dir"]).name), "dir": run["dir"], "grad_norm": res.get("grad_norm"),
+                          "name": run.get("name", Path(run["dir"]).name), "dir": run["dir"],
+                          "grad_norm": res.get("grad_norm"),
                           "hessian_trace": res.get("hessian_trace"), "health": res.get("health")})
     rows = []
     for g in groups.values():

@@ -14,7 +14,7 @@ from .hast import fa_loss, fgsm_promote, l2_channel_attention
 from .logits import kd_loss
 from .synq import find_cam_layer, grad_cam, low_pass, lowpass_mask, selective_ce
 
-__all__ = ["LOSSES", "FeatureTap", "TransferInputs", "TransferLoss", "channel_attention", "create_loss", "current_option",
-           "fa_loss",
-           "fgsm_promote", "find_cam_layer", "find_stages", "find_units", "grad_cam", "kd_loss", "l2_channel_attention",
-           "list_losses", "low_pass", "lowpass_mask", "rfd_loss", "selective_ce", "spatial_attention"]
+__all__ = ["LOSSES", "FeatureTap", "TransferInputs", "TransferLoss", "channel_attention", "create_loss",
+           "current_option", "fa_loss", "fgsm_promote", "find_cam_layer", "find_stages", "find_units", "grad_cam",
+           "kd_loss", "l2_channel_attention", "list_losses", "low_pass", "lowpass_mask", "rfd_loss", "selective_ce",
+           "spatial_attention"]

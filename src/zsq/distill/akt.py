@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..graph import residual_branches
-from .base import LOSSES, TransferInputs, TransferLoss
+from .base import LOSSES, TransferInputs, TransferLoss, current_option
 from .logits import GDFQLossOptions
 
 PARTS = ("spatial", "channel")
@@ -225,8 +225,7 @@ class AKTOptions(GDFQLossOptions, RFDOptions):
             raise UserError(f"akt-alpha must be in [0, 1], got {self.akt_alpha}")
         if self.akt_combine not in ("convex", "sum"):
             raise UserError(f"akt-combine must be convex or sum, got '{self.akt_combine}'")
-        if self.akt_base in LOSSES:
-            self.akt_base = LOSSES.canonical(self.akt_base)
+        self.akt_base = current_option("akt_base", self.akt_base)
         if self.akt_base not in AKT_BASES:
             raise UserError(f"akt-base must be {', '.join(AKT_BASES)}, got '{self.akt_base}'")
 

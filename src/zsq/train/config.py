@@ -199,8 +199,8 @@ PTQ = "ptq"  # config.json's `method` of a `zsq ptq` run (zsq.posttrain), which 
 def current_config(config: dict[str, Any]) -> dict[str, Any]:
     """A config.json as it is written now, so that an older run still compares, groups and resumes with new
     ones: `generator` and `method` (a QAT loss) are `source` and `loss`, a loss's or AKT base's former name is
-    its name now; the health probe is the first one where none is recorded; range options move into `options`, those its setter does not take dropped (unset, or recorded
-    by a zsq that did not refuse them yet)."""
+    its name now; the health probe is the first one where none is recorded; range options move into `options`,
+    those its setter does not take dropped (unset, or recorded by a zsq that did not refuse them yet)."""
     config = _current_names(config)
     if "probe_images" not in config:  # made before the probe was an option: checked on the first one
         config.update(FIRST_PROBE)
