@@ -55,3 +55,15 @@ def test_the_architecture_doc_examples_train_and_get_their_flags(doc_plugins, ti
         with pytest.raises(UserError, match=f"--{option.replace('_', '-')} does not apply to this run: it applies "
                                             f"to {taker}"):
             resolve_config("quick", "gdfq", "kd", **{option: 0.5})
+
+
+def test_the_cli_reference_is_generated_from_the_parsers_and_registries():
+    """docs/cli.md is what `python -m zsq.clidoc` writes now: a flag, a choice or a plug-in added without
+    regenerating it fails here."""
+    from zsq.clidoc import cli_reference
+
+    page = DOC.with_name("cli.md")
+    assert page.read_text() == cli_reference(), "regenerate it: python -m zsq.clidoc > docs/cli.md"
+    for needle in ("## zsq quantize", "`--source`", "`--act-range`", "| `kd+ce` |", "| `bn-prior` |",
+                   "`adadfq` → `gap-entropy`", "## zsq teacher train"):
+        assert needle in page.read_text(), needle

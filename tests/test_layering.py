@@ -21,7 +21,7 @@ LAYERS = [
     {"bench"},  # grids of run commands, their store and report
     {"analysis"},  # plots of finished runs
     {"cli"},
-    {"__main__"},
+    {"clidoc", "__main__"},  # docs/cli.md, generated from the parsers
 ]
 ROOT = Path(zsq.__file__).parent
 

@@ -271,14 +271,17 @@ class AKTLoss(TransferLoss):
 
 @LOSSES.register("akt", options=AKTOptions)
 def akt(opts: AKTOptions) -> AKTLoss:
+    """AKT (arXiv 2412.19125): a logit loss plus refined feature distillation, spatial and channel attention KLs."""
     return AKTLoss(opts, ("spatial", "channel"))
 
 
 @LOSSES.register("akt-spatial", options=AKTOptions)
 def akt_spatial(opts: AKTOptions) -> AKTLoss:
+    """AKT's ablation with the spatial-attention KL only."""
     return AKTLoss(opts, ("spatial",))
 
 
 @LOSSES.register("akt-channel", options=AKTOptions)
 def akt_channel(opts: AKTOptions) -> AKTLoss:
+    """AKT's ablation with the channel-attention KL only."""
     return AKTLoss(opts, ("channel",))

@@ -79,4 +79,5 @@ class HASTLoss(TransferLoss):
 
 @LOSSES.register("hast", options=HASTLossOptions)
 def hast(opts: HASTLossOptions) -> HASTLoss:
+    """HAST's loss: T²-scaled KD plus feature alignment of the residual branches."""
     return HASTLoss(opts)

@@ -85,14 +85,17 @@ class AdaDFQLoss(TransferLoss):
 
 @LOSSES.register("kd", options=KDOptions)
 def kd(opts: KDOptions) -> KD:
+    """Plain knowledge distillation: T²·KL(teacher ‖ Q) of the softened logits."""
     return KD(opts)
 
 
 @LOSSES.register("kd+ce", options=GDFQLossOptions, aliases=("gdfq",))
 def kd_ce(opts: GDFQLossOptions) -> GDFQLoss:
+    """GDFQ's loss: KD plus cross-entropy on the labels the source sampled."""
     return GDFQLoss(opts)
 
 
 @LOSSES.register("gap-entropy", options=TemperatureOptions, aliases=("adadfq",))
 def gap_entropy(opts: TemperatureOptions) -> AdaDFQLoss:
+    """AdaDFQ's loss: the entropy of the teacher − Q logit gap, maximised (logged as T²·(log C − H))."""
     return AdaDFQLoss(opts)

@@ -258,9 +258,12 @@ class SynQLoss(TransferLoss):
 
 @LOSSES.register("synq", options=SynQOptions)
 def synq(opts: SynQOptions) -> SynQLoss:
+    """SynQ (ICLR 2025): low-pass-filtered inputs, Grad-CAM alignment and difficulty-selective CE on HAST's feature
+    alignment."""
     return SynQLoss(opts, "fa")
 
 
 @LOSSES.register("akt+synq", options=AKTSynQOptions)
 def akt_synq(opts: AKTSynQOptions) -> SynQLoss:
+    """SynQ's terms with AKT's refined feature distillation in place of HAST's feature alignment."""
     return SynQLoss(opts, "rfd")

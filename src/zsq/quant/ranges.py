@@ -85,7 +85,10 @@ class LearnedOptions(BNOptions):
 
 
 class RangeSetter:
-    """`ema-minmax`, and the base of the others: each registers with the dataclass of its options (None: none)."""
+    """The warm-up's EMA of each batch's min and max, frozen when the warm-up ends (the lineage's ranges).
+
+    Registered as `ema-minmax`, and the base of the other setters: each registers with the dataclass of its
+    options (None: none)."""
     needs_images = True  # sets ranges from the warm-up's images (so --warmup-epochs 0 cannot run it)
     lr_scale = 1.0  # learning rate of trained ranges, × lr_q (only `learned` trains them)
 
@@ -109,6 +112,7 @@ RANGE_SETTERS.register("ema-minmax")(RangeSetter)
 
 @RANGE_SETTERS.register("percentile", options=PercentileOptions)
 class PercentileRange(RangeSetter):
+    """The warm-up's EMA of each batch's percentiles (`--act-percentile`) instead of min and max."""
     def prepare(self, qmodel: nn.Module) -> None:
         for q in act_quantizers(qmodel):
             q.percentile = self.opts.act_percentile
@@ -116,6 +120,8 @@ class PercentileRange(RangeSetter):
 
 @RANGE_SETTERS.register("bn-prior", options=BNOptions)
 class BNPriorRange(RangeSetter):
+    """Data-free: each range's upper end from the teacher's BatchNorm statistics (mean + k·std, propagated
+    through the network); ranges it cannot bound keep the warm-up's."""
     needs_images = False  # where the teacher's BN statistics bound a range; the others keep the warm-up's
     clamp = False
 
@@ -129,12 +135,14 @@ class BNPriorRange(RangeSetter):
 
 @RANGE_SETTERS.register("bn-clamp", options=BNOptions)
 class BNClampRange(BNPriorRange):
+    """The warm-up's EMA ranges, each clamped to its BatchNorm bound."""
     needs_images = True  # the EMA range is what it clamps
     clamp = True
 
 
 @RANGE_SETTERS.register("learned", options=LearnedOptions)
 class LearnedRange(BNPriorRange):
+    """The BN prior's ranges as a start, their upper ends then trained by their LSQ gradient."""
     @property
     def lr_scale(self) -> float:
         return self.opts.range_lr_scale

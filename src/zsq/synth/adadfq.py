@@ -61,4 +61,6 @@ class AdaDFQSource(GeneratorSource):
 
 @SOURCES.register("adadfq", options=AdaDFQOptions)
 def adadfq(ctx: SourceContext, opts: AdaDFQOptions) -> AdaDFQSource:
+    """AdaDFQ's generator (Qian et al. 2023): GDFQ's losses plus the entropy band and the agreement/disagreement terms
+    computed with the Q model."""
     return AdaDFQSource(ctx, opts)

@@ -32,4 +32,6 @@ class GDFQSource(GeneratorSource):
 
 @SOURCES.register("gdfq", options=GDFQOptions)
 def gdfq(ctx: SourceContext, opts: GDFQOptions) -> GDFQSource:
+    """GDFQ's label-conditional generator (Xu et al. 2020), trained beside the Q model: CE on the teacher plus
+    BatchNorm-statistics matching."""
     return GDFQSource(ctx, opts)

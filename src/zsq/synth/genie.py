@@ -174,4 +174,6 @@ BUILDERS["genie"] = distil
 
 @SOURCES.register("genie", options=GenieOptions)
 def genie(ctx: SourceContext, opts: GenieOptions) -> OfflineSource:
+    """Genie-D's offline set (Jeon et al. 2023): a generator and per-image latents distilled together against the
+    teacher's BatchNorm statistics, made once and cached."""
     return OfflineSource(ctx, "genie", opts)

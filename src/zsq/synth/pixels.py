@@ -231,11 +231,14 @@ BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {"hast": synthesize, "zeroq
 
 @SOURCES.register("hast", options=PixelOptions)
 def hast(ctx: SourceContext, opts: PixelOptions) -> OfflineSource:
+    """HAST's offline set (Li et al. 2023): pixels optimised once for BatchNorm statistics + hardness-weighted CE, cached."""
     return OfflineSource(ctx, "hast", opts)
 
 
 @SOURCES.register("zeroq", options=ZeroQOptions)
 def zeroq(ctx: SourceContext, opts: ZeroQOptions) -> OfflineSource:
+    """ZeroQ's offline set (Cai et al. 2020): pixels optimised for BatchNorm statistics alone (HAST's set with β = 0),
+    cached."""
     return OfflineSource(ctx, "zeroq", opts)
 
 
