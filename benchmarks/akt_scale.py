@@ -34,7 +34,7 @@ def main() -> None:
     job.start_epoch(0)
     for _ in range(5):  # calibrate the activation ranges on generator batches, as the warm-up does
         job.iterate(True)
-    job.start_epoch(cfg.warmup_epochs)
+    job.start_epoch(cfg.optim.warmup_epochs)
     with torch.no_grad():
         x, y = job.source.sample(args.batch_size, job.rng)
         t_logits = job.teacher(x)

@@ -37,7 +37,7 @@ def measure(source: str, loss: str, batch_size: int, repeats: int) -> dict:
     job.start_epoch(0)
     for _ in range(2):  # calibrate the activation ranges on generator batches, as the warm-up does
         job.iterate(True)
-    job.start_epoch(cfg.warmup_epochs)
+    job.start_epoch(cfg.optim.warmup_epochs)
     source, qmodel, rng = job.source, job.qmodel, job.rng
     full = timed(lambda: job.iterate(False), repeats)
 

@@ -38,7 +38,7 @@ def trained_job(source: str, loss: str, options: dict, args: argparse.Namespace)
     job.start_epoch(0)
     for _ in range(3):
         job.iterate(True)
-    job.start_epoch(cfg.warmup_epochs)
+    job.start_epoch(cfg.optim.warmup_epochs)
     return job
 
 

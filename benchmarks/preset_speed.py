@@ -39,7 +39,7 @@ def measure(preset: str, source: str, loss: str, options: dict, iters: int, devi
                          out=str(folder / f"{preset}-{source}-{loss}"),
                          **options, **({"synth_images": 256, "synth_iters": 20} if source == "hast" else {}))
     result = quantize_run(cfg, quiet=True)
-    return {"batch_size": cfg.batch_size, "it_per_s": round(iterations_per_second(result.run_dir / "metrics.jsonl",
+    return {"batch_size": cfg.optim.batch_size, "it_per_s": round(iterations_per_second(result.run_dir / "metrics.jsonl",
                                                                                   iters), 2)}
 
 

@@ -1,4 +1,4 @@
-"""The quantization loop end to end on a tiny budget: CLI, Python API, every generator × method, resume, guard."""
+"""The recipe and the quantization loop end to end on a tiny budget: CLI, Python API, resume, guard."""
 from __future__ import annotations
 
 import json
@@ -62,25 +62,26 @@ def test_warmup_calibrates_ranges_and_leaves_weights_alone(tiny_teacher, fmnist_
 
 def test_presets_and_overrides():
     paper = resolve_config("paper", "adadfq", "gap-entropy")
-    assert (paper.epochs, paper.iters_per_epoch, paper.batch_size, paper.milestones) == (400, 200, 16, [100, 200, 300])
+    optim = paper.optim
+    assert (optim.epochs, optim.iters_per_epoch, optim.batch_size, optim.milestones) == (400, 200, 16, [100, 200, 300])
     assert resolve_config("paper", "gdfq", "kd+ce").options == {"kd_reduction": "elementwise"}
-    assert resolve_config("paper", "gdfq", "kd").batch_size == 200
+    assert resolve_config("paper", "gdfq", "kd").optim.batch_size == 200
     akt = resolve_config("paper", "adadfq", "akt-channel")  # AKT's own budget, over the data source's
-    assert (akt.epochs, akt.milestones, akt.batch_size) == (200, [100], 200)
+    assert (akt.optim.epochs, akt.optim.milestones, akt.optim.batch_size) == (200, [100], 200)
     assert "akt_lambda" not in akt.options  # the paper budget keeps the official weight
     quick_akt = resolve_config("quick", "gdfq", "akt")
     # the range setter's options are recorded in full: the preset's where it sets them, else the setter's defaults
     assert quick_akt.options == {"akt_lambda": 1e4, "bn_k": 2.5, "bn_propagate": "moments"}
     quick_kd = resolve_config("quick", "gdfq", "kd")
-    assert quick_kd.act_range == "bn-prior" and quick_kd.options == {"bn_k": 2.5, "bn_propagate": "bounds"}
+    assert quick_kd.ranges.act_range == "bn-prior" and quick_kd.options == {"bn_k": 2.5, "bn_propagate": "bounds"}
     quick_gdfq = resolve_config("quick", "gdfq", "kd+ce")
-    assert (quick_gdfq.act_range, quick_gdfq.ste, quick_gdfq.options) == ("percentile", "clipped",
+    assert (quick_gdfq.ranges.act_range, quick_gdfq.quant.ste, quick_gdfq.options) == ("percentile", "clipped",
                                                                         {"act_percentile": 99.7})
     assert resolve_config("paper", "gdfq", "kd", act_range="bn-prior").options["bn_k"] == 3.0
     assert resolve_config("quick", "gdfq", "akt", bn_propagate="bounds").options["bn_propagate"] == "bounds"
     assert resolve_config("quick", "gdfq", "akt", akt_lambda=5.0).options["akt_lambda"] == 5.0
     quick = resolve_config("quick", "gdfq", "kd", batch_size=32, epochs=None, kd_temperature=4.0)
-    assert quick.batch_size == 32 and quick.epochs == resolve_config("quick").epochs
+    assert quick.optim.batch_size == 32 and quick.optim.epochs == resolve_config("quick").optim.epochs
     assert quick.options == {"bn_k": 2.5, "bn_propagate": "bounds", "kd_temperature": 4.0}
     with pytest.raises(UserError, match="--lambda-l does not apply .* --source adadfq"):
         resolve_config("quick", "gdfq", "kd", lambda_l=0.3)  # an AdaDFQ option on a GDFQ run
@@ -106,8 +107,41 @@ def test_options_that_do_not_apply_are_refused_and_not_recorded():
             quantize_config(argv)
     assert quantize_config(["--loss", "akt", "--akt-base", "kd+ce", "--ce-weight", "2"]).options["ce_weight"] == 2
     kd = resolve_config("quick", "gdfq", "kd+ce")  # the quick preset's bn-k 2.5 does nothing under its percentile
-    assert (kd.act_range, kd.options) == ("percentile", {"act_percentile": 99.7})
+    assert (kd.ranges.act_range, kd.options) == ("percentile", {"act_percentile": 99.7})
     assert resolve_config("paper", "adadfq", "akt", akt_base="gap-entropy").options == {"akt_base": "gap-entropy"}
+
+
+def test_the_config_is_composed_of_one_dataclass_per_concern_and_config_json_is_their_flat_union(capsys, monkeypatch):
+    """Each concern's fields live once, in its own dataclass (the quantizer's is zsq.quant's QuantConfig, the
+    probe's zsq.validate's ProbeOptions); config.json is the flat union, whose names are unique, and reads back
+    into an equal config, an older run's config.json included."""
+    from zsq.quant import QuantConfig
+    from zsq.train import TrainConfig, config_dict, current_config, flat_fields
+    from zsq.validate import ProbeOptions
+
+    names = [f.name for f in flat_fields()]
+    assert len(names) == len(set(names))
+    cfg = resolve_config("quick", "hast", "akt", wbits=3, abits=3, epochs=8, probe_images=64, placement="deployable",
+                         eval_limit=100, seed=2)
+    assert isinstance(cfg.quant, QuantConfig) and isinstance(cfg.probe, ProbeOptions)
+    assert (cfg.quant.wbits, cfg.quant.placement, cfg.optim.epochs, cfg.probe.probe_images, cfg.checks.eval_limit,
+            cfg.run.seed, cfg.ranges.act_range) == (3, "deployable", 8, 64, 100, 2, "bn-prior")
+    flat = config_dict(cfg)
+    assert set(flat) == set(names) | {"options"} and "probe_seed" not in flat and "layer_bits" not in flat
+    assert TrainConfig.from_flat(flat) == cfg
+    old = {k: v for k, v in flat.items() if k not in ("probe_images", "probe_iters", "options")}
+    old.update(generator="hast", method="akt", bn_k=2.5, bn_propagate="moments", act_percentile=None,
+               options={k: v for k, v in flat["options"].items() if not k.startswith("bn_")})  # as 0.1 wrote it
+    del old["source"], old["loss"]
+    again = TrainConfig.from_flat(current_config(old))
+    assert again.loss == "akt" and again.options == cfg.options and again.probe.probe_images == 512
+    with pytest.raises(TypeError, match="unknown TrainConfig fields"):
+        TrainConfig.from_flat({**flat, "bogus": 1})
+    monkeypatch.setattr(zsq.errors, "_said", set())
+    assert cfg.epochs == 8 and cfg.threads == cfg.run.threads  # 0.1's flat reads, for one release
+    assert capsys.readouterr().err.splitlines() == [
+        "zsq: TrainConfig.epochs is deprecated and goes in the next release: use TrainConfig.optim.epochs",
+        "zsq: TrainConfig.threads is deprecated and goes in the next release: use TrainConfig.run.threads"]
 
 
 def test_the_former_flag_and_loss_names_run_the_same_config(capsys, monkeypatch):

@@ -77,7 +77,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize_run(cfg, resume=args.resume, quiet=args.quiet, restart=args.restart)
     s = result.summary
     if result.rank == 0:
-        print(f"{cfg.out}: W{s['wbits']}A{s['abits']} source {s['source']}, loss {s['loss']} ({s['preset']}): "
+        print(f"{cfg.run.out}: W{s['wbits']}A{s['abits']} source {s['source']}, loss {s['loss']} ({s['preset']}): "
               f"q_top1 {s['q_top1']:.2f} (FP {s['fp_top1']:.2f}) in {s['wall_s'] / 60:.1f} min")
         h = Health(**s["health"])
         print(("warning: " if h.flagged else "") + h.line(), file=sys.stderr if h.flagged else sys.stdout)

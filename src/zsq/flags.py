@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-from dataclasses import fields
 from typing import Any, Callable
 
 from .data import list_datasets
@@ -19,7 +18,7 @@ from .presets import PRESETS
 from .quant import PLACEMENTS, check_bits
 from .quant.ranges import RANGE_SETTERS
 from .synth import SOURCES
-from .train import SELECT, TrainConfig, config_dict, resolve_config
+from .train import SELECT, TrainConfig, config_dict, flat_fields, resolve_config
 
 
 def bits_type(text: str) -> int:
@@ -134,8 +133,9 @@ QUANTIZE_HELP = {
     "threads": "CPU threads of the run (default: the cores it may use: OMP_NUM_THREADS, else its CPU affinity; "
                "recorded in config.json)",
 }
-QUANTIZE_TYPES: dict[str, Callable] = {"wbits": bits_type, "abits": bits_type, "milestones": int_list, "g_betas": float_pair,
-                                       "epochs": positive_int, "iters_per_epoch": positive_int, "batch_size": positive_int}
+QUANTIZE_TYPES: dict[str, Callable] = {"wbits": bits_type, "abits": bits_type, "milestones": int_list,
+                                       "g_betas": float_pair, "epochs": positive_int, "iters_per_epoch": positive_int,
+                                       "batch_size": positive_int}
 
 
 def _field_type(f: dataclasses.Field) -> Callable:
@@ -152,9 +152,7 @@ def add_quantize(sub) -> argparse.ArgumentParser:
     choices = {"source": SOURCES.names(), "preset": list(PRESETS),
                "first_last": ["same", "8bit"], "act_range": RANGE_SETTERS.names(), "ste": ["identity", "clipped"],
                "precision": ["fp32", "bf16"], "select": list(SELECT), "placement": list(PLACEMENTS)}
-    for f in fields(TrainConfig):
-        if f.name == "options":
-            continue
+    for f in flat_fields():
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.name in ("teacher", "source", "loss", "preset", "wbits", "abits") else None
         if str(f.type) == "bool":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ class ProbeOptions:
     # "Health check", benchmarks/health_probe.py)
     probe_images: int = 256  # half BN-statistics only, half also confident
     probe_iters: int = 100  # Adam steps per probe batch
-    probe_seed: int = 1  # differs from the offline training sets' seed 0, so a probe is never a training image
+    # differs from the offline training sets' seed 0, so a probe is never a training image
+    probe_seed: int = field(default=1, metadata={"recorded": False})
 
     def __post_init__(self) -> None:
         if self.probe_images < 2 or self.probe_iters < 1:

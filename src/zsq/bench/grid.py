@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import tomllib
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -182,14 +182,14 @@ def _applicable(grid_wide: dict[str, Any], row_flags: tuple[str, ...], names: di
     from ..flags import PTQ_FLAGS, quantize_values  # the engine, loaded only when a grid is expanded
     from ..presets import preset_values
     from ..quant.ranges import RANGE_SETTERS
-    from ..train import TrainConfig, inapplicable, plugin_fields
+    from ..train import flat_fields, inapplicable, plugin_fields
 
     if names["loss"] == PTQ:
         return {k: v for k, v in grid_wide.items() if k.replace("-", "_") in PTQ_FLAGS}
 
     # the source's and the loss's options (ema-minmax has none), and every range setter's: which setter a run
     # uses may come from its row, the grid or its preset; `inapplicable` drops those it leaves without effect
-    takes = {f.name for f in fields(TrainConfig)} | plugin_fields(names["source"], names["loss"], "ema-minmax") \
+    takes = {f.name for f in flat_fields()} | plugin_fields(names["source"], names["loss"], "ema-minmax") \
         | set(RANGE_SETTERS.all_options())
     known = {k: v for k, v in grid_wide.items() if k.replace("-", "_") in takes}
     given = quantize_values([*row_flags, *_flags(known, names), "--source", names["source"], "--loss",

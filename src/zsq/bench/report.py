@@ -76,7 +76,7 @@ def _changes(config: dict[str, Any]) -> dict[str, Any]:
     from ..posttrain import config_dict as ptq_config_dict
     from ..quant.ranges import RANGE_SETTERS
     from ..recon import USER_NAMES
-    from ..train import TrainConfig, config_dict, resolve_config
+    from ..train import config_dict, flat_fields, resolve_config
 
     base = (ptq_config_dict(resolve_ptq_config(config["preset"], config["source"], teacher=config["teacher"]))
             if _is_ptq(config) else config_dict(resolve_config(config["preset"], config["source"], config["loss"],
@@ -93,7 +93,7 @@ def _changes(config: dict[str, Any]) -> dict[str, Any]:
         return {**own, **recon, **opts}
     # the range setter's options read beside it, where they stood when they were TrainConfig fields
     ranges = {k: v for k, v in opts.items() if k in RANGE_SETTERS.all_options()}
-    order = {f.name: i for i, f in enumerate(dataclasses.fields(TrainConfig))}
+    order = {f.name: i for i, f in enumerate(flat_fields())}
     beside = order["act_range"] + 0.5
     placed = sorted([*own.items(), *ranges.items()], key=lambda kv: order.get(kv[0], beside))
     return {**dict(placed), **{k: v for k, v in opts.items() if k not in ranges}}
@@ -117,14 +117,15 @@ def _complete(config: dict[str, Any]) -> dict[str, Any]:
     from ..posttrain import PtqConfig
     from ..quant.ranges import RANGE_SETTERS
     from ..recon import ReconConfig
-    from ..train import TrainConfig, with_range_defaults
+    from ..train import flat_defaults, flat_fields, with_range_defaults
 
     if _is_ptq(config):
         defaults = {f.name: f.default for f in dataclasses.fields(PtqConfig) if f.default is not dataclasses.MISSING}
         recon = dataclasses.asdict(ReconConfig())
         full = json.loads(json.dumps({**defaults, **config, "recon": {**recon, **config.get("recon", {})}}))
         return {**full, "placement": full.get("placement") or _default_placement(full)}
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    plain = {f.name for f in flat_fields() if f.default is not dataclasses.MISSING}  # not a list's default_factory
+    defaults = {k: v for k, v in flat_defaults().items() if k in plain}
     full = json.loads(json.dumps({**defaults, **config}))
     full["placement"] = full.get("placement") or _default_placement(full)
     if full["act_range"] in RANGE_SETTERS:  # an older run's setter may no longer exist

@@ -23,6 +23,13 @@ class _QuantWeight:
     ste: str
     fixed_range: bool = False
 
+    def _adopt(self, layer: nn.Module, wbits: int, ste: str, fixed_range: bool):
+        """Take the float layer's weights, then the quantizer's settings (a fixed range from those weights)."""
+        self.load_state_dict(layer.state_dict())
+        self.wbits, self.ste = wbits, ste
+        self._fix_range(fixed_range)
+        return self
+
     def _fix_range(self, fixed: bool) -> None:
         self.fixed_range = fixed
         if fixed:
@@ -54,10 +61,7 @@ class QuantConv2d(_QuantWeight, nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
                 dtype=conv.weight.dtype)
-        q.load_state_dict(conv.state_dict())
-        q.wbits, q.ste = wbits, ste
-        q._fix_range(fixed_range)
-        return q
+        return q._adopt(conv, wbits, ste, fixed_range)
 
     def to_float(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -77,10 +81,7 @@ class QuantLinear(_QuantWeight, nn.Linear):
                    ) -> "QuantLinear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
                 dtype=linear.weight.dtype)
-        q.load_state_dict(linear.state_dict())
-        q.wbits, q.ste = wbits, ste
-        q._fix_range(fixed_range)
-        return q
+        return q._adopt(linear, wbits, ste, fixed_range)
 
     def to_float(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..graph import module_calls, trace
 from .fake import STE_MODES
 from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, count_calls
-from .placement import check_placement, place_deployable
+from .placement import check_placement, default_placement, place_deployable
 
 FP_BITS = 32
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -31,10 +31,15 @@ class QuantConfig:
     first_last: str = "same"  # "same": every layer at wbits (the papers); "8bit": first and last layer at 8 bits
     act_momentum: float = 0.9  # EMA momentum of activation ranges (the lineage uses 0.9)
     ste: str = "identity"  # straight-through estimator: "identity" everywhere (lineage) or "clipped" to [l, u]
-    layer_bits: dict[str, int] = field(default_factory=dict)  # weight bits per module name, overriding the rest
-    act_bits: dict[str, int] = field(default_factory=dict)  # activation bits per quantizer site (a QuantAct's name)
-    placement: str = "lineage"  # activation quantizers: "lineage" (after each ReLU) or "deployable" (zsq.quant.placement)
-    weight_range: str = "minmax"  # per-channel weight range: each forward's "minmax", or "fixed" buffers (PTQ)
+    # weight bits per module name, overriding the rest (the Python API's; a run's config has none)
+    layer_bits: dict[str, int] = field(default_factory=dict, metadata={"recorded": False})
+    # activation bits per quantizer site (a QuantAct's name)
+    act_bits: dict[str, int] = field(default_factory=dict, metadata={"recorded": False})
+    # activation quantizers: "lineage" (after each ReLU) or "deployable" (zsq.quant.placement); None: the model's
+    # default (default_placement), resolved by quantize_model
+    placement: str | None = "lineage"
+    # per-channel weight range: each forward's "minmax", or "fixed" buffers (PTQ's)
+    weight_range: str = field(default="minmax", metadata={"recorded": False})
 
     def __post_init__(self) -> None:
         check_bits(self.wbits, "weight bits")
@@ -47,7 +52,8 @@ class QuantConfig:
             raise UserError(f"first/last-layer policy must be 'same' or '8bit', got '{self.first_last}'")
         if self.ste not in STE_MODES:
             raise UserError(f"ste must be one of {STE_MODES}, got '{self.ste}'")
-        check_placement(self.placement)
+        if self.placement is not None:
+            check_placement(self.placement)
         if self.weight_range not in WEIGHT_RANGES:
             raise UserError(f"weight range must be one of {', '.join(WEIGHT_RANGES)}, got '{self.weight_range}'")
         if not 0 <= self.act_momentum < 1:
@@ -88,6 +94,8 @@ def quantize_model(model: nn.Module, wbits: int | None = None, abits: int | None
         cfg = QuantConfig(wbits=4 if wbits is None else wbits, abits=4 if abits is None else abits, **kwargs)
     elif wbits is not None or abits is not None or kwargs:
         raise TypeError("pass either cfg or wbits/abits/keywords, not both")
+    if cfg.placement is None:
+        cfg = replace(cfg, placement=default_placement(model))
     qmodel = copy.deepcopy(model)
     layers = [n for n, m in qmodel.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
               and not isinstance(m, (QuantConv2d, QuantLinear))]

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..distill import LOSSES, current_option
-from ..errors import UserError
+from ..errors import UserError, deprecated
 from ..presets import PRESETS, preset_values
 from ..quant import QuantConfig
 from ..quant.ranges import RANGE_SETTERS, RangeSetter, create_range_setter
@@ -20,22 +20,20 @@ SELECT = ("final", "health")  # which Q model a run keeps (--select)
 
 
 @dataclass
-class TrainConfig:
-    teacher: str = "resnet20_fmnist"  # shipped teacher, architecture (+ checkpoint) or checkpoint path
-    checkpoint: str | None = None
-    source: str = "gdfq"  # data source (zsq.synth)
-    loss: str = "kd"  # transfer loss (zsq.distill)
-    preset: str = "quick"
-    wbits: int = 4
-    abits: int = 4
-    first_last: str = "same"
-    act_momentum: float = 0.9
-    act_range: str = "ema-minmax"  # activation range setter (zsq.quant.ranges); its options are in `options`
+class RangeConfig:
+    """How the activation ranges are set; the setter's own options are plug-in options (`TrainConfig.options`)."""
+
+    act_range: str = "ema-minmax"  # activation range setter (zsq.quant.ranges)
     recalibrate_at: int = 0  # epoch at whose start the ranges are set again on the (trained) data source; 0 = off
-    ste: str = "identity"
-    model_def: str | None = None  # FILE.py:FACTORY building a user's teacher module (--teacher: its weights)
-    placement: str | None = None  # activation quantizers (zsq.quant.placement); None: lineage for a registered
-    # architecture, deployable for a user's module (resolved when the run starts, recorded in config.json)
+
+    def __post_init__(self) -> None:
+        RANGE_SETTERS.get(self.act_range)
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation and schedule: epochs of iterations, the Q model's SGD, the generator's Adam."""
+
     epochs: int = 6
     iters_per_epoch: int = 100
     warmup_epochs: int = 1
@@ -47,6 +45,51 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)  # epochs at which both learning rates are × lr_decay
     lr_decay: float = 0.1
     g_betas: tuple[float, float] = (0.5, 0.999)  # Adam betas of the generator
+    promote: float = 0.0  # ε of HAST's FGSM difficulty promotion (0 = off): each batch also trains perturbed
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "iters_per_epoch", "batch_size", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise UserError(f"warmup-epochs must be in [0, epochs), got {self.warmup_epochs} of {self.epochs}")
+        if self.lr_q <= 0 or self.lr_g <= 0:
+            raise UserError("learning rates must be > 0")
+        if self.promote < 0:
+            raise UserError(f"promote (FGSM ε) must be ≥ 0, got {self.promote}")
+        self.milestones = sorted(int(m) for m in self.milestones)
+        self.g_betas = tuple(self.g_betas)
+
+    def lr_factor(self, epoch: int) -> float:
+        return self.lr_decay ** sum(epoch >= m for m in self.milestones)
+
+
+@dataclass
+class ChecksConfig:
+    """What the run measures as it goes (none of it changes the training): test evaluation, data-free health
+    checks and the Q model kept by them, the loss curvature."""
+
+    eval_every: int = 0  # epochs between test evaluations; 0 = only at the end
+    eval_limit: int | None = None
+    health_every: int = 0  # iterations between data-free health checks after warm-up (0 = only at the end)
+    select: str = "final"  # the Q model kept: the final one, or the one with the best health score
+    track_curvature: int = 0  # iterations between Hessian-trace estimates after warm-up (0 = off)
+    curvature_samples: int = 16  # Hutchinson vectors per estimate
+
+    def __post_init__(self) -> None:
+        if self.track_curvature < 0 or self.curvature_samples < 1:
+            raise UserError("track-curvature must be ≥ 0 and curvature-samples ≥ 1")
+        if self.health_every < 0:
+            raise UserError(f"health-every must be ≥ 0, got {self.health_every}")
+        if self.select not in SELECT:
+            raise UserError(f"unknown --select '{self.select}'; choose one of: {', '.join(SELECT)}")
+
+
+@dataclass
+class RunConfig:
+    """Where and how the run executes: seed, machine, evaluation data, the run folder and its cadence."""
+
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # CPU threads (torch.set_num_threads); 0 = the cores this process may use
@@ -54,72 +97,134 @@ class TrainConfig:
     deterministic: bool = False
     dataset: str | None = None  # evaluation data; default: the teacher's recorded dataset
     data_dir: str | None = None
-    eval_every: int = 0  # epochs between test evaluations; 0 = only at the end
-    eval_limit: int | None = None
     ckpt_every: int = 100  # iterations between resume checkpoints
     log_every: int = 10  # iterations between metrics flushes (one device sync each)
-    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
-    promote: float = 0.0  # ε of HAST's FGSM difficulty promotion (0 = off): each batch also trains perturbed
-    track_curvature: int = 0  # iterations between Hessian-trace estimates after warm-up (0 = off)
-    curvature_samples: int = 16  # Hutchinson vectors per estimate
-    health_every: int = 0  # iterations between data-free health checks after warm-up (0 = only at the end)
-    select: str = "final"  # the Q model kept: the final one, or the one with the best health score
-    probe_images: int = ProbeOptions.probe_images  # the health check's probe set (zsq.validate), made once
-    probe_iters: int = ProbeOptions.probe_iters  # per teacher and cached
     out: str = "runs/run"  # resolve_config names it after source, loss, bits, preset and seed
+
+    def __post_init__(self) -> None:
+        for name in ("ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise UserError(f"threads must be ≥ 1 (or 0: the cores this process may use), got {self.threads}")
+
+
+# Where a TrainConfig's concern differs from its dataclass's own default: the placement follows the teacher
+# (None: zsq.quant.default_placement, resolved when the run starts and recorded in config.json).
+CONCERN_DEFAULTS: dict[str, dict[str, Any]] = {"quant": {"placement": None}}
+
+
+def _train_quant() -> QuantConfig:
+    return QuantConfig(**CONCERN_DEFAULTS["quant"])
+
+
+@dataclass
+class TrainConfig:
+    """The recipe, one dataclass per concern. config.json (and `resolve_config`'s keywords, the CLI's flags) is
+    the flat union of their recorded fields, whose names are unique across concerns, so that every config.json
+    zsq ever wrote reads the same way; `flat()` and `from_flat()` convert."""
+
+    teacher: str = "resnet20_fmnist"  # shipped teacher, architecture (+ checkpoint) or checkpoint path
+    checkpoint: str | None = None
+    model_def: str | None = None  # FILE.py:FACTORY building a user's teacher module (--teacher: its weights)
+    source: str = "gdfq"  # data source (zsq.synth)
+    loss: str = "kd"  # transfer loss (zsq.distill)
+    preset: str = "quick"
+    ranges: RangeConfig = field(default_factory=RangeConfig)
+    quant: QuantConfig = field(default_factory=_train_quant)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    probe: ProbeOptions = field(default_factory=ProbeOptions)  # the health check's probe set (zsq.validate)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     # Plug-in options of the data source, the transfer loss and the range setter; the range setter's are all
     # recorded, at their defaults where none was given.
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.quant()  # validates the quantizer fields
         SOURCES.get(self.source)
         self.loss = LOSSES.canonical(self.loss)
         self.options = {k: current_option(k, v) for k, v in self.options.items()}
-        RANGE_SETTERS.get(self.act_range)
-        for name in ("epochs", "iters_per_epoch", "batch_size", "ckpt_every", "log_every", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise UserError(f"warmup-epochs must be in [0, epochs), got {self.warmup_epochs} of {self.epochs}")
-        if self.lr_q <= 0 or self.lr_g <= 0:
-            raise UserError("learning rates must be > 0")
-        if self.threads < 0:
-            raise UserError(f"threads must be ≥ 1 (or 0: the cores this process may use), got {self.threads}")
-        unused = inapplicable({**dataclasses.asdict(self), **self.options})
+        unused = inapplicable({**self.flat(), **self.options})
         if unused:
             name, where = min(unused.items())
             raise UserError(f"--{name.replace('_', '-')} does not apply to this run: it applies to {where}")
-        self.options = with_range_defaults(self.act_range, self.options)
-        if self.warmup_epochs == 0 and RANGE_SETTERS.get(self.act_range).needs_images:
+        act_range, optim = self.ranges.act_range, self.optim
+        self.options = with_range_defaults(act_range, self.options)
+        if optim.warmup_epochs == 0 and RANGE_SETTERS.get(act_range).needs_images:
             raise UserError(f"--warmup-epochs 0 leaves no images to set activation ranges on: --act-range "
-                            f"{self.act_range} needs them; bn-prior and learned set them from the teacher's "
+                            f"{act_range} needs them; bn-prior and learned set them from the teacher's "
                             f"BatchNorm statistics")
-        if self.promote < 0:
-            raise UserError(f"promote (FGSM ε) must be ≥ 0, got {self.promote}")
-        if self.track_curvature < 0 or self.curvature_samples < 1:
-            raise UserError("track-curvature must be ≥ 0 and curvature-samples ≥ 1")
-        if self.health_every < 0:
-            raise UserError(f"health-every must be ≥ 0, got {self.health_every}")
-        if self.select not in SELECT:
-            raise UserError(f"unknown --select '{self.select}'; choose one of: {', '.join(SELECT)}")
-        self.probe()  # validates the probe size
-        self.milestones = sorted(int(m) for m in self.milestones)
-        self.g_betas = tuple(self.g_betas)
         self.range_setter()  # an unknown setter or a bad option fails here, before anything runs
-        if self.recalibrate_at and not self.warmup_epochs < self.recalibrate_at < self.epochs:
+        at = self.ranges.recalibrate_at
+        if at and not optim.warmup_epochs < at < optim.epochs:
             raise UserError(f"recalibrate-at must be an epoch after the warm-up and before the end "
-                            f"({self.warmup_epochs + 1}..{self.epochs - 1}), got {self.recalibrate_at}")
-
-    def probe(self) -> ProbeOptions:
-        return ProbeOptions(self.probe_images, self.probe_iters)
+                            f"({optim.warmup_epochs + 1}..{optim.epochs - 1}), got {at}")
 
     def range_setter(self) -> RangeSetter:
-        return create_range_setter(self.act_range, self.options)
+        return create_range_setter(self.ranges.act_range, self.options)
 
-    def quant(self) -> QuantConfig:
-        return QuantConfig(wbits=self.wbits, abits=self.abits, first_last=self.first_last,
-                           act_momentum=self.act_momentum, ste=self.ste, placement=self.placement or "lineage")
+    def __getattr__(self, name: str) -> Any:
+        """A flat field read as before 0.2 composed the config (`cfg.batch_size`), for one release."""
+        concern = next((c for c, t in CONCERN_TYPES.items() if name in {f.name for f in recorded_fields(t)}), None)
+        if concern is None:
+            raise AttributeError(f"'TrainConfig' object has no attribute '{name}'")
+        deprecated(f"TrainConfig.{name}", f"TrainConfig.{concern}.{name}")
+        return getattr(getattr(self, concern), name)
+
+    def flat(self) -> dict[str, Any]:
+        """The recorded fields of every concern by name, beside the choices and the plug-in options."""
+        out = {name: getattr(self, name) for name in TOP}
+        for concern in CONCERNS:
+            part = getattr(self, concern)
+            out.update({f.name: getattr(part, f.name) for f in recorded_fields(type(part))})
+        return {**out, "options": self.options}
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
+        """A TrainConfig from flat field names (config.json's, resolve_config's); a name no concern has is an
+        error (plug-in options go in `options`)."""
+        values = dict(values)
+        parts = {concern: cls_(**{**CONCERN_DEFAULTS.get(concern, {}),
+                                  **{f.name: values.pop(f.name) for f in recorded_fields(cls_) if f.name in values}})
+                 for concern, cls_ in CONCERN_TYPES.items()}
+        unknown = set(values) - set(TOP) - {"options"}
+        if unknown:
+            raise TypeError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        return cls(**values, **parts)
+
+
+def recorded_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a concern's dataclass that are flags and config.json keys (`metadata={"recorded": False}`
+    marks one set only through the Python API, e.g. QuantConfig's per-layer bits)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("recorded", True)]
+
+
+CONCERN_TYPES: dict[str, type] = {"ranges": RangeConfig, "quant": QuantConfig, "optim": OptimConfig,
+                                  "probe": ProbeOptions, "checks": ChecksConfig, "run": RunConfig}
+CONCERNS = tuple(CONCERN_TYPES)
+TOP = ("teacher", "checkpoint", "model_def", "source", "loss", "preset")
+
+
+def flat_fields() -> list[dataclasses.Field]:
+    """Every recorded field of TrainConfig, flat: the choices, then each concern's."""
+    top = [f for f in dataclasses.fields(TrainConfig) if f.name in TOP]
+    return top + [f for cls in CONCERN_TYPES.values() for f in recorded_fields(cls)]
+
+
+FLAT_NAMES = frozenset(f.name for f in flat_fields())
+
+
+def flat_defaults() -> dict[str, Any]:
+    """Every flat field's default in a TrainConfig, in config.json's order."""
+    return {f.name: flat_default(f.name) for f in flat_fields()}
+
+
+def flat_default(name: str) -> Any:
+    """A flat field's default in a TrainConfig (a concern's, e.g. the quantizer's placement None)."""
+    if name in TOP:
+        return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    concern, cls = next((c, t) for c, t in CONCERN_TYPES.items() if name in {f.name for f in recorded_fields(t)})
+    return getattr(cls(**CONCERN_DEFAULTS.get(concern, {})), name)
 
 
 def resolve_config(preset: str = "quick", source: str = "gdfq", loss: str = "kd", **overrides: Any) -> TrainConfig:
@@ -128,7 +233,7 @@ def resolve_config(preset: str = "quick", source: str = "gdfq", loss: str = "kd"
     when given (TrainConfig says so) and dropped when the preset set it: config.json records what applies."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
-    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    own = FLAT_NAMES | {"options"}
     given = {k: v for k, v in overrides.items() if v is not None}
     loss = LOSSES.canonical(loss)
     merged = {**preset_values(preset, source, loss), **given, "preset": preset, "source": source, "loss": loss}
@@ -142,7 +247,7 @@ def resolve_config(preset: str = "quick", source: str = "gdfq", loss: str = "kd"
     values.setdefault("out", f"runs/{source}-{loss}-w{values.get('wbits', 4)}a{values.get('abits', 4)}"
                              f"-{preset}-s{values.get('seed', 0)}")
     options = {**values.pop("options", {}), **{k: v for k, v in merged.items() if k not in own}}
-    return TrainConfig(**values, options=options)
+    return TrainConfig.from_flat({**values, "options": options})
 
 
 def _option_names(registry: Any, name: str) -> set[str]:
@@ -165,9 +270,9 @@ def inapplicable(values: dict[str, Any]) -> dict[str, str]:
     choices leave without effect, each with what it applies to: a plug-in option that neither the data source,
     the loss nor the range setter takes, or one their own switches turn off (`unused()` of the plug-in's options,
     e.g. --ce-weight under --akt-base kd)."""
-    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    own = FLAT_NAMES | {"options"}
     plugin = {**{k: v for k, v in values.items() if k not in own and v is not None}, **(values.get("options") or {})}
-    chosen = {k: values.get(k) or getattr(TrainConfig, k) for k in PLUGINS}
+    chosen = {k: values.get(k) or flat_default(k) for k in PLUGINS}
     out = {}
     for name in set(plugin) - plugin_fields(**chosen):
         takers = [f"--{key.replace('_', '-')} {' or '.join(names)}" for key, registry in PLUGINS.items()
@@ -206,7 +311,7 @@ def current_config(config: dict[str, Any]) -> dict[str, Any]:
         config.update(FIRST_PROBE)
     if not any(k in config for k in FORMER_RANGE_FIELDS):
         return config
-    takes = _option_names(RANGE_SETTERS, config.get("act_range") or TrainConfig.act_range)
+    takes = _option_names(RANGE_SETTERS, config.get("act_range") or RangeConfig.act_range)
     moved = {k: config[k] for k in FORMER_RANGE_FIELDS if config.get(k) is not None and k in takes}
     rest = {k: v for k, v in config.items() if k not in FORMER_RANGE_FIELDS}
     return {**rest, "options": {**moved, **config.get("options", {})}}
@@ -226,5 +331,5 @@ def _current_names(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as config.json holds it (tuples become lists), so that configs compare by value."""
-    return json.loads(json.dumps(asdict(cfg)))
+    """The config as config.json holds it, flat (tuples become lists), so that configs compare by value."""
+    return json.loads(json.dumps(cfg.flat()))

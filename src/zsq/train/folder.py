@@ -84,8 +84,8 @@ def run_config(cfg: TrainConfig, d: Dist = SINGLE) -> dict[str, Any]:
     and the global batch."""
     out = config_dict(cfg)
     if d.on:
-        out["distributed"] = {"world_size": d.world, "backend": d.backend, "batch_per_rank": cfg.batch_size,
-                              "global_batch": cfg.batch_size * d.world}
+        out["distributed"] = {"world_size": d.world, "backend": d.backend, "batch_per_rank": cfg.optim.batch_size,
+                              "global_batch": cfg.optim.batch_size * d.world}
     return out
 
 
@@ -96,7 +96,7 @@ def start_run_folder(cfg: TrainConfig, out: Path, d: Dist = SINGLE) -> None:
 
 
 def open_run_folder(cfg: TrainConfig, resume: bool, restart: bool, d: Dist = SINGLE) -> dict[str, Any] | None:
-    return open_run(Path(cfg.out), run_config(cfg, d), resume, restart, d.world,
+    return open_run(Path(cfg.run.out), run_config(cfg, d), resume, restart, d.world,
                     say=print if d.main else (lambda *a: None), as_now=current_config)
 
 
@@ -119,11 +119,10 @@ def warn_if_busy(cores: int) -> None:
 
 
 def header(job: Job) -> str:
-    cfg = job.cfg
-    return (f"zsq quantize: {model_name(job.teacher)} W{cfg.wbits}A{cfg.abits} ({cfg.placement}), source "
-            f"{cfg.source}, loss "
-            f"{cfg.loss}, preset {cfg.preset}: {cfg.epochs * cfg.iters_per_epoch} iterations "
-            f"({cfg.warmup_epochs * cfg.iters_per_epoch} warm-up) on {job.device}, {cfg.threads} thread(s) "
+    cfg, q, optim = job.cfg, job.cfg.quant, job.cfg.optim
+    return (f"zsq quantize: {model_name(job.teacher)} W{q.wbits}A{q.abits} ({q.placement}), source {cfg.source}, "
+            f"loss {cfg.loss}, preset {cfg.preset}: {optim.epochs * optim.iters_per_epoch} iterations "
+            f"({optim.warmup_epochs * optim.iters_per_epoch} warm-up) on {job.device}, {cfg.run.threads} thread(s) "
             f"→ {job.out}")
 
 
@@ -139,7 +138,7 @@ def finish(job: Job) -> Result:
     selected, final_top1 = job.step - 1, None
     if job.best is not None and job.best["iter"] != selected:
         final_top1 = job.dist.from_main(lambda: evaluate(job.qmodel, job.test_set, device=job.device,
-                                                         limit=job.cfg.eval_limit)["top1"])
+                                                         limit=job.cfg.checks.eval_limit)["top1"])
         job.qmodel.load_state_dict(job.best["qmodel"])
         h, selected = health(job.teacher, job.qmodel, job.probe, job.device), job.best["iter"]
     summary = job.dist.from_main(lambda: _write_results(job, h, selected, final_top1))
@@ -150,28 +149,28 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
     """Evaluate the teacher and the Q model, write student.pt, samples.pt and result.json; the summary.
     `final_top1`: the last iteration's accuracy, when --select kept another Q model (for comparison only)."""
     cfg, out = job.cfg, job.out
-    fp = evaluate(job.teacher, job.test_set, device=job.device, limit=cfg.eval_limit)
-    q = evaluate(job.qmodel, job.test_set, device=job.device, limit=cfg.eval_limit)
+    fp = evaluate(job.teacher, job.test_set, device=job.device, limit=cfg.checks.eval_limit)
+    q = evaluate(job.qmodel, job.test_set, device=job.device, limit=cfg.checks.eval_limit)
     save_checkpoint(job.qmodel.cpu(), out / "student.pt", job.test_set.info, {"top1": q["top1"], "top5": q["top5"]},
-                    quant=asdict(cfg.quant()))
+                    quant=asdict(cfg.quant))
     job.qmodel.to(job.device)
     job.qmodel.zsq_dataset = job.test_set.info  # zsq.export(result.qmodel, ...) needs no dataset= then
     if cfg.teacher == "module":  # a module passed to zsq.quantize: `zsq health RUN` finds its weights here
         save_checkpoint(job.teacher.cpu(), out / "teacher.pt", job.test_set.info, {"top1": fp["top1"]})
         job.teacher.to(job.device)
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
-               "wbits": cfg.wbits, "abits": cfg.abits, "source": cfg.source, "loss": cfg.loss,
-               "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.seed,
+               "wbits": cfg.quant.wbits, "abits": cfg.quant.abits, "source": cfg.source, "loss": cfg.loss,
+               "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.run.seed,
                "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.skipped.get("Q model", 0),
                "skipped_generator_steps": job.skipped.get("generator", 0),
                "dataset": job.test_set.info.name, "model": model_name(job.teacher), "code": code_version(),
                **job.source.describe(), **({"world_size": job.dist.world} if job.dist.on else {}),
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(job.qmodel)],
-               "placement": cfg.placement, "float_tensors": float_tensors(job.qmodel),
-               "select": cfg.select, "selected_iter": selected, "health": h.summary(),
+               "placement": cfg.quant.placement, "float_tensors": float_tensors(job.qmodel),
+               "select": cfg.checks.select, "selected_iter": selected, "health": h.summary(),
                **({"final_q_top1": final_top1} if final_top1 is not None else {})}
-    with torch.no_grad(), autocast(job.device, cfg.precision):  # what the data source made, for zsq analyze
-        x, y = job.source.sample(SAMPLES_SAVED, torch.Generator().manual_seed(cfg.seed))
+    with torch.no_grad(), autocast(job.device, cfg.run.precision):  # what the data source made, for zsq analyze
+        x, y = job.source.sample(SAMPLES_SAVED, torch.Generator().manual_seed(cfg.run.seed))
     save_torch({"images": x.float().cpu(), "labels": y.cpu(), "source": cfg.source}, out / "samples.pt")
     save_json(summary, out / "result.json")
     (out / "state.pt").unlink(missing_ok=True)

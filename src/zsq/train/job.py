@@ -31,15 +31,11 @@ from .config import TrainConfig
 CURVATURE_BATCHES = 2  # fixed batches each Hessian-trace estimate averages over
 
 
-def _lr_factor(cfg: TrainConfig, epoch: int) -> float:
-    return cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
-
-
 def _teacher_and_data(cfg: TrainConfig, teacher: nn.Module | None, device: str):
     """The frozen teacher, the evaluation set and the input geometry the generator must produce."""
     if teacher is None:
         teacher = load_model(cfg.teacher, checkpoint=cfg.checkpoint, model_def=cfg.model_def)
-    test_set = eval_set_for(teacher, cfg.dataset, cfg.data_dir)
+    test_set = eval_set_for(teacher, cfg.run.dataset, cfg.run.data_dir)
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -102,13 +98,13 @@ class Job:
         """Enter `epoch`: its learning rates; activation ranges observing during the warm-up epochs, then trained
         or fixed as the range setter says; an offline source's warm-up generator dropped once warm-up ends."""
         cfg = self.cfg
-        factor = _lr_factor(cfg, epoch)
-        _set_lr(self.q_opt, cfg.lr_q * factor)
+        factor = cfg.optim.lr_factor(epoch)
+        _set_lr(self.q_opt, cfg.optim.lr_q * factor)
         if self.g_opt is not None:
-            _set_lr(self.g_opt, cfg.lr_g * factor)
-        observe_ranges(self.qmodel, epoch < cfg.warmup_epochs)
-        cfg.range_setter().training(self.qmodel, epoch >= cfg.warmup_epochs)
-        if epoch >= cfg.warmup_epochs:
+            _set_lr(self.g_opt, cfg.optim.lr_g * factor)
+        observe_ranges(self.qmodel, epoch < cfg.optim.warmup_epochs)
+        cfg.range_setter().training(self.qmodel, epoch >= cfg.optim.warmup_epochs)
+        if epoch >= cfg.optim.warmup_epochs:
             self.end_warmup()
 
     def iterate(self, warm: bool) -> tuple[dict[str, Any], dict[str, bool]]:
@@ -144,7 +140,9 @@ class Job:
     def draw(self, warm: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """A training batch from this rank's stream, through DDP when this source's generator trains."""
         source = self.batch_source(warm)
-        size = (self.source.warmup_batch or self.cfg.batch_size) if source is self.warm_source else self.cfg.batch_size
+        size = self.cfg.optim.batch_size
+        if source is self.warm_source:
+            size = self.source.warmup_batch or size
         trained = self.g_train.module if isinstance(self.g_train, DistributedDataParallel) else self.g_train
         return (self.g_train if source is trained else source)(size, self.rng)
 
@@ -154,10 +152,10 @@ def build_job(cfg: TrainConfig, teacher: nn.Module | None = None, device: str = 
     """The job of `cfg` on `device`, ready to train: `job.start_epoch(e)` at each epoch's start, `job.iterate(warm)`
     per iteration, `job.close()` at the end. `quantize_run` drives it so, with the run folder, resume, health
     checks and evaluation around it; benchmarks and tests drive it directly. `teacher` (a module) is used as is."""
-    torch.manual_seed(cfg.seed)  # the same on every rank: the models start equal (DDP also broadcasts them)
+    torch.manual_seed(cfg.run.seed)  # the same on every rank: the models start equal (DDP also broadcasts them)
     teacher, test_set = _teacher_and_data(cfg, teacher, device)
     info = test_set.info
-    qmodel = quantize_model(teacher, cfg=cfg.quant()).to(device)
+    qmodel = quantize_model(teacher, cfg=cfg.quant).to(device)
     cfg.range_setter().prepare(qmodel)
     if device.startswith("cuda"):  # NHWC feeds the tensor cores; the CPU path keeps the default layout
         teacher.to(memory_format=torch.channels_last)
@@ -169,7 +167,7 @@ def build_job(cfg: TrainConfig, teacher: nn.Module | None = None, device: str = 
     source = create_source(cfg.source, ctx, cfg.options)
     # hast.md §1b: an offline set is not what the ranges should see first; a GDFQ generator, trained during the
     # warm-up epochs and then discarded, provides the calibration images.
-    warm_source = create_source("gdfq", ctx) if not source.online and cfg.warmup_epochs > 0 else None
+    warm_source = create_source("gdfq", ctx) if not source.online and cfg.optim.warmup_epochs > 0 else None
     if device.startswith("cuda"):
         source.to(memory_format=torch.channels_last)
         if warm_source is not None:
@@ -178,20 +176,20 @@ def build_job(cfg: TrainConfig, teacher: nn.Module | None = None, device: str = 
     layers = loss_fn.feature_layers(teacher, torch.zeros(2, info.in_channels, info.image_size, info.image_size,
                                                          device=device))
     q_params = [p for p in qmodel.parameters() if p.requires_grad]
-    q_opt = torch.optim.SGD(_q_groups(qmodel, q_params, cfg.range_setter().lr_scale), lr=cfg.lr_q,
-                            momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    _set_lr(q_opt, cfg.lr_q)
+    q_opt = torch.optim.SGD(_q_groups(qmodel, q_params, cfg.range_setter().lr_scale), lr=cfg.optim.lr_q,
+                            momentum=cfg.optim.momentum, nesterov=True, weight_decay=cfg.optim.weight_decay)
+    _set_lr(q_opt, cfg.optim.lr_q)
     trained_source = source if source.online else warm_source
     g_params = list(trained_source.parameters()) if trained_source is not None else []
-    g_opt = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=cfg.g_betas) if g_params else None
+    g_opt = torch.optim.Adam(g_params, lr=cfg.optim.lr_g, betas=cfg.optim.g_betas) if g_params else None
     q_train, g_train = qmodel, trained_source if g_params else None
     if d.on:  # ranges stay per rank while they observe (no buffer sync per forward) and are averaged when they freeze
         ids = [torch.device(device).index] if device.startswith("cuda") else None
         q_train = DistributedDataParallel(qmodel, device_ids=ids, forward_sync_buffers=False)
         if g_train is not None:
             g_train = DistributedDataParallel(g_train, device_ids=ids)
-    rng = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * d.rank)
-    return Job(cfg, device, Path(cfg.out), teacher, qmodel, test_set, source, loss_fn,
+    rng = torch.Generator().manual_seed(cfg.run.seed + RANK_SEED_STRIDE * d.rank)
+    return Job(cfg, device, Path(cfg.run.out), teacher, qmodel, test_set, source, loss_fn,
                FeatureTap(teacher, layers, loss_fn.teacher_grad_layers), FeatureTap(qmodel, layers), q_params, q_opt,
                g_opt, rng, warm_source, dist=d, q_train=q_train, g_train=g_train)
 
@@ -234,8 +232,9 @@ def recalibrate(job: Job) -> None:
     """Set the activation ranges again, now on the images of the data source it trains with (for a generator:
     as trained so far, not as it was during the warm-up), through the same range setter."""
     cfg, setter = job.cfg, job.cfg.range_setter()
-    with torch.no_grad(), autocast(job.device, cfg.precision):
-        batches = [job.batch_source(False).sample(cfg.batch_size, job.rng)[0] for _ in range(RECALIBRATION_BATCHES)]
+    with torch.no_grad(), autocast(job.device, cfg.run.precision):
+        batches = [job.batch_source(False).sample(cfg.optim.batch_size, job.rng)[0]
+                   for _ in range(RECALIBRATION_BATCHES)]
     setter.training(job.qmodel, False)
     calibrate(job.qmodel, batches)
     freeze_ranges(job)
@@ -249,7 +248,7 @@ def check_health(job: Job) -> Health:
     h = health(job.teacher, job.qmodel, job.probe, job.device)
     job.t_tap.take()  # the probe forwards filled the feature taps; the next step must not see them
     job.q_tap.take()
-    if job.cfg.select == "health" and (job.best is None or h.score >= job.best["score"]):
+    if job.cfg.checks.select == "health" and (job.best is None or h.score >= job.best["score"]):
         job.best = {"score": h.score, "iter": job.step - 1,  # numbered as in metrics.jsonl
                     "qmodel": {k: v.detach().clone() for k, v in job.qmodel.state_dict().items()}}
     return h
@@ -262,7 +261,7 @@ def _iteration(job: Job, warm: bool) -> tuple[dict[str, Any], dict[str, bool]]:
     cfg, source, qmodel, loss_fn = job.cfg, job.batch_source(warm), job.qmodel, job.loss_fn
     terms: dict[str, Any] = {}
     skipped: dict[str, bool] = {}
-    with autocast(job.device, cfg.precision):
+    with autocast(job.device, cfg.run.precision):
         x, y = job.draw(warm)
         t_logits = None
         if source.online and job.g_opt is not None:
@@ -279,10 +278,10 @@ def _iteration(job: Job, warm: bool) -> tuple[dict[str, Any], dict[str, bool]]:
             return terms, skipped
         seen = loss_fn.prepare(x)
         generator_pass = t_logits if seen is x else None  # the teacher already saw this very batch
-        x = seen.requires_grad_(True) if cfg.promote > 0 else seen
+        x = seen.requires_grad_(True) if cfg.optim.promote > 0 else seen
         inp = _transfer_inputs(job, x, y, generator_pass, synced=True)
         loss, q_terms = loss_fn(inp)
-        if cfg.promote > 0:
+        if cfg.optim.promote > 0:
             adv = _promoted_loss(job, inp, loss)
             q_terms = {**q_terms, "loss_clean": loss, "loss_promoted": adv}
             loss = loss + adv
@@ -329,7 +328,7 @@ def _transfer_inputs(job: Job, x: torch.Tensor, y: torch.Tensor, t_logits: torch
 
 def _clean_loss(job: Job, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The transfer loss of the Q model on a prepared batch, without promotion: what the curvature is taken of."""
-    with autocast(job.device, job.cfg.precision):
+    with autocast(job.device, job.cfg.run.precision):
         inp = _transfer_inputs(job, *batch)
         loss, _ = job.loss_fn(inp)
         extra = job.loss_fn.clean_only(inp)
@@ -341,13 +340,13 @@ def curvature(job: Job) -> dict[str, torch.Tensor]:
     the data source at the first estimate (and kept in resume checkpoints)."""
     cfg = job.cfg
     if job.curv_batches is None:
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        with torch.no_grad(), autocast(job.device, cfg.precision):
-            job.curv_batches = [tuple(t.detach() for t in job.source.sample(cfg.batch_size, gen))
+        gen = torch.Generator().manual_seed(cfg.run.seed + 1)
+        with torch.no_grad(), autocast(job.device, cfg.run.precision):
+            job.curv_batches = [tuple(t.detach() for t in job.source.sample(cfg.optim.batch_size, gen))
                                 for _ in range(CURVATURE_BATCHES)]
     batches = [(job.loss_fn.prepare(x.float()), y) for x, y in job.curv_batches]
-    mean, se = hessian_trace(job.qmodel, lambda model, b: _clean_loss(job, b), batches, cfg.curvature_samples,
-                             seed=cfg.seed)
+    mean, se = hessian_trace(job.qmodel, lambda model, b: _clean_loss(job, b), batches, cfg.checks.curvature_samples,
+                             seed=cfg.run.seed)
     return {"hessian_trace": torch.tensor(mean, device=job.device),  # beside the loss terms, on their device
             "hessian_trace_se": torch.tensor(se, device=job.device)}
 
@@ -357,7 +356,7 @@ def _promoted_loss(job: Job, clean: TransferInputs, clean_loss: torch.Tensor) ->
     and the transfer loss on it. `clean_loss` is the loss without its clean-only terms (SynQ's CAM), whose
     gradient is the direction. The direction follows the Q path only; the HAST code also let it flow through
     the teacher, whose outputs it never detached (hast.md §5.4), a side effect rather than the method."""
-    x_adv = fgsm_promote(clean.x, clean_loss, job.cfg.promote)
+    x_adv = fgsm_promote(clean.x, clean_loss, job.cfg.optim.promote)
     with torch.no_grad():
         t_logits = job.teacher(x_adv)
     t_feats = job.t_tap.take(detach=True)

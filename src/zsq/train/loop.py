@@ -58,27 +58,28 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
     """Run (or resume) one zero-shot quantization job and write its run directory. Under torchrun every rank calls
     this alike (see zsq.dist). A `teacher` module is copied: the user's module keeps its mode, gradients,
     device and hooks."""
-    if cfg.deterministic:
+    if cfg.run.deterministic:
         deterministic()
     if teacher is None and cfg.model_def:  # built now: its placement default depends on the module
         teacher = load_model(cfg.teacher, checkpoint=cfg.checkpoint, model_def=cfg.model_def)
-    cfg = dataclasses.replace(cfg, threads=cfg.threads or available_cores(),
-                              placement=cfg.placement or default_placement(teacher))
+    cfg = dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, threads=cfg.run.threads or available_cores()),
+        quant=dataclasses.replace(cfg.quant, placement=cfg.quant.placement or default_placement(teacher)))
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.run.threads)
     try:
-        with session(resolve_device(cfg.device)) as (d, device):
+        with session(resolve_device(cfg.run.device)) as (d, device):
             quiet = quiet or not d.main
             state = d.from_main(lambda: open_run_folder(cfg, resume, restart, d))
             job = build_job(cfg, copy.deepcopy(teacher) if teacher is not None else None, device, quiet, d)
             try:
                 if d.main:
                     print(header(job), flush=True)
-                    warn_if_busy(cfg.threads)
+                    warn_if_busy(cfg.run.threads)
                 info = job.test_set.info
                 ctx = SourceContext(job.teacher, info.num_classes, info.in_channels, info.image_size, device, quiet,
                                     d)
-                job.probe = probe_set(ctx, cfg.probe()).to(device)
+                job.probe = probe_set(ctx, cfg.probe).to(device)
                 if state is not None:
                     job.load_state_dict(state)
                     if not quiet:
@@ -86,7 +87,7 @@ def quantize_run(cfg: TrainConfig, teacher: nn.Module | None = None, resume: boo
                 else:
                     if d.main:
                         start_run_folder(cfg, job.out, d)
-                    if cfg.warmup_epochs == 0:
+                    if cfg.optim.warmup_epochs == 0:
                         _set_ranges_without_images(job)
                 _loop(job, quiet)
                 return finish(job)
@@ -103,14 +104,14 @@ def _set_ranges_without_images(job: Job) -> None:
     quants = act_quantizers(job.qmodel)
     unset = [q for q in quants if not q.calibrated]
     if unset:
-        raise UserError(f"--warmup-epochs 0: --act-range {job.cfg.act_range} derives {len(quants) - len(unset)} of "
-                        f"the {len(quants)} activation ranges of this model from its BatchNorm statistics; the "
-                        f"others need warm-up images (--warmup-epochs ≥ 1)")
+        raise UserError(f"--warmup-epochs 0: --act-range {job.cfg.ranges.act_range} derives "
+                        f"{len(quants) - len(unset)} of the {len(quants)} activation ranges of this model from its "
+                        f"BatchNorm statistics; the others need warm-up images (--warmup-epochs ≥ 1)")
 
 
 def _loop(job: Job, quiet: bool) -> None:
     cfg, state_path = job.cfg, job.out / "state.pt"
-    total = cfg.epochs * cfg.iters_per_epoch
+    total = cfg.optim.epochs * cfg.optim.iters_per_epoch
     t0, wall_before, first = time.time(), job.wall_s, job.step
     bad_run = {name: 0 for name in BAD_STEP_HINT}
     metrics = Metrics(job.out / "metrics.jsonl", keep_below=job.step, clock=lambda: wall_before + time.time() - t0,
@@ -131,47 +132,49 @@ def _loop(job: Job, quiet: bool) -> None:
                dynamic_ncols=True)
     with _Stop() as stop:
         for step in bar:
-            epoch, it = divmod(step, cfg.iters_per_epoch)
-            warm = epoch < cfg.warmup_epochs
+            epoch, it = divmod(step, cfg.optim.iters_per_epoch)
+            warm = epoch < cfg.optim.warmup_epochs
             if it == 0 or step == first:
                 job.start_epoch(epoch)
-            if cfg.recalibrate_at and it == 0 and epoch == cfg.recalibrate_at:
+            if cfg.ranges.recalibrate_at and it == 0 and epoch == cfg.ranges.recalibrate_at:
                 recalibrate(job)
                 metrics.event({"iter": step, "epoch": epoch, "recalibrated": True})
             terms, skipped = job.iterate(warm)
-            trained = step - cfg.warmup_epochs * cfg.iters_per_epoch
-            if cfg.track_curvature and not warm and trained % cfg.track_curvature == 0:
+            trained = step - cfg.optim.warmup_epochs * cfg.optim.iters_per_epoch
+            if cfg.checks.track_curvature and not warm and trained % cfg.checks.track_curvature == 0:
                 terms.update(curvature(job))
             for name, was_skipped in skipped.items():
                 bad_run[name] = bad_run[name] + 1 if was_skipped else 0
                 job.skipped[name] = job.skipped.get(name, 0) + int(was_skipped)
-                if bad_run[name] >= cfg.max_bad_steps:
+                if bad_run[name] >= cfg.optim.max_bad_steps:
                     metrics.flush()
                     flag = BAD_STEP_HINT[name]
                     raise UserError(f"the {name} loss or gradient was NaN/Inf for {bad_run[name]} iterations in a "
                                     f"row (iteration {step}): lower --{flag.replace('_', '-')} (now "
-                                    f"{getattr(cfg, flag)}); the last good checkpoint is {state_path}")
+                                    f"{getattr(cfg.optim, flag)}); the last good checkpoint is {state_path}")
             metrics.add({"iter": step, "epoch": epoch, "lr_q": job.q_opt.param_groups[0]["lr"], "warmup": warm},
                         terms)
             job.step = step + 1
-            if job.step % cfg.log_every == 0:
+            if job.step % cfg.run.log_every == 0:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.flush().items() if k in ("loss_q", "loss_g")})
-            end_of_epoch = job.step % cfg.iters_per_epoch == 0
-            if end_of_epoch and epoch + 1 == cfg.warmup_epochs:
+            end_of_epoch = job.step % cfg.optim.iters_per_epoch == 0
+            if end_of_epoch and epoch + 1 == cfg.optim.warmup_epochs:
                 job.set_ranges()
-            if cfg.health_every and not warm and (trained + 1) % cfg.health_every == 0 and job.step < total:
+            every = cfg.checks.health_every
+            if every and not warm and (trained + 1) % every == 0 and job.step < total:
                 h = check_health(job)
                 metrics.event({"iter": step, "epoch": epoch, **health_row(h)})
                 if h.flagged and not quiet:
                     tqdm.write(f"warning: iteration {job.step}: {h.line()}")
-            if cfg.eval_every and end_of_epoch and (epoch + 1) % cfg.eval_every == 0 and job.step < total:
+            every = cfg.checks.eval_every
+            if every and end_of_epoch and (epoch + 1) % every == 0 and job.step < total:
                 row: dict[str, Any] = {"iter": step, "epoch": epoch}
                 if job.dist.main:
                     row["eval_q_top1"] = evaluate(job.qmodel, job.test_set, device=job.device,
-                                                  limit=cfg.eval_limit)["top1"]
+                                                  limit=cfg.checks.eval_limit)["top1"]
                 metrics.event(row)
             stopping = job.dist.any(stop.signum is not None)  # a signal reaches the ranks at different steps
-            if job.step % cfg.ckpt_every == 0 or end_of_epoch or stopping:
+            if job.step % cfg.run.ckpt_every == 0 or end_of_epoch or stopping:
                 checkpoint()
             if stopping:
                 bar.close()
