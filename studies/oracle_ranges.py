@@ -59,7 +59,7 @@ def main() -> None:
             quantize_run(cfg, resume=(out / "state.pt").exists(), quiet=True)
         runs[seed] = q_top1 = json.loads((out / "result.json").read_text())["q_top1"]
         print(f"seed {seed}: q_top1 {q_top1:.2f}", flush=True)
-    print(json.dumps({"benchmark": "oracle_ranges", "loss": args.loss, "bits": args.bits, "ste": cfg.ste,
+    print(json.dumps({"benchmark": "oracle_ranges", "loss": args.loss, "bits": args.bits, "ste": cfg.quant.ste,
                       "percentile": PERCENTILE, "q_top1": runs}))
 
 
