@@ -231,7 +231,8 @@ BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {"hast": synthesize, "zeroq
 
 @SOURCES.register("hast", options=PixelOptions)
 def hast(ctx: SourceContext, opts: PixelOptions) -> OfflineSource:
-    """HAST's offline set (Li et al. 2023): pixels optimised once for BatchNorm statistics + hardness-weighted CE, cached."""
+    """HAST's offline set (Li et al. 2023): pixels optimised once for BatchNorm statistics + hardness-weighted CE,
+    cached."""
     return OfflineSource(ctx, "hast", opts)
 
 

@@ -10,11 +10,12 @@ each rank draws its own batch (seed + rank·stride), gradients are averaged, act
 they freeze, logged terms are averaged over ranks, and only the main rank writes files or prints.
 """
 from .config import (SELECT, ChecksConfig, OptimConfig, RangeConfig, RunConfig, TrainConfig, config_dict,
-                     current_config, flat_defaults, flat_fields, inapplicable, plugin_fields, resolve_config, with_range_defaults)
+                     current_config, flat_defaults, flat_fields, inapplicable, plugin_fields, resolve_config,
+                     with_range_defaults)
 from .folder import Result, available_cores
 from .job import Job, build_job
 from .loop import quantize, quantize_run
 
 __all__ = ["SELECT", "ChecksConfig", "Job", "OptimConfig", "RangeConfig", "Result", "RunConfig", "TrainConfig",
-           "available_cores", "build_job", "config_dict", "current_config", "flat_defaults", "flat_fields", "inapplicable",
-           "plugin_fields", "quantize", "quantize_run", "resolve_config", "with_range_defaults"]
+           "available_cores", "build_job", "config_dict", "current_config", "flat_defaults", "flat_fields",
+           "inapplicable", "plugin_fields", "quantize", "quantize_run", "resolve_config", "with_range_defaults"]

@@ -165,7 +165,7 @@ class TrainConfig:
 
     def __getattr__(self, name: str) -> Any:
         """A flat field read as before 0.2 composed the config (`cfg.batch_size`), for one release."""
-        concern = next((c for c, t in CONCERN_TYPES.items() if name in {f.name for f in recorded_fields(t)}), None)
+        concern = CONCERN_OF.get(name)
         if concern is None:
             raise AttributeError(f"'TrainConfig' object has no attribute '{name}'")
         deprecated(f"TrainConfig.{name}", f"TrainConfig.{concern}.{name}")
@@ -202,6 +202,7 @@ def recorded_fields(cls: type) -> list[dataclasses.Field]:
 CONCERN_TYPES: dict[str, type] = {"ranges": RangeConfig, "quant": QuantConfig, "optim": OptimConfig,
                                   "probe": ProbeOptions, "checks": ChecksConfig, "run": RunConfig}
 CONCERNS = tuple(CONCERN_TYPES)
+CONCERN_OF = {f.name: concern for concern, cls in CONCERN_TYPES.items() for f in recorded_fields(cls)}
 TOP = ("teacher", "checkpoint", "model_def", "source", "loss", "preset")
 
 
@@ -215,16 +216,18 @@ FLAT_NAMES = frozenset(f.name for f in flat_fields())
 
 
 def flat_defaults() -> dict[str, Any]:
-    """Every flat field's default in a TrainConfig, in config.json's order."""
-    return {f.name: flat_default(f.name) for f in flat_fields()}
+    """Every flat field's default in a TrainConfig, in config.json's order (each concern built once)."""
+    parts = {concern: cls(**CONCERN_DEFAULTS.get(concern, {})) for concern, cls in CONCERN_TYPES.items()}
+    return {f.name: getattr(parts[CONCERN_OF[f.name]], f.name) if f.name in CONCERN_OF else f.default
+            for f in flat_fields()}
 
 
 def flat_default(name: str) -> Any:
     """A flat field's default in a TrainConfig (a concern's, e.g. the quantizer's placement None)."""
     if name in TOP:
         return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
-    concern, cls = next((c, t) for c, t in CONCERN_TYPES.items() if name in {f.name for f in recorded_fields(t)})
-    return getattr(cls(**CONCERN_DEFAULTS.get(concern, {})), name)
+    concern = CONCERN_OF[name]
+    return getattr(CONCERN_TYPES[concern](**CONCERN_DEFAULTS.get(concern, {})), name)
 
 
 def resolve_config(preset: str = "quick", source: str = "gdfq", loss: str = "kd", **overrides: Any) -> TrainConfig:
