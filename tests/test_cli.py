@@ -153,7 +153,7 @@ def test_teacher_train_bad_data_leaves_nothing(tmp_path):
 
 
 def test_teacher_resume_after_kill(fmnist_dir, tmp_path):
-    args = ["teacher", "train", "--data-dir", str(fmnist_dir), "--epochs", "8", "--batch-size", "32", "--lr",
+    args = ["teacher", "train", "--data-dir", str(fmnist_dir), "--epochs", "4", "--batch-size", "32", "--lr",
             "0.05", "--eval-limit", "8"]
     killed, full = tmp_path / "killed.pt", tmp_path / "full.pt"
     resume_file = killed.with_name(killed.name + ".resume")
@@ -166,7 +166,7 @@ def test_teacher_resume_after_kill(fmnist_dir, tmp_path):
     a, b = torch.load(killed, weights_only=True), torch.load(full, weights_only=True)
     for k, v in b["state_dict"].items():
         torch.testing.assert_close(a["state_dict"][k], v, msg=k)
-    assert len(a["metrics"]["history"]) == 8 and not resume_file.exists()
+    assert len(a["metrics"]["history"]) == 4 and not resume_file.exists()
 
 
 USER_MODEL = '''
