@@ -68,3 +68,20 @@ def test_the_cli_reference_is_generated_from_the_parsers_and_registries():
     for needle in ("## zsq quantize", "`--source`", "`--act-range`", "| `kd+ce` |", "| `bn-prior` |",
                    "`adadfq` → `gap-entropy`", "## zsq teacher train"):
         assert needle in page.read_text(), needle
+
+
+ROOT = DOC.parents[1]
+SECTION = re.compile(r"<!-- zsq report: (\S+) -->\n(.*?)<!-- /zsq report: \1 -->", re.S)
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_generated_sections_match_their_stores(doc):
+    """Each `<!-- zsq report: NAME -->` section is what `zsq report --store results/NAME --readme DOC` writes from
+    the committed store: a grid's new runs, or a change to the report, fail here until the section is regenerated."""
+    from zsq.bench.report import store_section
+
+    for name, body in SECTION.findall(doc.read_text()):
+        store = ROOT / "results" / name
+        assert (store / "results.db").is_file(), f"{doc.name}: section {name} has no store {store}"
+        assert body == store_section(store), f"regenerate it: zsq report --store results/{name} --readme {doc.name}"

@@ -256,9 +256,22 @@ def write_report(paths: list[str | Path], out: str | Path | None, plots: list[st
     if readme is not None:
         if store is None:
             raise UserError("--readme needs --store: a README section is named after its store")
-        written["readme"] = str(update_readme(readme, Path(store).name, (note + "\n\n" if note else "")
-                                              + table_markdown(rows)))
+        written["readme"] = str(update_readme(readme, Path(store).name, section_body(rows, note)))
     return written
+
+
+def section_body(rows: list[dict[str, Any]], note: str) -> str:
+    """What a document's `<!-- zsq report: NAME -->` section holds: the store's progress line and its table."""
+    return (note + "\n\n" if note else "") + table_markdown(rows)
+
+
+def store_section(store: str | Path) -> str:
+    """The section that `zsq report --store STORE --readme FILE` writes, as text (the docs test compares them)."""
+    runs, planned = read_store(store)
+    if not runs:
+        raise UserError(f"no finished run in the store {store}")
+    rows = group_runs(runs)
+    return section_body(rows, _progress(planned, rows))
 
 
 def update_readme(readme: str | Path, section: str, body: str) -> Path:
