@@ -45,7 +45,7 @@ PAPER_BY_LOSS: dict[str, dict[str, Any]] = {
 }
 
 # CPU budget for ResNet-20 on Fashion-MNIST: 600 iterations at batch 64, the first 100 generator-only warm-up,
-# about 7 minutes on 2 cores. Kept against the alternatives measured at W3A3 (seed 0, README "Choosing quick"):
+# about 7 minutes on 2 cores. Kept against the alternatives measured at W3A3 (seed 0, docs/results/fmnist-quick.md):
 # a half-width generator with 1,000 iterations, and lr_q 3e-4; both ended lower for GDFQ and AdaDFQ.
 QUICK: dict[str, Any] = {
     "epochs": 6,
@@ -56,10 +56,10 @@ QUICK: dict[str, Any] = {
     "lr_g": 1e-3,
     "weight_decay": 1e-4,
     "milestones": [4],
-    # Activation ranges from the teacher's BatchNorm statistics, with the clipped STE (README "Activation
-    # ranges": plain KD at W3A3 over 5 seeds 90.56 ± 0.51 against ema-minmax's 80.70 ± 4.89, whose seeds
-    # collapse). The bound at 2.5 standard deviations: with both plain KD and AKT it raised the worst of 5 seeds
-    # over k = 3 (KD 90.51 against 89.85, AKT 91.52 against 90.71) and narrowed their spread.
+    # Activation ranges from the teacher's BatchNorm statistics, with the clipped STE
+    # (docs/results/activation-ranges.md: plain KD at W3A3 over 5 seeds 90.56 ± 0.51 against ema-minmax's 80.70 ±
+    # 4.89, whose seeds collapse). The bound at 2.5 standard deviations: with both plain KD and AKT it raised the
+    # worst of 5 seeds over k = 3 (KD 90.51 against 89.85, AKT 91.52 against 90.71) and narrowed their spread.
     "act_range": "bn-prior",
     "ste": "clipped",
     "bn_k": 2.5,
@@ -75,23 +75,23 @@ QUICK_BY_SOURCE: dict[str, dict[str, Any]] = {
     "genie": {"synth_images": 256, "synth_iters": 100},
 }
 
-# The hast loss is 20·T²·KD + 1000·FA, with Q-model gradient norms in the thousands: its code's lr_q 1e-5 is
-# kept, since 1e-3 and 1e-4 diverged within 50 steps at W3A3 (seed 0).
-# AKT's official λ (2e5 per map) with the quick lr_q 1e-3 diverged at W3A3 (NaN at step 124, README "AKT's
-# scale"); λ 1e4 gives the RFD and KD gradients about equal norms at the start (benchmarks/akt_scale.py).
+# The hast loss is 20·T²·KD + 1000·FA, with Q-model gradient norms in the thousands: its code's lr_q 1e-5 is kept,
+# since 1e-3 and 1e-4 diverged within 50 steps at W3A3 (seed 0). AKT's official λ (2e5 per map) with the quick lr_q
+# 1e-3 diverged at W3A3 (NaN at step 124, docs/results/akt.md); λ 1e4 gives the RFD and KD gradients about equal norms
+# at the start (benchmarks/akt_scale.py).
 AKT_QUICK: dict[str, Any] = {"akt_lambda": 1e4}
 QUICK_BY_LOSS: dict[str, dict[str, Any]] = {
     "hast": {"promote": 0.01, "lr_q": 1e-5},
     "synq": {"promote": 0.01, "lr_q": 1e-5},  # the same 20·T²·KD scale as hast
     # λ 2e5: RFD over KD as in the quick akt (1e4 against a KD weight of 1; synq weighs KD by 20)
     "akt+synq": {"promote": 0.01, "lr_q": 1e-5, "akt_lambda": 2e5},
-    # AKT carries BN statistics as moments (README "Activation ranges": W3A3, 5 seeds, k = 2.5, every seed within
+    # AKT carries BN statistics as moments (docs/results/activation-ranges.md: W3A3, 5 seeds, k = 2.5, every seed within
     # 4 points of FP; bounds, k = 3: 91.03 ± 0.49); KD + CE kept bounds (90.05 ± 2.05 with moments, k = 3).
     "akt": {**AKT_QUICK, "bn_propagate": "moments"},
     # KD + CE (README's "plain KD" rows before the rename) takes its ranges from the 99.7th percentile of the
-    # warm-up's synthetic images (README "Activation ranges": W3A3, 5 seeds, every seed within 4 points of FP, where
-    # the BN prior left 3 of 5 below; at 99.7 the median range matches the real-data oracle's, at 99.9 it is about
-    # 1.25 times as wide).
+    # warm-up's synthetic images (docs/results/activation-ranges.md: W3A3, 5 seeds, every seed within 4 points of FP,
+    # where the BN prior left 3 of 5 below; at 99.7 the median range matches the real-data oracle's, at 99.9 it is
+    # about 1.25 times as wide).
     "kd+ce": {"act_range": "percentile", "act_percentile": 99.7},
     "akt-spatial": AKT_QUICK,
     "akt-channel": AKT_QUICK,
@@ -100,7 +100,7 @@ QUICK_BY_LOSS: dict[str, dict[str, Any]] = {
 PRESETS = ("paper", "quick")
 
 # Post-training quantization (zsq ptq, ptq.md §4.3, §7). paper: Genie's code, 1,024 images, 20,000 steps per unit
-# at batch 32, each offline set at its own paper budget. quick: 256 images; see README "Data-free PTQ" for how
+# at batch 32, each offline set at its own paper budget. quick: 256 images; see docs/results/ptq.md for how
 # the budget was chosen.
 PTQ_PAPER: dict[str, Any] = {"images": 1024, "iters_per_unit": 20000}
 PTQ_QUICK: dict[str, Any] = {"images": 256, "iters_per_unit": 300}

@@ -13,7 +13,7 @@ Signals on the probe:
 - `agreement`: top-1 agreement of the Q model with the teacher (%);
 - `bn_drift`: the Q model's BatchNorm-input statistics against the teacher's, per channel, normalised by the
   teacher's variance, averaged over layers (0 for identical models).
-Chosen by measurement over 75 runs (README "Health check"): KL ranked the runs' real accuracies best
+Chosen by measurement over 75 runs (docs/results/health.md): KL ranked the runs' real accuracies best
 (Spearman 0.89); agreement and BN drift follow it (0.85, 0.84) and are reported beside it; the activation
 quantizers' clipped fraction and empty levels did not predict accuracy (|ρ| ≤ 0.21) and were dropped.
 """
@@ -45,9 +45,9 @@ HARD_WEIGHT = 10.0  # β of the hardness-weighted CE for the confident half (HAS
 
 @dataclass
 class ProbeOptions:
-    # 256 images × 100 steps: 13 % (ResNet-20) and 16 % (MobileNetV2) of a quick run's time, where 512 × 200
-    # cost 58 % on ResNet-20; over the same Q models the cheaper probe ranked real accuracy as well (README
-    # "Health check", benchmarks/health_probe.py)
+    # 256 images × 100 steps: 13 % (ResNet-20) and 16 % (MobileNetV2) of a quick run's time, where 512 × 200 cost 58 %
+    # on ResNet-20; over the same Q models the cheaper probe ranked real accuracy as well (docs/results/health.md,
+    # benchmarks/health_probe.py)
     probe_images: int = 256  # half BN-statistics only, half also confident
     probe_iters: int = 100  # Adam steps per probe batch
     # differs from the offline training sets' seed 0, so a probe is never a training image

@@ -73,7 +73,7 @@ def onnx_check(model: torch.nn.Module, path: Path, info: Any, n: int = 64, seed:
 
     They are a report, not a bound: the two engines compute each pre-quantization value in another float order
     (BN folded into the conv, other conv kernels), about 1e-6 apart, so a value at a rounding tie can take the
-    neighbouring code, and that difference spreads through every later layer (README "Export")."""
+    neighbouring code, and that difference spreads through every later layer (docs/results/export.md)."""
     import onnx
     import onnxruntime as ort
 

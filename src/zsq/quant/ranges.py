@@ -73,8 +73,8 @@ class BNOptions:
 @dataclass
 class LearnedOptions(BNOptions):
     # LSQ's gradient scale lets a learned range share the weights' learning rate, which assumes the weights' long
-    # schedules: at the quick budget (500 steps, lr_q 1e-3 then 1e-4) the ranges moved under 0.3 % (README
-    # "Activation ranges")
+    # schedules: at the quick budget (500 steps, lr_q 1e-3 then 1e-4) the ranges moved under 0.3 %
+    # (docs/results/activation-ranges.md)
     range_lr_scale: float = field(default=1.0, metadata={
         "help": "learning rate of --act-range learned's ranges, × lr-q, same schedule (default 1)"})
 
