@@ -115,7 +115,9 @@ def test_analyze_and_report(tiny_teacher, fmnist_dir, tmp_path):
     assert groups[0]["mean"] == pytest.approx(sum(accs) / 2)
     assert groups[1]["changes"]["lr_q"] == 0.01 and "lr_q" not in groups[0]["changes"]  # set beyond the preset
     text = (tmp_path / "report.md").read_text()
-    assert "lr_q=0.01" in text and "](plots/curves.png)" in text and (tmp_path / "report.html").exists()
+    assert "lr_q=0.01" in text and "](plots/curves.png)" in text
+    page = (tmp_path / "report.html").read_text()  # the plots inside the page, so that it can be sent alone
+    assert page.count('<img src="data:image/png;base64,') == 1 and "plots/curves.png" not in page
     health = [json.loads((runs / d / "result.json").read_text())["health"] for d in ("a0", "a1")]
     assert groups[0]["health"] == (pytest.approx(sum(h["score"] for h in health) / 2), sum(h["flagged"] for h in health))
     assert "health score (flagged runs)" in text and f"{groups[0]['health'][0]:.1f} ({groups[0]['health'][1]})" in text
@@ -152,3 +154,13 @@ def test_range_options_the_setter_ignores_neither_split_nor_label():
     groups = group_runs([{"dir": f"r{i}", "config": c, "result": result} for i, c in enumerate(configs)])
     labels = sorted((len(g["runs"]), json.dumps(g["changes"], sort_keys=True)) for g in groups)
     assert labels == [(1, '{"bn_k": 3.0}'), (1, "{}"), (2, '{"act_range": "ema-minmax"}')]  # quick: bn-prior, k 2.5
+
+
+def test_sample_titles_name_the_class_where_the_dataset_does(tiny_teacher, fmnist_dir, tmp_path):
+    from zsq.analysis.plots import class_names, sample_title
+    from zsq.data import FMNIST_CLASSES
+
+    _tiny_run(tiny_teacher, fmnist_dir, tmp_path / "r", 0)
+    assert class_names(str(tmp_path / "r")) == FMNIST_CLASSES and class_names(str(tmp_path / "none")) == []
+    assert sample_title(0, FMNIST_CLASSES) == FMNIST_CLASSES[0] and sample_title(3, []) == "3"
+    assert sample_title(0, ["a very long class name"], width=8) == "a very …"

@@ -45,8 +45,9 @@ PAPER_BY_LOSS: dict[str, dict[str, Any]] = {
 }
 
 # CPU budget for ResNet-20 on Fashion-MNIST: 600 iterations at batch 64, the first 100 generator-only warm-up,
-# about 7 minutes on 2 cores. Kept against the alternatives measured at W3A3 (seed 0, docs/results/fmnist-quick.md):
-# a half-width generator with 1,000 iterations, and lr_q 3e-4; both ended lower for GDFQ and AdaDFQ.
+# about 15 minutes on an idle 2-core AVX2 EPYC (README). Kept against the alternatives measured at W3A3 (seed 0,
+# docs/results/fmnist-quick.md): a half-width generator with 1,000 iterations, and lr_q 3e-4; both ended lower for
+# GDFQ and AdaDFQ.
 QUICK: dict[str, Any] = {
     "epochs": 6,
     "iters_per_epoch": 100,

@@ -11,6 +11,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
@@ -44,32 +45,54 @@ def _smooth(values: list[float], width: int) -> list[float]:
 
 def plot_curves(runs: list[dict[str, Any]], out_dir: Path, smooth: int = 20) -> Path:
     """One panel per quantity (the Q loss, its gradient norm, the Hessian trace, then every loss term any run
-    logged), each run a line; trained iterations only."""
-    rows = {r["dir"]: [m for m in _metrics(r["dir"]) if m.get("warmup") is False] for r in runs}
+    logged), each run a line of its own colour in every panel and named once in the figure's legend; the warm-up
+    iterations (generator only, ranges observing) are drawn too, on a grey band."""
+    rows = {r["dir"]: _metrics(r["dir"]) for r in runs}
     terms = sorted({k for ms in rows.values() for m in ms for k, v in m.items()
                     if isinstance(v, float) and k not in ("lr_q", "wall_s", *CURVES) and not k.endswith("_se")})
     keys = [k for k in CURVES if any(k in m for ms in rows.values() for m in ms)] + terms
-    cols = min(3, len(keys))
-    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(5 * cols, 3.4 * math.ceil(len(keys) / cols)),
-                             squeeze=False)
+    cols, n_rows = min(3, len(keys)), math.ceil(len(keys) / min(3, len(keys)))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(5 * cols, 3.4 * n_rows), squeeze=False)
+    warm_ends = sorted({1 + max(m["iter"] for m in ms if m.get("warmup")) for ms in rows.values()
+                        if any(m.get("warmup") for m in ms)})
+    labels = [_label(r) for r in runs]
+    labels = [f"{lab} ({Path(r['dir']).name})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
+    handles: dict[str, Any] = {}
     for ax, key in zip(axes.flat, keys, strict=False):
-        for i, run in enumerate(runs):  # one colour per run in every panel
+        for end in warm_ends:
+            ax.axvspan(0, end, color="0.9", zorder=0)
+        for i, run in enumerate(runs):
             pts = [(m["iter"], m[key]) for m in rows[run["dir"]] if key in m and math.isfinite(m[key])]
             if pts:
                 its, vals = zip(*pts, strict=True)
                 ys = list(vals) if key == "hessian_trace" else _smooth(list(vals), smooth)
-                ax.plot(its, ys, color=f"C{i % 10}", marker="o" if key == "hessian_trace" else None,
-                        label=_label(run))
+                (line,) = ax.plot(its, ys, color=f"C{i % 10}", marker="o" if key == "hessian_trace" else None)
+                handles.setdefault(labels[i], line)
         ax.set_title(key)
         ax.set_xlabel("iteration")
-        if key in ("grad_norm", "hessian_trace", "loss_q"):  # a Hutchinson estimate may come out ≤ 0
-            positive = all(v > 0 for line in ax.get_lines() for v in line.get_ydata())
-            ax.set_yscale("log" if positive else "symlog")
+        if key in ("grad_norm", "hessian_trace", "loss_q"):
+            _log_axis(ax)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    if warm_ends:
+        handles["warm-up"] = matplotlib.patches.Patch(color="0.9")
+    legend_h = 0.3 * math.ceil(len(handles) / 3) / (3.4 * n_rows)  # inches of legend rows, as a figure fraction
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(3, len(handles)), fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, legend_h, 1, 1))
     return _save(fig, out_dir / "curves.png")
+
+
+def _log_axis(ax) -> None:
+    """Log scale for positive curves; otherwise (a Hutchinson estimate may come out ≤ 0, older runs logged
+    negative losses) symlog, linear only below the smallest typical magnitude among the lines, so a curve near
+    0.06 is not flattened beside one near −900."""
+    lines = [[abs(v) for v in line.get_ydata()] for line in ax.get_lines()]
+    if all(v > 0 for vals in lines for v in vals):
+        ax.set_yscale("log")
+        return
+    typical = [sorted(vals)[len(vals) // 2] for vals in lines if vals and any(vals)]
+    ax.set_yscale("symlog", linthresh=min(typical) if typical else 1.0)
 
 
 def _samples(run_dir: str) -> dict[str, Any] | None:
@@ -85,6 +108,21 @@ def _show(ax, img: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
+def class_names(run_dir: str) -> list[str]:
+    """The class names the run's student records (its teacher's dataset), or none."""
+    student = Path(run_dir) / "student.pt"
+    obj = read_checkpoint(student) if student.exists() else {}
+    return list((obj.get("dataset") or {}).get("classes") or []) if isinstance(obj, dict) else []
+
+
+def sample_title(label: int, names: list[str], width: int = 12) -> str:
+    """A class by name (cut to `width` characters) where the dataset names its classes, else by number."""
+    if label < len(names):
+        name = names[label]
+        return name if len(name) <= width else name[: width - 1] + "…"
+    return str(label)
+
+
 def plot_samples(runs: list[dict[str, Any]], out_dir: Path, n: int = 16) -> list[Path]:
     """A grid of the synthetic images of each data source (the first run of each that saved samples)."""
     paths, seen = [], set()
@@ -97,12 +135,13 @@ def plot_samples(runs: list[dict[str, Any]], out_dir: Path, n: int = 16) -> list
         cols = min(8, k)
         fig, axes = plt.subplots(math.ceil(k / cols), cols, figsize=(1.4 * cols, 1.5 * math.ceil(k / cols)),
                                  squeeze=False)
+        names = class_names(run["dir"])
         for ax, img, y in zip(axes.flat, data["images"][:k], data["labels"][:k], strict=False):
             _show(ax, img)
-            ax.set_title(str(int(y)), fontsize=8)
+            ax.set_title(sample_title(int(y), names), fontsize=7)
         for ax in list(axes.flat)[k:]:
             ax.axis("off")
-        fig.suptitle(f"{source} synthetic images (labels above)")
+        fig.suptitle(f"{source} synthetic images (their labels above)")
         fig.tight_layout()
         paths.append(_save(fig, out_dir / f"samples_{source}.png"))
     return paths

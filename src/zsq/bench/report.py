@@ -5,6 +5,7 @@ Runs come from run directories or from a bench results store; where the setting 
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import json
@@ -228,8 +229,8 @@ def html_page(rows: list[dict[str, Any]], plots: list[Path], note: str = "") -> 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(g, header))
                    + "</tr>" for g in rows)
-    images = "".join(f'<figure><img src="{html.escape(str(p))}"><figcaption>{html.escape(p.stem)}</figcaption>'
-                     f"</figure>" for p in plots)
+    images = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                     f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in plots)
     return (f"<!doctype html><meta charset='utf-8'><title>zsq report</title><h1>zsq report</h1>"
             f"<p>{html.escape(note)}</p><table border=1 cellspacing=0 cellpadding=4><tr>{head}</tr>{body}</table>"
             f"{images}\n")
@@ -237,8 +238,9 @@ def html_page(rows: list[dict[str, Any]], plots: list[Path], note: str = "") -> 
 
 def write_report(paths: list[str | Path], out: str | Path | None, plots: list[str | Path] = (),
                  store: str | Path | None = None, readme: str | Path | None = None) -> dict[str, Any]:
-    """Write OUT (markdown) and OUT with .html (plots embedded by relative path), from run directories and/or
-    a bench store; with `readme`, also replace the store's section of that file (see `update_readme`)."""
+    """Write OUT (markdown, plots linked by relative path) and OUT with .html (plots embedded, so the page stands
+    alone), from run directories and/or a bench store; with `readme`, also replace the store's section of that
+    file (see `update_readme`)."""
     runs, planned = read_store(store) if store is not None else ([], None)
     if paths:
         runs += read_runs(paths)
@@ -251,7 +253,7 @@ def write_report(paths: list[str | Path], out: str | Path | None, plots: list[st
         out = Path(out)
         rel = [Path(os.path.relpath(Path(p).resolve(), out.resolve().parent)) for p in plots]
         save_bytes(markdown(rows, rel, note).encode(), out)
-        save_bytes(html_page(rows, rel, note).encode(), out.with_suffix(".html"))
+        save_bytes(html_page(rows, [Path(p) for p in plots], note).encode(), out.with_suffix(".html"))
         written.update(markdown=str(out), html=str(out.with_suffix(".html")))
     if readme is not None:
         if store is None:
