@@ -10,7 +10,7 @@ A grid is a TOML file:
     options = {eval-limit = 2000}    # zsq quantize flags for every run (optional)
 
     [[rows]]                         # source × loss; either may be a list (their product)
-    source = ["gdfq", "adadfq"]      # a row may also restrict `bits` to a subset of the grid's
+    source = ["gdfq", "adadfq"]      # a row may also restrict `bits` and `seeds` to subsets of the grid's
     loss = "akt"
     options = {akt-lambda = "1e4"}
 
@@ -39,7 +39,7 @@ from ..errors import UserError, deprecated
 from ..train.config import PTQ
 
 TOP_KEYS = {"teacher", "preset", "bits", "seeds", "options", "rows", "dataset", "data_dir", "description"}
-ROW_KEYS = {"source", "loss", "method", "options", "bits", "generator"}  # generator: the former name of source
+ROW_KEYS = {"source", "loss", "method", "options", "bits", "seeds", "generator"}  # generator: source's former name
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,10 @@ class Grid:
     def runs(self) -> list[RunSpec]:
         specs, used = [], set()
         row_bits = [set(_bit_pairs(row["bits"], self.path)) if "bits" in row else None for row in self.rows]
-        for (wbits, abits), (row, allowed), seed in itertools.product(self.bits, zip(self.rows, row_bits, strict=True),
-                                                                      self.seeds):
-            if allowed is not None and (wbits, abits) not in allowed:
+        row_seeds = [set(_int_list(row["seeds"], "seeds", self.path)) if "seeds" in row else None for row in self.rows]
+        for (wbits, abits), (row, allowed, seeds), seed in itertools.product(
+                self.bits, zip(self.rows, row_bits, row_seeds, strict=True), self.seeds):
+            if allowed is not None and (wbits, abits) not in allowed or seeds is not None and seed not in seeds:
                 continue
             for source, loss in itertools.product(_as_list(row["source"]), _as_list(row["loss"])):
                 names = {"source": source, "loss": loss}
@@ -148,6 +149,11 @@ def load_grid(path: str | Path, teacher: str | None = None, data_dir: str | None
     if not rows:
         raise UserError(f"grid {path} has no [[rows]] (each with a source and a loss, or method = \"ptq\")")
     rows = [_row(row, i, path) for i, row in enumerate(rows, 1)]
+    file_seeds = set(_int_list(raw.get("seeds", [0]), "seeds", path))
+    for i, row in enumerate(rows, 1):  # a row restricts the file's seeds (and `--seeds` restricts both)
+        extra = set(_int_list(row["seeds"], "seeds", path)) - file_seeds if "seeds" in row else set()
+        if extra:
+            raise UserError(f"grid {path}, row {i}: seeds {sorted(extra)} are not among the grid's seeds")
     return Grid(path, str(teacher), str(raw.get("preset", "quick")),
                 _bit_pairs(bits if bits is not None else raw.get("bits", [4]), path),
                 _int_list(seeds if seeds is not None else raw.get("seeds", [0]), "seeds", path), rows, options)
@@ -156,7 +162,7 @@ def load_grid(path: str | Path, teacher: str | None = None, data_dir: str | None
 def _row(row: Any, i: int, path: Path) -> dict[str, Any]:
     """A [[rows]] entry with its choices under their names now: `source`, and `loss` (PTQ for `method = "ptq"`)."""
     bad = UserError(f"grid {path}, row {i}: needs source and loss, or source and method = \"ptq\" (and optionally "
-                    f"options, bits), got {row!r}")
+                    f"options, bits, seeds), got {row!r}")
     if not isinstance(row, dict) or set(row) - ROW_KEYS or {"source", "generator"} <= set(row):
         raise bad
     row = dict(row)
