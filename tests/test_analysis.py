@@ -164,3 +164,20 @@ def test_sample_titles_name_the_class_where_the_dataset_does(tiny_teacher, fmnis
     assert class_names(str(tmp_path / "r")) == FMNIST_CLASSES and class_names(str(tmp_path / "none")) == []
     assert sample_title(0, FMNIST_CLASSES) == FMNIST_CLASSES[0] and sample_title(3, []) == "3"
     assert sample_title(0, ["a very long class name"], width=8) == "a very …"
+
+
+def test_a_curve_near_zero_keeps_its_scale_beside_one_near_minus_921():
+    """An older AdaDFQ run logged −T²·H ≈ −921: on one symlog axis with linear range 2 a curve near 0.06 was a
+    flat line at 0. The linear range now ends at the smallest typical magnitude among the lines."""
+    import matplotlib.pyplot as plt
+    from zsq.analysis.plots import log_scale
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [-921.0, -920.0, -919.0])
+    ax.plot([0, 1, 2], [0.06, 0.05, 0.07])
+    log_scale(ax)
+    assert ax.get_yscale() == "symlog" and ax.yaxis.get_transform().linthresh == pytest.approx(0.06)
+    ax.lines[0].remove()
+    log_scale(ax)
+    assert ax.get_yscale() == "log"
+    plt.close(fig)

@@ -71,7 +71,7 @@ def plot_curves(runs: list[dict[str, Any]], out_dir: Path, smooth: int = 20) -> 
         ax.set_title(key)
         ax.set_xlabel("iteration")
         if key in ("grad_norm", "hessian_trace", "loss_q"):
-            _log_axis(ax)
+            log_scale(ax)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     if warm_ends:
@@ -83,15 +83,15 @@ def plot_curves(runs: list[dict[str, Any]], out_dir: Path, smooth: int = 20) -> 
     return _save(fig, out_dir / "curves.png")
 
 
-def _log_axis(ax) -> None:
+def log_scale(ax) -> None:
     """Log scale for positive curves; otherwise (a Hutchinson estimate may come out ≤ 0, older runs logged
     negative losses) symlog, linear only below the smallest typical magnitude among the lines, so a curve near
     0.06 is not flattened beside one near −900."""
-    lines = [[abs(v) for v in line.get_ydata()] for line in ax.get_lines()]
+    lines = [list(line.get_ydata()) for line in ax.get_lines()]
     if all(v > 0 for vals in lines for v in vals):
         ax.set_yscale("log")
         return
-    typical = [sorted(vals)[len(vals) // 2] for vals in lines if vals and any(vals)]
+    typical = [sorted(abs(v) for v in vals)[len(vals) // 2] for vals in lines if any(vals)]
     ax.set_yscale("symlog", linthresh=min(typical) if typical else 1.0)
 
 
