@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import io
 import os
@@ -40,10 +41,32 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes shari
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory) -> Path:
+    """One folder for the whole session, shared by its xdist workers (the parent of their own temporary folders),
+    for what each worker would otherwise build alike: the tiny teachers and the synthetic sets."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def built_once(path: Path):
+    """Hold `path`'s lock across the session's workers; yields whether it still has to be built, so that the first
+    worker builds it and the others wait, then read it."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield not path.exists()
+
+
 @pytest.fixture(scope="session", autouse=True)
-def synth_cache(tmp_path_factory) -> Path:
-    """Offline synthetic sets built by tests go to a temporary cache, never the user's ~/.cache/zsq."""
-    path = tmp_path_factory.mktemp("zsq-cache")
+def synth_cache(shared_dir) -> Path:
+    """Offline synthetic sets built by tests go to the session's cache, never the user's ~/.cache/zsq. Sets are
+    written by an atomic rename and keyed by recipe and teacher hash, so workers building one at once only waste
+    time."""
+    path = shared_dir / "zsq-cache"
+    path.mkdir(exist_ok=True)
     os.environ["ZSQ_CACHE"] = str(path)
     return path
 
@@ -171,11 +194,15 @@ def quantize_tiny(teacher: Path, data_dir: Path, out: Path, *extra: str) -> subp
 
 
 @pytest.fixture(scope="session")
-def tiny_teacher(fmnist_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher") / "t.pt"
-    proc = run_cli("teacher", "train", "--model", "resnet20", "--data-dir", str(fmnist_dir), "--epochs", "2",
-                   "--batch-size", "32", "--lr", "0.05", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert "saved" in proc.stdout and out.is_file()
-    assert not out.with_name(out.name + ".resume").exists()
+def tiny_teacher(fmnist_dir, shared_dir) -> Path:
+    """A ResNet-20 trained for 2 epochs on the fake Fashion-MNIST (every worker's copy of it is the same bytes),
+    by one worker for all."""
+    out = shared_dir / "tiny-teacher.pt"
+    with built_once(out) as build:
+        if build:
+            proc = run_cli("teacher", "train", "--model", "resnet20", "--data-dir", str(fmnist_dir), "--epochs", "2",
+                           "--batch-size", "32", "--lr", "0.05", "--out", str(out))
+            assert proc.returncode == 0, proc.stderr
+            assert "saved" in proc.stdout and out.is_file()
+            assert not out.with_name(out.name + ".resume").exists()
     return out
