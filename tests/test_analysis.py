@@ -9,6 +9,8 @@ from PIL import Image
 from torch import nn
 
 from zsq.analysis import spearman
+from zsq.analysis.plots import class_names
+from zsq.data import FMNIST_CLASSES
 from zsq.bench.report import curve_stats, group_runs, read_runs
 from zsq.curvature import hessian_trace
 from zsq.quant import calibrate
@@ -100,6 +102,7 @@ def test_analyze_and_report(tiny_teacher, fmnist_dir, tmp_path):
     _tiny_run(tiny_teacher, fmnist_dir, runs / "b0", 0, "--lr-q", "0.01")
     proc = run_cli("analyze", str(runs / "a0"), str(runs / "a1"), "--out", str(tmp_path / "plots"))
     assert proc.returncode == 0, proc.stderr
+    assert class_names(str(runs / "a0")) == FMNIST_CLASSES and class_names(str(tmp_path / "none")) == []
     names = {"curves.png", "samples_gdfq.png", "attention_a0.png", "attention_a1.png"}
     assert {p.name for p in (tmp_path / "plots").iterdir()} == names
     with Image.open(tmp_path / "plots" / "curves.png") as im:  # 3 panels a row, 5 × 3.4 inches each at 100 dpi
@@ -156,12 +159,9 @@ def test_range_options_the_setter_ignores_neither_split_nor_label():
     assert labels == [(1, '{"bn_k": 3.0}'), (1, "{}"), (2, '{"act_range": "ema-minmax"}')]  # quick: bn-prior, k 2.5
 
 
-def test_sample_titles_name_the_class_where_the_dataset_does(tiny_teacher, fmnist_dir, tmp_path):
-    from zsq.analysis.plots import class_names, sample_title
-    from zsq.data import FMNIST_CLASSES
+def test_sample_titles_name_the_class_where_the_dataset_does():
+    from zsq.analysis.plots import sample_title
 
-    _tiny_run(tiny_teacher, fmnist_dir, tmp_path / "r", 0)
-    assert class_names(str(tmp_path / "r")) == FMNIST_CLASSES and class_names(str(tmp_path / "none")) == []
     assert sample_title(0, FMNIST_CLASSES) == FMNIST_CLASSES[0] and sample_title(3, []) == "3"
     assert sample_title(0, ["a very long class name"], width=8) == "a very …"
 
