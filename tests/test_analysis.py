@@ -9,7 +9,6 @@ from PIL import Image
 from torch import nn
 
 from zsq.analysis import spearman
-from zsq.analysis.plots import class_names
 from zsq.data import FMNIST_CLASSES
 from zsq.bench.report import curve_stats, group_runs, read_runs
 from zsq.curvature import hessian_trace
@@ -102,6 +101,8 @@ def test_analyze_and_report(tiny_teacher, fmnist_dir, tmp_path):
     _tiny_run(tiny_teacher, fmnist_dir, runs / "b0", 0, "--lr-q", "0.01")
     proc = run_cli("analyze", str(runs / "a0"), str(runs / "a1"), "--out", str(tmp_path / "plots"))
     assert proc.returncode == 0, proc.stderr
+    from zsq.analysis.plots import class_names  # matplotlib: imported by the tests that plot
+
     assert class_names(str(runs / "a0")) == FMNIST_CLASSES and class_names(str(tmp_path / "none")) == []
     names = {"curves.png", "samples_gdfq.png", "attention_a0.png", "attention_a1.png"}
     assert {p.name for p in (tmp_path / "plots").iterdir()} == names
