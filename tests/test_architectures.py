@@ -14,6 +14,7 @@ from torch import nn
 
 import zsq
 from zsq.distill import create_loss, find_cam_layer, find_stages, list_losses
+from zsq.errors import UserError
 from zsq.export.onnx_qdq import build_onnx
 from zsq.models import create_model
 from zsq.quant import QuantAct, act_quantizers, bn_bounds, calibrate, gaussian_inputs, quantize_model
@@ -145,3 +146,16 @@ def imagefolder_224(tmp_path):
         for i in range(2):
             Image.fromarray(rng.integers(0, 255, (240, 260, 3), dtype=np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
     return tmp_path / "img"
+
+
+def test_a_loss_reading_whole_blocks_is_refused_under_the_deployable_placement(fmnist_dir, tmp_path):
+    """The deployable placement turns the forward into a graph of leaf modules, so a block (an inverted residual:
+    AKT's stages) is never called as a module and a hook on it never fires. Found at the first trained step, after
+    the warm-up, by a grid run; now refused by name when the job is built. Single-module maps still train."""
+    kw = dict(wbits=4, abits=4, source="gdfq", loss="akt", placement="deployable", dataset="fashion-mnist",
+              data_dir=str(fmnist_dir), epochs=2, iters_per_epoch=1, warmup_epochs=1, batch_size=4, eval_limit=8,
+              quiet=True, **PROBE_KW)
+    with pytest.raises(UserError, match=r"--loss akt reads the outputs of features\.\d+.*--placement deployable"):
+        zsq.quantize(_model("mobilenet_v2"), out=str(tmp_path / "stages"), **kw)
+    r = zsq.quantize(_model("mobilenet_v2"), out=str(tmp_path / "units"), akt_layers="units", **kw)
+    assert r.summary["iterations"] == 2 and r.summary["skipped_steps"] == 0

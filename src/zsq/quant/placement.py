@@ -128,6 +128,9 @@ def place_deployable(qmodel: nn.Module, abits: int, momentum: float, ste: str,
         for reader in readers:
             reader.replace_input_with(tensor, site)
     qmodel.zsq_sites = sites
+    # the forward becomes this graph of leaf modules: a block (a ResNet stage, an inverted residual) is no longer
+    # called as a module, so a hook on it never fires; what reads module outputs checks this set
+    qmodel.zsq_called_modules = frozenset(str(n.target) for n in graph.nodes if n.op == "call_module")
     graph.lint()
     forward = type(torch.fx.GraphModule(qmodel, graph)).forward
     cls = type(qmodel)  # a subclass of its own: pickling it fails loudly instead of losing the quantizers

@@ -21,6 +21,7 @@ from ..curvature import hessian_trace
 from ..device import autocast
 from ..dist import RANK_SEED_STRIDE, SINGLE, Dist
 from ..distill import FeatureTap, TransferInputs, create_loss, fgsm_promote
+from ..errors import UserError
 from ..evaluate import eval_set_for
 from ..models import load_model
 from ..quant import act_quantizers, calibrate, observe_ranges, quantize_model
@@ -163,6 +164,10 @@ def build_job(cfg: TrainConfig, teacher: nn.Module | None = None, device: str = 
     for p in qmodel.parameters():
         p.requires_grad_(True)
     qmodel.eval()  # BN uses the teacher's running statistics throughout; its affine parameters still train
+    loss_fn = create_loss(cfg.loss, cfg.options).to(device)
+    layers = loss_fn.feature_layers(teacher, torch.zeros(2, info.in_channels, info.image_size, info.image_size,
+                                                         device=device))
+    _check_taps(qmodel, layers, cfg.loss)  # before an offline set is built
     ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet, d)
     source = create_source(cfg.source, ctx, cfg.options)
     # hast.md §1b: an offline set is not what the ranges should see first; a GDFQ generator, trained during the
@@ -172,9 +177,6 @@ def build_job(cfg: TrainConfig, teacher: nn.Module | None = None, device: str = 
         source.to(memory_format=torch.channels_last)
         if warm_source is not None:
             warm_source.to(memory_format=torch.channels_last)
-    loss_fn = create_loss(cfg.loss, cfg.options).to(device)
-    layers = loss_fn.feature_layers(teacher, torch.zeros(2, info.in_channels, info.image_size, info.image_size,
-                                                         device=device))
     q_params = [p for p in qmodel.parameters() if p.requires_grad]
     q_opt = torch.optim.SGD(_q_groups(qmodel, q_params, cfg.range_setter().lr_scale), lr=cfg.optim.lr_q,
                             momentum=cfg.optim.momentum, nesterov=True, weight_decay=cfg.optim.weight_decay)
@@ -349,6 +351,18 @@ def curvature(job: Job) -> dict[str, torch.Tensor]:
                              seed=cfg.run.seed)
     return {"hessian_trace": torch.tensor(mean, device=job.device),  # beside the loss terms, on their device
             "hessian_trace_se": torch.tensor(se, device=job.device)}
+
+
+def _check_taps(qmodel: nn.Module, layers: list[str], loss: str) -> None:
+    """The Q model must call, as modules, the layers whose outputs the loss reads: under the deployable placement
+    its forward is a graph of leaf modules, and a block read by its output (AKT's stages) is refused by name here,
+    not at the first trained step."""
+    called = getattr(qmodel, "zsq_called_modules", None)
+    lost = [name for name in layers if called is not None and name not in called]
+    if lost:
+        raise UserError(f"--loss {loss} reads the outputs of {', '.join(lost)}, which --placement deployable "
+                        f"dissolves into its integer graph (they are no longer called as modules): use --placement "
+                        f"lineage, or layers that are single modules (e.g. --akt-layers units)")
 
 
 def _promoted_loss(job: Job, clean: TransferInputs, clean_loss: torch.Tensor) -> torch.Tensor:
