@@ -193,16 +193,21 @@ def quantize_tiny(teacher: Path, data_dir: Path, out: Path, *extra: str) -> subp
                    "--out", str(out), "--quiet", *extra)
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher(fmnist_dir, shared_dir) -> Path:
-    """A ResNet-20 trained for 2 epochs on the fake Fashion-MNIST (every worker's copy of it is the same bytes),
-    by one worker for all."""
-    out = shared_dir / "tiny-teacher.pt"
+def shared_teacher(shared_dir: Path, name: str, data_dir: Path, model: str, epochs: int) -> Path:
+    """`zsq teacher train` on the fake Fashion-MNIST, once per session: the first worker trains it, the others read
+    it (each would have trained the same bytes)."""
+    out = shared_dir / f"{name}.pt"
     with built_once(out) as build:
         if build:
-            proc = run_cli("teacher", "train", "--model", "resnet20", "--data-dir", str(fmnist_dir), "--epochs", "2",
+            proc = run_cli("teacher", "train", "--model", model, "--data-dir", str(data_dir), "--epochs", str(epochs),
                            "--batch-size", "32", "--lr", "0.05", "--out", str(out))
             assert proc.returncode == 0, proc.stderr
             assert "saved" in proc.stdout and out.is_file()
             assert not out.with_name(out.name + ".resume").exists()
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(fmnist_dir, shared_dir) -> Path:
+    """A ResNet-20 after 2 epochs: near-uniform outputs, enough for every command to run on."""
+    return shared_teacher(shared_dir, "tiny-teacher", fmnist_dir, "resnet20", 2)

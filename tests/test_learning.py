@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PROBE_KW, built_once, run_cli
+from conftest import PROBE_KW, shared_teacher
 
 from zsq.distill import list_losses
 from zsq.quant import ActQuantizer
@@ -32,13 +32,7 @@ def confident_teacher(fmnist_dir, shared_dir):
     """A ResNet-8 trained long enough to be confident (82.5 % on the 40 test images): the shared tiny teacher's
     near-uniform outputs (6 SGD steps) leave a KL too small to see learning in, and 45 runs want a small model.
     Trained by one worker for all, as are the offline sets built from it (the session's shared cache)."""
-    out = shared_dir / "confident-teacher.pt"
-    with built_once(out) as build:
-        if build:
-            proc = run_cli("teacher", "train", "--model", "resnet8", "--data-dir", str(fmnist_dir), "--epochs", "15",
-                           "--batch-size", "32", "--lr", "0.05", "--out", str(out))
-            assert proc.returncode == 0, proc.stderr
-    return out
+    return shared_teacher(shared_dir, "confident-teacher", fmnist_dir, "resnet8", 15)
 
 
 def _kl(job, images: torch.Tensor) -> float:
