@@ -178,6 +178,10 @@ def test_a_curve_near_zero_keeps_its_scale_beside_one_near_minus_921():
     ax.plot([0, 1, 2], [0.06, 0.05, 0.07])
     log_scale(ax)
     assert ax.get_yscale() == "symlog" and ax.yaxis.get_transform().linthresh == pytest.approx(0.06)
+    ax.plot([0, 1, 2, 3], [0.0, 0.0, 0.0, -0.5])  # mostly zero: its median magnitude would be 0
+    log_scale(ax)
+    assert ax.yaxis.get_transform().linthresh == pytest.approx(0.06)
+    ax.lines[2].remove()
     ax.lines[0].remove()
     log_scale(ax)
     assert ax.get_yscale() == "log"

@@ -91,7 +91,8 @@ def log_scale(ax) -> None:
     if all(v > 0 for vals in lines for v in vals):
         ax.set_yscale("log")
         return
-    typical = [sorted(abs(v) for v in vals)[len(vals) // 2] for vals in lines if any(vals)]
+    nonzero = [sorted(abs(v) for v in vals if v) for vals in lines]
+    typical = [mags[len(mags) // 2] for mags in nonzero if mags]  # a mostly-zero line must not make it 0
     ax.set_yscale("symlog", linthresh=min(typical) if typical else 1.0)
 
 

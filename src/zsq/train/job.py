@@ -357,8 +357,10 @@ def _check_taps(qmodel: nn.Module, layers: list[str], loss: str) -> None:
     """The Q model must call, as modules, the layers whose outputs the loss reads: under the deployable placement
     its forward is a graph of leaf modules, and a block read by its output (AKT's stages) is refused by name here,
     not at the first trained step."""
-    called = getattr(qmodel, "zsq_called_modules", None)
-    lost = [name for name in layers if called is not None and name not in called]
+    called = getattr(qmodel, "zsq_called_modules", None)  # set by the deployable placement only
+    if called is None:
+        return
+    lost = [name for name in layers if name not in called]
     if lost:
         raise UserError(f"--loss {loss} reads the outputs of {', '.join(lost)}, which --placement deployable "
                         f"dissolves into its integer graph (they are no longer called as modules): use --placement "
