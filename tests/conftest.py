@@ -5,6 +5,7 @@ import contextlib
 import fcntl
 import gzip
 import io
+import itertools
 import os
 import pickle
 import signal
@@ -191,6 +192,31 @@ def quantize_tiny(teacher: Path, data_dir: Path, out: Path, *extra: str) -> subp
     """`zsq quantize` at the TINY budget (1 warm-up + 3 trained iterations, 50 test images), quietly."""
     return run_cli("quantize", "--teacher", str(teacher), "--data-dir", str(data_dir), *TINY, "--eval-limit", "50",
                    "--out", str(out), "--quiet", *extra)
+
+
+def shipped_pairs() -> list[tuple[str, str]]:
+    """Every data source × transfer loss that zsq ships. A test module may register a source of its own (test_dist's
+    fixed images, registered when collection imports it): it would join the product of the modules collected
+    after it."""
+    from zsq.distill import list_losses
+    from zsq.synth import SOURCES, list_sources
+
+    sources = [s for s in list_sources() if SOURCES.get(s).__module__.startswith("zsq.")]
+    return list(itertools.product(sources, list_losses()))
+
+
+def train_steps(job, warmup: int, trained: int, skippable: tuple[str, ...] = ()) -> None:
+    """Drive a built job as the training loop does: `warmup` iterations in epoch 0 (the ranges observe), the ranges
+    set at its end, then `trained` iterations in epoch 1, none of whose steps may be skipped as NaN/Inf but those of
+    the optimisers named in `skippable`."""
+    job.start_epoch(0)
+    for _ in range(warmup):
+        job.iterate(True)
+    job.set_ranges()
+    job.start_epoch(1)
+    for _ in range(trained):
+        _, skipped = job.iterate(False)
+        assert not any(v for k, v in skipped.items() if k not in skippable), skipped
 
 
 def shared_teacher(shared_dir: Path, name: str, data_dir: Path, model: str, epochs: int) -> Path:

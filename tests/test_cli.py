@@ -57,14 +57,15 @@ def test_eval_fp_and_quantized_json(tiny_teacher, fmnist_dir, tmp_path):
     direct = evaluate(model, load_dataset("fashion-mnist", "test", fmnist_dir))
     assert fp["top1"] == pytest.approx(direct["top1"])
     proc = run_cli("eval", "--model", "resnet20", "--checkpoint", str(tiny_teacher), "--data-dir", str(fmnist_dir),
-                   "--wbits", "4", "--abits", "8", "--eval-limit", "16", "--json", str(out))
+                   "--wbits", "4", "--abits", "8", "--eval-limit", "16", "--calib-batches", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     q = json.loads(out.read_text())
     assert q["n"] == 16 and q["quant"]["wbits"] == 4 and "no training" in proc.stdout
+    assert q["quant"]["calibration"].startswith("1×256 Gaussian-noise images")
     assert q["quant"]["placement"] == "lineage"  # a registered architecture: the papers' places
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # no temp files left behind
     proc = run_cli("eval", "--model", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--wbits", "4", "--abits",
-                   "4", "--placement", "deployable", "--eval-limit", "16", "--json", str(out))
+                   "4", "--placement", "deployable", "--eval-limit", "16", "--calib-batches", "1", "--json", str(out))
     assert proc.returncode == 0 and json.loads(out.read_text())["quant"]["placement"] == "deployable", proc.stderr
     assert_one_line_error(run_cli("eval", "--model", str(tiny_teacher), "--placement", "deployable"),
                           "--placement applies to a quantized evaluation")

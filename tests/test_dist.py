@@ -20,7 +20,7 @@ import zsq.train
 from zsq.synth import SOURCES
 from zsq.synth.base import DataSource, SourceContext
 
-from conftest import PROBE_KW, TINY, TINY_PROBE
+from conftest import PROBE_KW, TINY, TINY_PROBE, run_cli
 
 TINY_KW = {"epochs": 2, "iters_per_epoch": 3, "warmup_epochs": 1, "batch_size": 8, "eval_limit": 50, **PROBE_KW}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -127,8 +127,7 @@ def test_torchrun_cli_runs_prints_once_and_refuses_another_world_size(tiny_teach
     # a run started on 2 processes cannot be resumed on 1
     (out / "result.json").unlink()
     (out / "state.pt").write_bytes(b"")
-    single = subprocess.run([sys.executable, "-m", "zsq", *base, "--resume"], capture_output=True, text=True,
-                            env=ENV)
+    single = run_cli(*base, "--resume")
     assert single.returncode == 2 and "2 process(es)" in single.stderr
 
 
@@ -137,8 +136,7 @@ def test_synth_splits_batches_across_ranks_into_one_set(tiny_teacher, tmp_path):
     two = _torchrun(*args, "--out", str(tmp_path / "two.pt"))
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("images") == 1
-    one = subprocess.run([sys.executable, "-m", "zsq", *args, "--out", str(tmp_path / "one.pt")],
-                         capture_output=True, text=True, env=ENV)
+    one = run_cli(*args, "--out", str(tmp_path / "one.pt"))
     assert one.returncode == 0, one.stderr
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
     assert a["images"].shape == (12, 1, 32, 32)

@@ -2,6 +2,7 @@
 each one file and one registration line, train through the job API and get their own CLI flags."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -85,3 +86,16 @@ def test_generated_sections_match_their_stores(doc):
         store = ROOT / "results" / name
         assert (store / "results.db").is_file(), f"{doc.name}: section {name} has no store {store}"
         assert body == store_section(store), f"regenerate it: zsq report --store results/{name} --readme {doc.name}"
+
+
+def test_the_teacher_tables_quote_the_recorded_numbers():
+    """README's accuracy rows of each shipped teacher are results/teachers.json's (python benchmarks/teachers.py),
+    whose numbers tests/test_shipped_teacher.py binds to the shipped weight files."""
+    record = json.loads((ROOT / "results" / "teachers.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for name, row in record["teachers"].items():
+        table = readme.split(f" teacher `{name}`\n", 1)[1]  # the teacher's own heading, then its table
+        for key, label in (("fp", "FP top-1 / top-5"), ("w8a8", "W8A8 fake-quant"), ("w4a4", "W4A4 fake-quant")):
+            cells = f"{row[key]['top1']:.2f} / {row[key]['top5']:.2f}"
+            quoted = re.search(rf"^\| {label}[^|]*\| ([^|]*) \|", table, re.M)
+            assert quoted and quoted.group(1) == cells, f"{name} {key}: README {quoted and quoted.group(1)}, recorded {cells}"

@@ -3,27 +3,26 @@ lowers the transfer loss on a fixed synthetic batch and brings the Q model's out
 same source nearer the teacher's (KL(teacher ‖ Q), the health check's measure) than right after its activation
 ranges were calibrated, before any Q step. Replaces a check that only bounded top-1 to [0, 100].
 
-On the 40 real test images of the fake dataset the KL did not fall for 12 of the 45 pairs in this window (12 Q
-steps at batch 8 on synthetic data): too short and too small a sample to say more than that."""
+On the 40 real test images of the fake dataset the KL did not fall for 12 of the 45 pairs in a window of 12 Q
+steps at batch 8 on synthetic data: too short and too small a sample to say more than that."""
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PROBE_KW, shared_teacher
+from conftest import PROBE_KW, shared_teacher, shipped_pairs
 
-from zsq.distill import list_losses
 from zsq.quant import ActQuantizer
-from zsq.synth import list_sources
 from zsq.synth.pixels import BUILDERS
 from zsq.train import build_job, resolve_config
 
-WARMUP, TRAINED, BATCH = 4, 12, 8  # generator steps that calibrate the ranges; Q steps; their batch
+# Generator steps that calibrate the ranges; Q steps; their batch. Over the 45 pairs the smallest margins were 2.6 %
+# of the loss (adadfq / kd+ce) and 8.9 % of the KL (hast / hast), at 1 thread on an AVX2 CPU.
+WARMUP, TRAINED, BATCH = 2, 8, 8
 # Losses with a cross-entropy on the source's labels, which the teacher does not always give (kd+ce: GDFQ's CE;
 # synq, akt+synq: SynQ's difficulty-selective CE): they lower their loss partly by moving Q towards the labels, and
-# the KL to the teacher rose in this window for kd+ce on every source and for both SynQ losses on hast's set.
+# the KL to the teacher rose in this window for kd+ce on adadfq's, genie's and zeroq's images and for both SynQ
+# losses on hast's set.
 LABEL_PULLED = {"kd+ce", "synq", "akt+synq"}
 
 
@@ -41,7 +40,7 @@ def _kl(job, images: torch.Tensor) -> float:
                         log_target=True, reduction="batchmean").item()
 
 
-@pytest.mark.parametrize("source,loss", list(itertools.product(list_sources(), list_losses())))
+@pytest.mark.parametrize("source,loss", shipped_pairs())
 def test_a_short_run_lowers_the_loss_and_brings_q_nearer_the_teacher(source, loss, confident_teacher, fmnist_dir,
                                                                       tmp_path):
     torch.manual_seed(0)

@@ -126,3 +126,16 @@ def test_default_placement_and_the_bn_prior_on_deployable_places():
     bounds = bn_bounds(q, 3.0)
     relus = [m.quant for m in (q.relu1, q.relu2)]
     assert set(bounds) == set(relus)  # the signed deployable places keep their EMA ranges
+
+
+def test_a_quantized_layer_is_one_call_in_the_traced_graph():
+    """Traced into, a fake-quantized layer's weight became a graph attribute whose every read searched all the
+    model's parameters; a layer is one call site, quantized or not."""
+    from zsq.graph import module_calls, trace
+    from zsq.quant import QuantConv2d, QuantLinear
+
+    q = quantize_model(_mobilenet(), 4, 4)
+    graph = trace(q, (QuantAct,))  # as quantize_model traces it
+    layers = [n for n, m in q.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert layers and all(module_calls(graph)[n] == 1 for n in layers)
+    assert not any(node.op == "get_attr" for node in graph.nodes)

@@ -54,7 +54,7 @@ def test_ptq_cli_writes_a_run_that_eval_export_health_and_report_read(tiny_teach
 
 def test_ptq_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):
     args = ["ptq", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--source", "real", "--images",
-            "16", "--iters-per-unit", "12", "--eval-limit", "8", "--deterministic", "--quiet", *TINY_PROBE]
+            "16", "--iters-per-unit", "6", "--eval-limit", "8", "--deterministic", "--quiet", *TINY_PROBE]
     killed, full = tmp_path / "killed", tmp_path / "full"
     kill_when([*args, "--out", str(killed)], killed / "state.pt")
     assert (killed / "state.pt").exists() and not (killed / "result.json").exists(), "finished before the kill"

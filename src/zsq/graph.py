@@ -20,14 +20,17 @@ ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
 
 
 class LeafTracer(torch.fx.Tracer):
-    """A tracer that keeps `leaves` (module types) whole, besides torch's own leaf modules."""
+    """A tracer that keeps `leaves` (module types) whole, besides torch's own leaf modules and every conv or linear
+    layer (a fake-quantized one included): a layer is one call site, and tracing into a quantized layer made each
+    read of its weight search all the model's parameters (0.3 of the 0.4 s that quantizing a MobileNetV2 at width
+    0.25 took)."""
 
     def __init__(self, leaves: tuple[type, ...] = ()) -> None:
         super().__init__()
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (*self.leaves, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module, leaves: tuple[type, ...] = ()) -> torch.fx.Graph | None:
