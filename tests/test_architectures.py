@@ -42,8 +42,8 @@ def _check_ranges(qmodel: nn.Module) -> None:
     assert all(not q.observing and q.hi > q.lo for q in act_quantizers(qmodel))  # calibrated, then frozen
 
 
-def _train(model: nn.Module, source: str, loss: str, fmnist_dir, out) -> None:
-    opts = _options(source)
+def _train(model: nn.Module, source: str, loss: str, fmnist_dir, out, **extra) -> None:
+    opts = {**_options(source), **extra}
     opts.pop("quiet")
     cfg = resolve_config("quick", source, loss, teacher="module", data_dir=str(fmnist_dir), out=str(out), **opts)
     job = build_job(cfg, teacher=model)
@@ -171,14 +171,31 @@ def imagefolder_224(tmp_path):
     return tmp_path / "img"
 
 
-def test_a_loss_reading_whole_blocks_is_refused_under_the_deployable_placement(fmnist_dir, tmp_path):
+def test_a_loss_reading_whole_blocks_trains_under_the_deployable_placement(fmnist_dir, tmp_path):
     """The deployable placement turns the forward into a graph of leaf modules, so a block (an inverted residual:
-    AKT's stages) is never called as a module and a hook on it never fires. Found at the first trained step, after
-    the warm-up, by a grid run; now refused by name when the job is built. Single-module maps still train."""
-    kw = dict(wbits=4, abits=4, source="gdfq", loss="akt", placement="deployable", dataset="fashion-mnist",
-              data_dir=str(fmnist_dir), epochs=2, iters_per_epoch=1, warmup_epochs=1, batch_size=4, eval_limit=8,
-              quiet=True, **PROBE_KW)
-    with pytest.raises(UserError, match=r"--loss akt reads the outputs of features\.\d+.*--placement deployable"):
-        zsq.quantize(_model("mobilenet_v2"), out=str(tmp_path / "stages"), **kw)
-    r = zsq.quantize(_model("mobilenet_v2"), out=str(tmp_path / "units"), akt_layers="units", **kw)
+    AKT's stages) is never called as a module; a hook on it never fired (a KeyError at the first trained step,
+    found by a grid run). Its output is marked in the graph, and the loss reads it there."""
+    r = zsq.quantize(_model("mobilenet_v2"), wbits=4, abits=4, source="gdfq", loss="akt", placement="deployable",
+                     dataset="fashion-mnist", data_dir=str(fmnist_dir), epochs=2, iters_per_epoch=1, warmup_epochs=1,
+                     batch_size=4, eval_limit=8, quiet=True, out=str(tmp_path / "stages"), **PROBE_KW)
     assert r.summary["iterations"] == 2 and r.summary["skipped_steps"] == 0
+    stages = find_stages(_model("mobilenet_v2"), torch.zeros(2, 1, 32, 32))
+    assert set(stages) <= set(r.qmodel.zsq_outputs) and not set(stages) & r.qmodel.zsq_called_modules
+
+class _UnusedLast(nn.Module):
+    """A block whose last operation is not what it returns: its output cannot be marked in the deployable graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.spare = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(1, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.conv(x))
+        self.spare(x)
+        return out
+
+
+def test_a_block_whose_output_cannot_be_marked_is_refused_by_name(fmnist_dir, tmp_path):
+    model = nn.Sequential(_UnusedLast(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    with pytest.raises(UserError, match=r"--loss akt reads the outputs of 0, which --placement deployable"):
+        _train(model, "gdfq", "akt", fmnist_dir, tmp_path / "r", akt_layers="0", placement="deployable")

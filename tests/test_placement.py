@@ -139,3 +139,26 @@ def test_a_quantized_layer_is_one_call_in_the_traced_graph():
     layers = [n for n, m in q.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     assert layers and all(module_calls(graph)[n] == 1 for n in layers)
     assert not any(node.op == "get_attr" for node in graph.nodes)
+
+
+def test_a_dissolved_block_is_read_at_its_output():
+    """A hook on a block of the deployable graph sees the tensor the block hands on: the input of the quantizer of
+    the next layer (an inverted residual without a shortcut, and one with it)."""
+    from zsq.distill import FeatureTap
+
+    q = _placed(_mobilenet(), "deployable")
+    blocks = ["features.1", "features.3"]
+    assert not {*blocks, "features"} & q.zsq_called_modules and {*blocks, "features"} <= set(q.zsq_outputs)
+    graph = LeafTracer((QuantAct, nn.Conv2d, nn.Linear)).trace(q)
+    handed_on = {}
+    for name in blocks:  # the module each marked output flows into, with a hook keeping its input
+        mark = next(n for n in graph.nodes if n.op == "call_module" and n.target == q.zsq_outputs[name])
+        reader = q.get_submodule(next(iter(mark.users)).target)
+        reader.register_forward_hook(lambda m, i, o, name=name: handed_on.setdefault(name, i[0]))
+    tap = FeatureTap(q, blocks)
+    with torch.no_grad():
+        q(torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    feats = tap.take()
+    tap.remove()
+    assert all(torch.equal(feats[name], handed_on[name]) for name in blocks)
+    assert not torch.equal(feats["features.1"], feats["features.3"])

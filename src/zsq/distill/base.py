@@ -75,7 +75,8 @@ def create_loss(name: str, options: dict | None = None) -> TransferLoss:
 
 
 class FeatureTap:
-    """Forward hooks that keep the latest output of named modules (names as in `named_modules`).
+    """Forward hooks that keep the latest output of named modules (names as in `named_modules`; a block that the
+    deployable placement dissolved into its children through the marker on its output, `zsq_outputs`).
 
     Inside `cutting()`, and with grad enabled, the modules named in `leaves` hand on a detached copy of their output
     that requires grad: the rest of the forward is recorded from there, and nothing before it."""
@@ -87,7 +88,9 @@ class FeatureTap:
             raise ValueError(f"no module named {', '.join(missing)} in {type(model).__name__}")
         self.feats: dict[str, torch.Tensor] = {}
         self.leaves, self.cut, self.cut_now = set(leaves), False, set()
-        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in dict.fromkeys([*names, *leaves])]
+        marked = getattr(model, "zsq_outputs", {})
+        self.handles = [modules[marked.get(n, n)].register_forward_hook(self._hook(n))
+                        for n in dict.fromkeys([*names, *leaves])]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,30 @@ def default_placement(teacher: nn.Module | None) -> str:
     return "deployable" if float_tensors(teacher) is not None else "lineage"
 
 
+def _mark_block_outputs(graph: torch.fx.Graph, called: frozenset[str]) -> tuple[nn.ModuleDict, dict[str, str]]:
+    """An `nn.Identity` called on the output of each module that the graph dissolved into its children, so that a
+    forward hook still sees what the block returns (AKT reads whole blocks); returns the markers and the map from
+    each block's name to its marker's. A block's output is its scope's last node, when that value leaves the block
+    (a block whose last operation is not what it returns gets no marker: a hook on it is refused by name)."""
+    last: dict[str, torch.fx.Node] = {}
+    inside: dict[str, set[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        for path, _ in node.meta.get("nn_module_stack", {}).values():
+            last[path] = node
+            inside.setdefault(path, set()).add(node)
+    marks, outputs = nn.ModuleDict(), {}
+    for path, node in last.items():
+        if path in called or not any(user not in inside[path] for user in node.users):
+            continue
+        key = f"m{len(marks)}"
+        marks[key] = nn.Identity()
+        with graph.inserting_after(node):
+            mark = graph.call_module(f"zsq_marks.{key}", (node,))
+        node.replace_all_uses_with(mark, delete_user_cb=lambda user: user is not mark)
+        outputs[path] = f"zsq_marks.{key}"
+    return marks, outputs
+
+
 def place_deployable(qmodel: nn.Module, abits: int, momentum: float, ste: str,
                      site_bits: dict[str, int] | None = None) -> None:
     """Quantize every tensor that enters a conv, linear or add off the grid, in place (see the module doc);
@@ -129,8 +153,9 @@ def place_deployable(qmodel: nn.Module, abits: int, momentum: float, ste: str,
             reader.replace_input_with(tensor, site)
     qmodel.zsq_sites = sites
     # the forward becomes this graph of leaf modules: a block (a ResNet stage, an inverted residual) is no longer
-    # called as a module, so a hook on it never fires; what reads module outputs checks this set
+    # called as a module, so a hook on it would never fire; its output is marked instead (zsq_outputs)
     qmodel.zsq_called_modules = frozenset(str(n.target) for n in graph.nodes if n.op == "call_module")
+    qmodel.zsq_marks, qmodel.zsq_outputs = _mark_block_outputs(graph, qmodel.zsq_called_modules)
     graph.lint()
     forward = type(torch.fx.GraphModule(qmodel, graph)).forward
     cls = type(qmodel)  # a subclass of its own: pickling it fails loudly instead of losing the quantizers

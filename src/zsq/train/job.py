@@ -354,17 +354,18 @@ def curvature(job: Job) -> dict[str, torch.Tensor]:
 
 
 def _check_taps(qmodel: nn.Module, layers: list[str], loss: str) -> None:
-    """The Q model must call, as modules, the layers whose outputs the loss reads: under the deployable placement
-    its forward is a graph of leaf modules, and a block read by its output (AKT's stages) is refused by name here,
-    not at the first trained step."""
+    """The Q model must call, as modules, the layers whose outputs the loss reads, or mark their outputs: under the
+    deployable placement its forward is a graph of leaf modules, and a block whose output could not be marked is
+    refused by name here, not at the first trained step."""
     called = getattr(qmodel, "zsq_called_modules", None)  # set by the deployable placement only
     if called is None:
         return
-    lost = [name for name in layers if name not in called]
+    lost = [name for name in layers if name not in called and name not in qmodel.zsq_outputs]
     if lost:
         raise UserError(f"--loss {loss} reads the outputs of {', '.join(lost)}, which --placement deployable "
-                        f"dissolves into its integer graph (they are no longer called as modules): use --placement "
-                        f"lineage, or layers that are single modules (e.g. --akt-layers units)")
+                        f"dissolves into its integer graph (they are no longer called as modules, and what they "
+                        f"return is not their last operation): use --placement lineage, or layers that are single "
+                        f"modules")
 
 
 def _promoted_loss(job: Job, clean: TransferInputs, clean_loss: torch.Tensor) -> torch.Tensor:
