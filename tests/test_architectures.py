@@ -35,7 +35,7 @@ def _model(arch: str, channels: int = 1, **kw) -> nn.Module:
 def _options(source: str) -> dict:
     offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if source in BUILDERS else {}
     return dict(wbits=4, abits=4, dataset="fashion-mnist", epochs=3, iters_per_epoch=1, warmup_epochs=1, batch_size=4,
-                eval_limit=8, quiet=True, **offline, **PROBE_KW)
+                eval_limit=8, **offline, **PROBE_KW)
 
 
 def _check_ranges(qmodel: nn.Module) -> None:
@@ -43,9 +43,8 @@ def _check_ranges(qmodel: nn.Module) -> None:
 
 
 def _train(model: nn.Module, source: str, loss: str, fmnist_dir, out, **extra) -> None:
-    opts = {**_options(source), **extra}
-    opts.pop("quiet")
-    cfg = resolve_config("quick", source, loss, teacher="module", data_dir=str(fmnist_dir), out=str(out), **opts)
+    cfg = resolve_config("quick", source, loss, teacher="module", data_dir=str(fmnist_dir), out=str(out),
+                         **_options(source), **extra)
     job = build_job(cfg, teacher=model)
     try:
         # an untrained net's logits are ~1e-8: AdaDFQ's entropy band divides by log C − min H, which is then 0, and
@@ -57,7 +56,8 @@ def _train(model: nn.Module, source: str, loss: str, fmnist_dir, out, **extra) -
 
 
 def _run(model: nn.Module, source: str, loss: str, fmnist_dir, out) -> None:
-    r = zsq.quantize(model, source=source, loss=loss, data_dir=str(fmnist_dir), out=str(out), **_options(source))
+    r = zsq.quantize(model, source=source, loss=loss, data_dir=str(fmnist_dir), out=str(out), quiet=True,
+                     **_options(source))
     assert r.summary["iterations"] == 3 and r.summary["skipped_steps"] == 0 and 0 <= r.q_top1 <= 100
     _check_ranges(r.qmodel)
 

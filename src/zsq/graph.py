@@ -27,10 +27,10 @@ class LeafTracer(torch.fx.Tracer):
 
     def __init__(self, leaves: tuple[type, ...] = ()) -> None:
         super().__init__()
-        self.leaves = leaves
+        self.leaves = (*leaves, nn.Conv2d, nn.Linear)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*self.leaves, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module, leaves: tuple[type, ...] = ()) -> torch.fx.Graph | None:

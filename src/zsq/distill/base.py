@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..quant import output_module
 from ..registry import Registry
 
 
@@ -76,7 +77,7 @@ def create_loss(name: str, options: dict | None = None) -> TransferLoss:
 
 class FeatureTap:
     """Forward hooks that keep the latest output of named modules (names as in `named_modules`; a block that the
-    deployable placement dissolved into its children through the marker on its output, `zsq_outputs`).
+    deployable placement dissolved into its children through the marker on its output: `output_module`).
 
     Inside `cutting()`, and with grad enabled, the modules named in `leaves` hand on a detached copy of their output
     that requires grad: the rest of the forward is recorded from there, and nothing before it."""
@@ -88,8 +89,7 @@ class FeatureTap:
             raise ValueError(f"no module named {', '.join(missing)} in {type(model).__name__}")
         self.feats: dict[str, torch.Tensor] = {}
         self.leaves, self.cut, self.cut_now = set(leaves), False, set()
-        marked = getattr(model, "zsq_outputs", {})
-        self.handles = [modules[marked.get(n, n)].register_forward_hook(self._hook(n))
+        self.handles = [modules[output_module(model, n) or n].register_forward_hook(self._hook(n))
                         for n in dict.fromkeys([*names, *leaves])]
 
     def _hook(self, name: str):

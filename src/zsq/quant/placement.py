@@ -39,7 +39,7 @@ def check_placement(placement: str) -> None:
 
 def _trace(model: nn.Module) -> tuple[torch.fx.Graph, dict[str, nn.Module]]:
     try:
-        graph = LeafTracer((QuantAct, nn.Conv2d, nn.Linear)).trace(model)
+        graph = LeafTracer((QuantAct,)).trace(model)
     except Exception as e:  # noqa: BLE001 - data-dependent control flow: nothing can be placed from the graph
         raise UserError(f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}), so the tensors "
                         f"that reach its layers unquantized cannot be found: use placement 'lineage'") from None
@@ -114,17 +114,16 @@ def default_placement(teacher: nn.Module | None) -> str:
 def _mark_block_outputs(graph: torch.fx.Graph, called: frozenset[str]) -> tuple[nn.ModuleDict, dict[str, str]]:
     """An `nn.Identity` called on the output of each module that the graph dissolved into its children, so that a
     forward hook still sees what the block returns (AKT reads whole blocks); returns the markers and the map from
-    each block's name to its marker's. A block's output is its scope's last node, when that value leaves the block
-    (a block whose last operation is not what it returns gets no marker: a hook on it is refused by name)."""
+    each block's name to its marker's. A block's output is its scope's last node, when anything reads it (the graph
+    runs in order, so its readers lie outside the block); a block whose last operation nothing reads, so not what it
+    returns, gets no marker, and a hook on it is refused by name (`output_module`)."""
     last: dict[str, torch.fx.Node] = {}
-    inside: dict[str, set[torch.fx.Node]] = {}
     for node in graph.nodes:
         for path, _ in node.meta.get("nn_module_stack", {}).values():
             last[path] = node
-            inside.setdefault(path, set()).add(node)
     marks, outputs = nn.ModuleDict(), {}
     for path, node in last.items():
-        if path in called or not any(user not in inside[path] for user in node.users):
+        if path in called or not node.users:
             continue
         key = f"m{len(marks)}"
         marks[key] = nn.Identity()
@@ -133,6 +132,13 @@ def _mark_block_outputs(graph: torch.fx.Graph, called: frozenset[str]) -> tuple[
         node.replace_all_uses_with(mark, delete_user_cb=lambda user: user is not mark)
         outputs[path] = f"zsq_marks.{key}"
     return marks, outputs
+
+
+def output_module(model: nn.Module, name: str) -> str | None:
+    """The module whose forward hook sees what module `name` returns: `name` itself, or, where the deployable
+    placement dissolved it into its children, the marker on its output (None when it has none)."""
+    called = getattr(model, "zsq_called_modules", None)  # set by the deployable placement only
+    return name if called is None or name in called else model.zsq_outputs.get(name)
 
 
 def place_deployable(qmodel: nn.Module, abits: int, momentum: float, ste: str,

@@ -311,7 +311,7 @@ def edge_sites(qmodel: nn.Module) -> list[str]:
     """The activation quantizers whose tensors enter the second layer and the last one (through pooling): at 8 bits
     with 8-bit first and last layers, as Genie's and BRECQ's tables have the first block's and the classifier's
     inputs."""
-    graph = trace(qmodel, (QuantAct, nn.Conv2d, nn.Linear))
+    graph = trace(qmodel, (QuantAct,))
     if graph is None:
         raise UserError(f"{type(qmodel).__name__} cannot be traced by torch.fx: its first and last activations cannot "
                         f"be found for the 8-bit first/last policy (use first_last='same')")

@@ -24,7 +24,7 @@ from ..distill import FeatureTap, TransferInputs, create_loss, fgsm_promote
 from ..errors import UserError
 from ..evaluate import eval_set_for
 from ..models import load_model
-from ..quant import act_quantizers, calibrate, observe_ranges, quantize_model
+from ..quant import act_quantizers, calibrate, observe_ranges, output_module, quantize_model
 from ..synth import SourceContext, create_source
 from ..validate import Health, health
 from .config import TrainConfig
@@ -357,10 +357,7 @@ def _check_taps(qmodel: nn.Module, layers: list[str], loss: str) -> None:
     """The Q model must call, as modules, the layers whose outputs the loss reads, or mark their outputs: under the
     deployable placement its forward is a graph of leaf modules, and a block whose output could not be marked is
     refused by name here, not at the first trained step."""
-    called = getattr(qmodel, "zsq_called_modules", None)  # set by the deployable placement only
-    if called is None:
-        return
-    lost = [name for name in layers if name not in called and name not in qmodel.zsq_outputs]
+    lost = [name for name in layers if output_module(qmodel, name) is None]
     if lost:
         raise UserError(f"--loss {loss} reads the outputs of {', '.join(lost)}, which --placement deployable "
                         f"dissolves into its integer graph (they are no longer called as modules, and what they "
