@@ -74,6 +74,22 @@ def test_ste_identity_and_clipped():
     assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_the_clipped_ste_passes_the_whole_gradient_at_the_range_ends(k):
+    """∂x̂/∂x = 1 on [l, u], ends included (quantizer.md), as torch's own fake quantizer has it. Each channel's
+    smallest and largest weight lie at its ends; torch.minimum / torch.maximum, used before, gave them half."""
+    x = torch.tensor([-2.0, -1.0, 0.2, 1.0, 3.0], requires_grad=True)
+    fake_quantize(x, torch.tensor(-1.0), torch.tensor(1.0), k, ste="clipped").sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))
+    q = QuantConv2d.from_float(nn.Conv2d(3, 16, 3, bias=False), wbits=k, ste="clipped")
+    w = q.weight.detach().clone().requires_grad_()
+    g = torch.randn(16, 3, 3, 3)
+    q.quantized_weight().backward(g)
+    ws, wz = quant_params(*per_channel_range(w), k)
+    torch.fake_quantize_per_channel_affine(w, ws.flatten(), wz.flatten().int(), 0, 0, 2**k - 1).backward(g)
+    assert torch.equal(q.weight.grad, w.grad) and torch.equal(w.grad, g)
+
+
 def test_per_channel_weights_are_independent():
     conv = nn.Conv2d(3, 4, 3, bias=False)
     q = QuantConv2d.from_float(conv, wbits=3)

@@ -28,16 +28,17 @@ def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
                   ste: str = "identity") -> torch.Tensor:
     """x̂ in the forward pass, exactly the grid value S·(q − Z); the straight-through estimator backward.
 
-    `ste="identity"` passes the gradient everywhere (the lineage's choice); `"clipped"` zeroes it where x lies
-    outside [l, u]. l and u never receive a gradient: they are min/max statistics, not parameters. The forward
-    adds x − x.detach() (exactly 0) to x̂, never x̂ − x to x, whose rounding left some values one float step off
-    the grid.
+    `ste="identity"` passes the gradient everywhere (the lineage's choice); `"clipped"` passes it inside [l, u],
+    ends included, and zeroes it outside. torch.clamp's gradient is that; torch.minimum and torch.maximum split it
+    in half where x equals the bound, which each channel's smallest and largest weight always does. l and u never
+    receive a gradient: they are min/max statistics, not parameters. The forward adds x − x.detach() (exactly 0)
+    to x̂, never x̂ − x to x, whose rounding left some values one float step off the grid.
     """
     lo, hi = lo.detach(), hi.detach()
     scale, zero = quant_params(lo, hi, bits)
     xq = scale * (quantize_int(x.detach(), scale, zero, bits) - zero)
     if ste == "clipped":
-        x = torch.minimum(torch.maximum(x, lo), hi)
+        x = torch.clamp(x, lo, hi)
     return xq + (x - x.detach())
 
 
