@@ -142,7 +142,7 @@ def _stored(db: Path) -> dict[str, tuple]:
         return {r[0]: r[1:] for r in con.execute("SELECT name, finished_at, q_top1, wbits, loss, seed FROM runs")}
 
 
-def test_bench_resume_after_kill_and_report(tiny_teacher, fmnist_dir, tmp_path):
+def test_bench_resume_after_kill_and_report_as_a_file_and_a_section(tiny_teacher, fmnist_dir, tmp_path):
     grid = write_grid(tmp_path / "g.toml", """
 preset = "quick"
 bits = [4]
@@ -186,22 +186,16 @@ loss = "kd"
     assert cells[7] == f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}"
     assert cells[8] == " / ".join(f"{a:.2f}" for a in accs)
 
-
-def test_report_readme_section(tiny_teacher, fmnist_dir, tmp_path):
-    grid = write_grid(tmp_path / "tiny.toml", '[[rows]]\nsource = "gdfq"\nloss = "kd"\n')
-    proc = run_cli("bench", str(grid), "--out", str(tmp_path / "tiny"), "--teacher", str(tiny_teacher),
-                   "--data-dir", str(fmnist_dir), *TINY_SET)
-    assert proc.returncode == 0, proc.stderr
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- zsq report: tiny -->\nold numbers\n<!-- /zsq report: tiny -->\nend\n")
-    proc = run_cli("report", "--store", str(tmp_path / "tiny"), "--readme", str(readme))
+    readme = tmp_path / "README.md"  # the same table, as a section of a page (the store's folder names it)
+    readme.write_text("intro\n<!-- zsq report: bench -->\nold numbers\n<!-- /zsq report: bench -->\nend\n")
+    proc = run_cli("report", "--store", str(out), "--readme", str(readme))
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("-->\nend\n")
-    assert "1 of the 1 planned runs finished" in text and "| W4A4 | gdfq | kd |" in text
+    assert "3 of the 3 planned runs finished" in text and row in text
     readme.write_text("no markers\n")
-    proc = run_cli("report", "--store", str(tmp_path / "tiny"), "--readme", str(readme))
-    assert proc.returncode == 2 and "<!-- zsq report: tiny -->" in proc.stderr
+    proc = run_cli("report", "--store", str(out), "--readme", str(readme))
+    assert proc.returncode == 2 and "<!-- zsq report: bench -->" in proc.stderr
 
 
 FORMER_SCHEMA = """

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,7 +21,7 @@ import zsq.train
 from zsq.synth import SOURCES
 from zsq.synth.base import DataSource, SourceContext
 
-from conftest import PROBE_KW, TINY, TINY_PROBE, run_cli
+from conftest import PROBE_KW, TINY_PROBE, run_cli
 
 TINY_KW = {"epochs": 2, "iters_per_epoch": 3, "warmup_epochs": 1, "batch_size": 8, "eval_limit": 50, **PROBE_KW}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,29 +54,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, folder: str, kwargs: dict) -> None:
-    """One rank, launched the way torchrun does (its variables), running the Python API; it records its model and
-    every file it wrote through save_json."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _rank(rank: int, world: int, folder: str, runs: list[tuple[int, dict]]) -> None:
+    """One rank, launched the way torchrun does (its variables), running the Python API once per (port, keywords);
+    for each run it records its model and every file it wrote through save_json."""
     torch.set_num_threads(1)
-    written: list[str] = []
     save_json = zsq.train.folder.save_json
-    zsq.train.folder.save_json = lambda obj, path: (written.append(Path(path).name), save_json(obj, path))[1]
-    result = zsq.quantize(quiet=True, **kwargs)
-    torch.save({"state": result.qmodel.state_dict(), "written": written, "q_top1": result.q_top1,
-                "rank": result.rank}, Path(folder) / f"rank{rank}.pt")
+    for i, (port, kwargs) in enumerate(runs):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        written: list[str] = []
+        zsq.train.folder.save_json = lambda obj, path: (written.append(Path(path).name), save_json(obj, path))[1]
+        result = zsq.quantize(quiet=True, **kwargs)
+        torch.save({"state": result.qmodel.state_dict(), "written": written, "q_top1": result.q_top1,
+                    "rank": result.rank}, Path(folder) / f"run{i}-rank{rank}.pt")
 
 
-def _spawn(tmp_path: Path, **kwargs) -> list[dict]:
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path), kwargs), nprocs=2, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def _two_rank_kwargs(tiny_teacher: Path, fmnist_dir: Path, folder: Path) -> dict[str, dict]:
+    """The runs the two-rank tests make: a short run of the whole recipe, and one Q step on fixed images (2 ranks ×
+    B images, to compare with 1 process × 2B). The BN prior makes the ranges independent of the warm-up images,
+    which differ between a 2-rank and a 1-process run."""
+    step = dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), source="fixed-test-images", loss="kd+ce",
+                wbits=4, abits=4, act_range="bn-prior", epochs=2, iters_per_epoch=1, warmup_epochs=1,
+                eval_limit=8, lr_q=0.05, **PROBE_KW)
+    return {"run": dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), out=str(folder / "run"), wbits=4,
+                        abits=4, **TINY_KW),
+            "step": {**step, "out": str(folder / "two"), "batch_size": 8}}
 
 
-def test_two_ranks_end_identical_and_write_once(tiny_teacher, fmnist_dir, tmp_path):
-    out = tmp_path / "run"
-    ranks = _spawn(tmp_path, teacher=str(tiny_teacher), data_dir=str(fmnist_dir), out=str(out), wbits=4, abits=4,
-                   **TINY_KW)
+@pytest.fixture(scope="module")
+def two_ranks(tiny_teacher, fmnist_dir, tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
+    """Both two-rank runs of this module in one pair of spawned processes: each process costs seconds of imports
+    before its first step. The tests that read them share an xdist group, so that one worker spawns them."""
+    folder = tmp_path_factory.mktemp("two-ranks")
+    runs = _two_rank_kwargs(tiny_teacher, fmnist_dir, folder)
+    mp.spawn(_rank, args=(2, str(folder), [(_free_port(), kw) for kw in runs.values()]), nprocs=2, join=True)
+    return folder, {name: [torch.load(folder / f"run{i}-rank{r}.pt", weights_only=False) for r in range(2)]
+                    for i, name in enumerate(runs)}
+
+
+@pytest.mark.xdist_group("two-ranks")
+def test_two_ranks_end_identical_and_write_once(two_ranks):
+    folder, runs = two_ranks
+    out, ranks = folder / "run", runs["run"]
     a, b = ranks[0]["state"], ranks[1]["state"]
     assert a.keys() == b.keys()
     for k in a:
@@ -90,15 +110,14 @@ def test_two_ranks_end_identical_and_write_once(tiny_teacher, fmnist_dir, tmp_pa
     assert not (out / "state.pt").exists()
 
 
-def test_first_step_equals_one_process_on_the_double_batch(tiny_teacher, fmnist_dir, tmp_path):
-    """2 ranks × B images = 1 process × 2B images, same images: the same Q model after its first step. The BN
-    prior makes the ranges independent of the warm-up images, which differ between the two runs."""
-    common = dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), source="fixed-test-images", loss="kd+ce",
-                  wbits=4, abits=4, act_range="bn-prior", epochs=2, iters_per_epoch=1, warmup_epochs=1,
-                  eval_limit=8, lr_q=0.05, **PROBE_KW)
-    two = _spawn(tmp_path, out=str(tmp_path / "two"), batch_size=8, **common)[0]["state"]
+@pytest.mark.xdist_group("two-ranks")
+def test_first_step_equals_one_process_on_the_double_batch(two_ranks, tiny_teacher, fmnist_dir, tmp_path):
+    """2 ranks × B images = 1 process × 2B images, same images: the same Q model after its first step."""
+    folder, runs = two_ranks
+    two = runs["step"][0]["state"]
+    step = _two_rank_kwargs(tiny_teacher, fmnist_dir, folder)["step"]
     torch.set_num_threads(1)
-    one = zsq.quantize(out=str(tmp_path / "one"), batch_size=16, quiet=True, **common).qmodel.state_dict()
+    one = zsq.quantize(quiet=True, **{**step, "out": str(tmp_path / "one"), "batch_size": 16}).qmodel.state_dict()
     start = zsq.load_model(str(tiny_teacher)).state_dict()
     moved = 0
     for k, v in one.items():
@@ -112,23 +131,6 @@ def test_first_step_equals_one_process_on_the_double_batch(tiny_teacher, fmnist_
 def _torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "zsq", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
-
-
-def test_torchrun_cli_runs_prints_once_and_refuses_another_world_size(tiny_teacher, fmnist_dir, tmp_path):
-    out = tmp_path / "run"
-    base = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), *TINY, "--eval-limit", "50",
-            "--quiet", "--out", str(out)]
-    proc = _torchrun(*base)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("q_top1") == 1
-    assert json.loads((out / "result.json").read_text())["world_size"] == 2
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == list(range(6))  # one row per iteration, written by one rank
-    # a run started on 2 processes cannot be resumed on 1
-    (out / "result.json").unlink()
-    (out / "state.pt").write_bytes(b"")
-    single = run_cli(*base, "--resume")
-    assert single.returncode == 2 and "2 process(es)" in single.stderr
 
 
 def test_synth_splits_batches_across_ranks_into_one_set(tiny_teacher, tmp_path):
@@ -146,24 +148,31 @@ def test_synth_splits_batches_across_ranks_into_one_set(tiny_teacher, tmp_path):
 
 def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resumes(tiny_teacher, fmnist_dir, tmp_path):
     """torchrun forwards the signal to each rank at its own moment: they agree on one iteration, the main rank
-    checkpoints it, and `--resume` on two processes finishes with every iteration logged once."""
+    checkpoints it, and `--resume` on two processes finishes with every iteration logged once, by one rank, and
+    the result printed once. A run started on two processes is not resumed on one."""
     out = tmp_path / "run"
     args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--epochs", "2",
-            "--iters-per-epoch", "20", "--warmup-epochs", "1", "--batch-size", "4", "--ckpt-every", "100000",
+            "--iters-per-epoch", "12", "--warmup-epochs", "1", "--batch-size", "4", "--ckpt-every", "100000",
             "--quiet", "--eval-limit", "8", "--out", str(out), *TINY_PROBE]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zsq"]
     proc = subprocess.Popen([*launch, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300
     metrics = out / "metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 8) and time.time() < deadline:
-        time.sleep(0.05)
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 4) and time.time() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and err.count("continue with --resume") == 2
     steps = {int(m) for m in re.findall(r"at iteration (\d+)", err)}
     state = torch.load(out / "state.pt", weights_only=False)
-    assert steps == {state["step"]} and 0 < state["step"] < 40 and len(state["rng_ranks"]) == 1
+    assert steps == {state["step"]} and 0 < state["step"] < 24 and len(state["rng_ranks"]) == 1
     resumed = subprocess.run([*launch, *args, "--resume"], capture_output=True, text=True, env=ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("q_top1") == 1
+    assert json.loads((out / "result.json").read_text())["world_size"] == 2
     rows = [json.loads(l)["iter"] for l in metrics.read_text().splitlines()]
-    assert rows == list(range(40)) and not (out / "state.pt").exists()
+    assert rows == list(range(24)) and not (out / "state.pt").exists()
+    (out / "result.json").unlink()
+    (out / "state.pt").write_bytes(b"")
+    single = run_cli(*args, "--resume")
+    assert single.returncode == 2 and "2 process(es)" in single.stderr
