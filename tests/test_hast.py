@@ -2,8 +2,12 @@
 the FGSM promotion pass."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -13,7 +17,8 @@ from zsq.data import random_resized_crop
 from zsq.distill import TransferInputs, create_loss, fa_loss, fgsm_promote, l2_channel_attention
 from zsq.errors import UserError
 from zsq.synth import SourceContext, create_source
-from zsq.synth.pixels import PixelOptions, cache_path, hardness_ce, read_set, synthesize, teacher_hash
+from zsq.synth.pixels import (PixelOptions, cache_path, hardness_ce, load_or_build, read_set, synthesize,
+                              teacher_hash)
 
 from conftest import PROBE_KW, TINY_PROBE, run_cli
 
@@ -80,6 +85,32 @@ def test_cache_reused_when_recipe_and_teacher_match(tmp_path, monkeypatch):
     assert x.shape == (10, 1, 8, 8) and y.shape == (10,)
     with pytest.raises(UserError, match="another teacher"):
         create_source("hast", SourceContext(changed, 3, 1, 8, "cpu", quiet=True), {"synth_data": str(first.path)})
+
+
+def test_runs_starting_together_build_a_set_once(tmp_path, monkeypatch):
+    """Two runs that need the same set (a grid's jobs, started together) do not both build it: the second waits for
+    the first, says so, and reads what it wrote."""
+    monkeypatch.setenv("ZSQ_CACHE", str(tmp_path))
+    ctx = SourceContext(_tiny_teacher(), 3, 1, 8, "cpu")
+    opts = PixelOptions(synth_images=6, synth_batch=6, synth_iters=2)
+    builds, started = [], threading.Event()
+
+    def build(teacher, opts, classes, shape, device, quiet, dist):
+        builds.append(1)
+        started.set()
+        time.sleep(0.5)  # long enough for the other caller to find the lock taken
+        return synthesize(teacher, opts, classes, shape, device, True, dist)  # no bar among what is checked
+
+    results = []
+    first = threading.Thread(target=lambda: results.append(load_or_build("hast", ctx, opts, build)))
+    first.start()
+    started.wait(10)
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        second = load_or_build("hast", ctx, opts, build)
+    first.join()
+    assert len(builds) == 1 and results[0][2] and not second[2] and second[1] == results[0][1]
+    assert torch.equal(second[0]["images"], results[0][0]["images"])
+    assert err.getvalue() == f"waiting for another run that builds {second[1]}\n"
 
 
 def test_random_resized_crop_is_batched_and_exact_at_the_identity():

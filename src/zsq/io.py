@@ -1,11 +1,15 @@
-"""Atomic writes: a result or checkpoint is either complete on disk or absent, never half-written."""
+"""Atomic writes: a result or checkpoint is either complete on disk or absent, never half-written. A lock for
+what is built once and shared (a cached synthetic set), so that runs starting together do not all build it."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -23,6 +27,23 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, waiting: str = "") -> Iterator[None]:
+    """Hold an exclusive lock named after `path` (a hidden `.NAME.lock` beside it) until the block ends; another
+    process asking for it waits, and `waiting`, if given, is printed once before the wait. The lock goes with the
+    process, so a killed holder never leaves it taken."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def save_bytes(data: bytes, path: str | Path) -> Path:

@@ -8,6 +8,7 @@ match, and `zsq synth` writes the same file format for later use.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from ..data import random_resized_crop
 from ..dist import SINGLE, Dist
 from ..errors import UserError
-from ..io import save_torch
+from ..io import exclusive, save_torch
 from ..models import read_checkpoint
 from .base import SOURCES, DataSource, SourceContext
 from .bns import BNStatistics
@@ -182,14 +183,17 @@ def load_or_build(source: str, ctx: SourceContext, opts: SetOptions, build: Call
             raise UserError(f"{opts.synth_data} was synthesized from another teacher; run `zsq synth` for this one")
         return data, Path(opts.synth_data), False
     path = cache_path(source, opts, thash)
-    for where in (path, SHIPPED_CACHE / path.name):
-        cached = ctx.dist.from_main(lambda where=where: _cached(where, thash, opts))
-        if cached is not None:
-            return cached, where, False
-    shape = (ctx.in_channels, ctx.image_size, ctx.image_size)
-    built = (build or synthesize)(ctx.teacher, opts, ctx.num_classes, shape, ctx.device, ctx.quiet, ctx.dist)
-    if ctx.dist.main:
-        write_set(path, built, source, opts, thash)
+    # runs started together (a grid's jobs, often) wait for the one that builds this set, then read it
+    waiting = "" if ctx.quiet else f"waiting for another run that builds {path}"
+    with exclusive(path, waiting) if ctx.dist.main else contextlib.nullcontext():
+        for where in (path, SHIPPED_CACHE / path.name):
+            cached = ctx.dist.from_main(lambda where=where: _cached(where, thash, opts))
+            if cached is not None:
+                return cached, where, False
+        shape = (ctx.in_channels, ctx.image_size, ctx.image_size)
+        built = (build or synthesize)(ctx.teacher, opts, ctx.num_classes, shape, ctx.device, ctx.quiet, ctx.dist)
+        if ctx.dist.main:
+            write_set(path, built, source, opts, thash)
     return built, path, True
 
 
