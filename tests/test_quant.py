@@ -30,12 +30,13 @@ def test_fake_quantize_matches_formula(k):
 
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
 def test_fake_quantize_equals_torch_in_float32(k):
-    """Bit for bit against torch's own fake quantizers in float32, on random values and on the rounding ties
-    (and their float neighbours) where x / S and x · (1 / S) part ways."""
+    """Bit for bit against torch's own fake quantizers in float32, on random values, on the rounding ties (and
+    their float neighbours) where x / S and x · (1 / S) part ways, and at ±inf, which saturate."""
     lo, hi = torch.tensor(-1.1), torch.tensor(2.3)
     s, z = quant_params(lo, hi, k)
     mid = s * (torch.arange(-3, 2**k + 3) + 0.5)
-    x = torch.cat([torch.randn(200_000) * 1.3, mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1)])
+    x = torch.cat([torch.randn(200_000) * 1.3, mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1),
+                   torch.tensor([float("inf"), -float("inf")])])
     got = fake_quantize(x, lo, hi, k)
     assert torch.equal(got, torch.fake_quantize_per_tensor_affine(x, s.item(), int(z), 0, 2**k - 1))
     assert got.unique().numel() <= 2**k  # every output exactly on the grid

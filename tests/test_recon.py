@@ -66,6 +66,10 @@ def test_lsq_step_search_sign_write_back_and_qdrop_rate():
     act = LsqAct(ActQuantizer(4))
     act(x)
     assert act.signed and act.limits() == (-8, 7)
+    top = x.abs().max()  # the search written out: the step r·max|x| / 7 with the lowest mean |x − x̂|^2.4
+    best = min((float((x - s * torch.clamp(torch.round(x / s), -8, 7)).abs().pow(2.4).mean()), i, s)
+               for i, s in enumerate(top * (1 - i / 100) / 7 for i in range(100)))
+    assert torch.equal(act.scale.detach(), best[2]) and 0 < best[1] < 99
     relu = LsqAct(ActQuantizer(4))
     relu(x.relu())
     assert not relu.signed and relu.limits() == (0, 15)
