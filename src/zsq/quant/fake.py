@@ -28,8 +28,8 @@ def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
 
 class _FakeQuantize(torch.autograd.Function):
     """x̂ forward, the straight-through gradient backward, in one autograd node: written as x̂ + (x − x.detach())
-    with torch.clamp for the clipped STE, the same values and gradients took 3.5 times as long (ResNet-50's
-    weights, one thread), in passes over every weight that each allocated a copy."""
+    with torch.clamp for the clipped STE, the same values and gradients took 1.4–1.7 times as long over
+    ResNet-50's weights (benchmarks/quantizer_speed.py), in passes over every weight that each allocated a copy."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, clipped: bool) -> torch.Tensor:
@@ -52,9 +52,9 @@ def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
     """x̂ in the forward pass, exactly the grid value S·(q − Z); the straight-through estimator backward.
 
     `ste="identity"` passes the gradient everywhere (the lineage's choice); `"clipped"` passes it inside [l, u],
-    ends included, and zeroes it outside (torch.minimum and torch.maximum, used once, split it in half where x
-    equals the bound, which each channel's smallest and largest weight always does). l and u never receive a
-    gradient: they are min/max statistics, not parameters.
+    ends included, and zeroes it outside (torch.minimum and torch.maximum would split it in half at the ends,
+    where each channel's smallest and largest weight always lies). l and u never receive a gradient: they are
+    min/max statistics, not parameters.
     """
     return _FakeQuantize.apply(x, lo.detach(), hi.detach(), bits, ste == "clipped")
 
