@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -54,48 +53,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, folder: str, runs: list[tuple[int, dict]]) -> None:
-    """One rank, launched the way torchrun does (its variables), running the Python API once per (port, keywords);
-    for each run it records its model and every file it wrote through save_json."""
+def _rank(rank: int, world: int, port: int, folder: str, kwargs: dict) -> None:
+    """One rank, launched the way torchrun does (its variables), running the Python API; it records its model and
+    every file it wrote through save_json."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    written: list[str] = []
     save_json = zsq.train.folder.save_json
-    for i, (port, kwargs) in enumerate(runs):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank))
-        written: list[str] = []
-        zsq.train.folder.save_json = lambda obj, path: (written.append(Path(path).name), save_json(obj, path))[1]
-        result = zsq.quantize(quiet=True, **kwargs)
-        torch.save({"state": result.qmodel.state_dict(), "written": written, "q_top1": result.q_top1,
-                    "rank": result.rank}, Path(folder) / f"run{i}-rank{rank}.pt")
+    zsq.train.folder.save_json = lambda obj, path: (written.append(Path(path).name), save_json(obj, path))[1]
+    result = zsq.quantize(quiet=True, **kwargs)
+    torch.save({"state": result.qmodel.state_dict(), "written": written, "q_top1": result.q_top1,
+                "rank": result.rank}, Path(folder) / f"rank{rank}.pt")
 
 
-def _two_rank_kwargs(tiny_teacher: Path, fmnist_dir: Path, folder: Path) -> dict[str, dict]:
-    """The runs the two-rank tests make: a short run of the whole recipe, and one Q step on fixed images (2 ranks ×
-    B images, to compare with 1 process × 2B). The BN prior makes the ranges independent of the warm-up images,
-    which differ between a 2-rank and a 1-process run."""
-    step = dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), source="fixed-test-images", loss="kd+ce",
-                wbits=4, abits=4, act_range="bn-prior", epochs=2, iters_per_epoch=1, warmup_epochs=1,
-                eval_limit=8, lr_q=0.05, **PROBE_KW)
-    return {"run": dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), out=str(folder / "run"), wbits=4,
-                        abits=4, **TINY_KW),
-            "step": {**step, "out": str(folder / "two"), "batch_size": 8}}
+def _spawn(tmp_path: Path, **kwargs) -> list[dict]:
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path), kwargs), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tiny_teacher, fmnist_dir, tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
-    """Both two-rank runs of this module in one pair of spawned processes: each process costs seconds of imports
-    before its first step. The tests that read them share an xdist group, so that one worker spawns them."""
-    folder = tmp_path_factory.mktemp("two-ranks")
-    runs = _two_rank_kwargs(tiny_teacher, fmnist_dir, folder)
-    mp.spawn(_rank, args=(2, str(folder), [(_free_port(), kw) for kw in runs.values()]), nprocs=2, join=True)
-    return folder, {name: [torch.load(folder / f"run{i}-rank{r}.pt", weights_only=False) for r in range(2)]
-                    for i, name in enumerate(runs)}
-
-
-@pytest.mark.xdist_group("two-ranks")
-def test_two_ranks_end_identical_and_write_once(two_ranks):
-    folder, runs = two_ranks
-    out, ranks = folder / "run", runs["run"]
+def test_two_ranks_end_identical_and_write_once(tiny_teacher, fmnist_dir, tmp_path):
+    out = tmp_path / "run"
+    ranks = _spawn(tmp_path, teacher=str(tiny_teacher), data_dir=str(fmnist_dir), out=str(out), wbits=4, abits=4,
+                   **TINY_KW)
     a, b = ranks[0]["state"], ranks[1]["state"]
     assert a.keys() == b.keys()
     for k in a:
@@ -110,14 +90,15 @@ def test_two_ranks_end_identical_and_write_once(two_ranks):
     assert not (out / "state.pt").exists()
 
 
-@pytest.mark.xdist_group("two-ranks")
-def test_first_step_equals_one_process_on_the_double_batch(two_ranks, tiny_teacher, fmnist_dir, tmp_path):
-    """2 ranks × B images = 1 process × 2B images, same images: the same Q model after its first step."""
-    folder, runs = two_ranks
-    two = runs["step"][0]["state"]
-    step = _two_rank_kwargs(tiny_teacher, fmnist_dir, folder)["step"]
+def test_first_step_equals_one_process_on_the_double_batch(tiny_teacher, fmnist_dir, tmp_path):
+    """2 ranks × B images = 1 process × 2B images, same images: the same Q model after its first step. The BN
+    prior makes the ranges independent of the warm-up images, which differ between the two runs."""
+    common = dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), source="fixed-test-images", loss="kd+ce",
+                  wbits=4, abits=4, act_range="bn-prior", epochs=2, iters_per_epoch=1, warmup_epochs=1,
+                  eval_limit=8, lr_q=0.05, **PROBE_KW)
+    two = _spawn(tmp_path, out=str(tmp_path / "two"), batch_size=8, **common)[0]["state"]
     torch.set_num_threads(1)
-    one = zsq.quantize(quiet=True, **{**step, "out": str(tmp_path / "one"), "batch_size": 16}).qmodel.state_dict()
+    one = zsq.quantize(out=str(tmp_path / "one"), batch_size=16, quiet=True, **common).qmodel.state_dict()
     start = zsq.load_model(str(tiny_teacher)).state_dict()
     moved = 0
     for k, v in one.items():
