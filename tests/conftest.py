@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import io
 import itertools
@@ -56,8 +55,9 @@ def shared_dir(tmp_path_factory) -> Path:
 def built_once(path: Path):
     """Hold `path`'s lock across the session's workers; yields whether it still has to be built, so that the first
     worker builds it and the others wait, then read it."""
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    from zsq.io import exclusive
+
+    with exclusive(path):
         yield not path.exists()
 
 

@@ -21,14 +21,14 @@ def quant_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
 
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """The integer codes q in [0, 2ᵏ − 1], still as a float tensor (a new one: the steps after the first run in
-    place, which for a 25 M-weight model is most of the quantizer's time)."""
+    """The integer codes q in [0, 2ᵏ − 1], still as a float tensor: a new one, which every step after the first
+    changes in place (a copy per step was most of the quantizer's time on a 25 M-weight model)."""
     return torch.mul(x, scale.reciprocal()).round_().add_(zero).clamp_(0, 2**bits - 1)
 
 
 class _FakeQuantize(torch.autograd.Function):
     """x̂ forward, the straight-through gradient backward, in one autograd node: written as x̂ + (x − x.detach())
-    with torch.clamp for the clipped STE, the same values and gradients took 1.4–1.7 times as long over
+    with torch.clamp for the clipped STE, the same values and gradients took 1.4 times as long over
     ResNet-50's weights (benchmarks/quantizer_speed.py), in passes over every weight that each allocated a copy."""
 
     @staticmethod
