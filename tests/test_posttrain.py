@@ -15,7 +15,7 @@ from conftest import TINY_PROBE, kill_when, run_cli
 
 
 def _ptq(teacher, data_dir, out, *extra):
-    return run_cli("ptq", "--teacher", str(teacher), "--data-dir", str(data_dir), "--images", "16",
+    return run_cli("ptq", "--teacher", str(teacher), "--data-dir", str(data_dir), "--images", "8",
                    "--iters-per-unit", "2", "--eval-limit", "40", *TINY_PROBE, "--quiet", "--out", str(out), *extra)
 
 
@@ -29,7 +29,7 @@ def test_ptq_cli_writes_a_run_that_eval_export_health_and_report_read(tiny_teach
     config = json.loads((run / "config.json").read_text())
     assert result["method"] == config["method"] == "ptq" and result["source"] == config["source"] == "genie"
     assert "loss" not in config and "loss" not in result
-    assert result["uses_data"] is False and config["recon"]["iters"] == 2 and config["images"] == 16
+    assert result["uses_data"] is False and config["recon"]["iters"] == 2 and config["images"] == 8
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == result["units"] and len(rows) == 11
     assert all(r["mse_before"] >= 0 and r["mse_after"] >= 0 for r in rows)
@@ -54,7 +54,7 @@ def test_ptq_cli_writes_a_run_that_eval_export_health_and_report_read(tiny_teach
 
 def test_ptq_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):
     args = ["ptq", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--source", "real", "--images",
-            "16", "--iters-per-unit", "6", "--eval-limit", "8", "--deterministic", "--quiet", *TINY_PROBE]
+            "8", "--iters-per-unit", "6", "--eval-limit", "8", "--deterministic", "--quiet", *TINY_PROBE]
     killed, full = tmp_path / "killed", tmp_path / "full"
     kill_when([*args, "--out", str(killed)], killed / "state.pt")
     assert (killed / "state.pt").exists() and not (killed / "result.json").exists(), "finished before the kill"

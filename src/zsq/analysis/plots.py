@@ -104,7 +104,9 @@ def _samples(run_dir: str) -> dict[str, Any] | None:
 def _show(ax, img: torch.Tensor) -> None:
     img = img.float()
     img = (img - img.min()) / (img.max() - img.min() + 1e-8)
-    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+    # a numpy array: matplotlib's copy=False on a tensor warns under NumPy 2
+    ax.imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(),
+              cmap="gray" if img.shape[0] == 1 else None)
     ax.set_xticks([])
     ax.set_yticks([])
 

@@ -281,7 +281,7 @@ def reconstruct_unit(unit: Unit, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: to
             if sched is not None:
                 sched.step()
             if progress and t % 50 == 0:
-                bar.set_postfix(rec=f"{float(rec):.4g}")
+                bar.set_postfix(rec=f"{float(rec.detach()):.4g}")
     finally:
         bar.close()
         for m in layers:
