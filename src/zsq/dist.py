@@ -10,6 +10,7 @@ would wait forever in the next all-reduce; they travel as one small CPU tensor o
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -117,8 +118,11 @@ def rank_device(device: str, local_rank: int, world: int) -> str:
 def session(device: str) -> Iterator[tuple[Dist, str]]:
     """Join the distributed job this process belongs to for the duration of one command; yields the Dist and
     this rank's device (`device` already resolved: cpu, cuda or cuda:N). Called by every rank alike. A process
-    group that already exists (the caller made it) is used and left open; otherwise torchrun's variables make
-    one, destroyed on exit."""
+    group that already exists (the caller's, or one an earlier command in this process made) is used; otherwise
+    torchrun's variables make one, which stays open for the process's later commands and is destroyed at exit:
+    destroyed and made again at each command, ranks met again on the same MASTER_PORT while the other could still
+    hold the previous group: three `zsq.quantize` calls per rank in a two-rank script hung or failed to connect
+    in 6 of 9 attempts."""
     made = not dist.is_initialized()
     if made and _env_world() == 1:
         yield SINGLE, device
@@ -133,10 +137,16 @@ def session(device: str) -> Iterator[tuple[Dist, str]]:
             dist.init_process_group(backend, **({"device_id": torch.device(dev)} if backend == "nccl" else {}))
         except ValueError as e:  # a launcher variable missing (MASTER_ADDR, RANK...)
             raise UserError(f"cannot join the distributed job: {e}; launch with torchrun") from None
+        atexit.register(_leave)
+    rank, world, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
+    control = dist.new_group(backend="gloo") if backend != "gloo" else None
     try:
-        rank, world, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
-        control = dist.new_group(backend="gloo") if backend != "gloo" else None
         yield Dist(rank, world, local_rank, backend, control), dev
     finally:
-        if made:
-            dist.destroy_process_group()
+        if control is not None:
+            dist.destroy_process_group(control)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
