@@ -25,6 +25,7 @@ from conftest import PROBE_KW, TINY_PROBE, run_cli
 
 TINY_KW = {"epochs": 2, "iters_per_epoch": 3, "warmup_epochs": 1, "batch_size": 8, "eval_limit": 50, **PROBE_KW}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SYNTH = ["synth", "--images", "12", "--batch-size", "4", "--iters", "3", "--quiet"]
 
 
 class FixedImages(DataSource):
@@ -55,9 +56,10 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, folder: str, runs: list[dict]) -> None:
-    """One rank, launched the way torchrun does (its variables), running the Python API once per entry of `runs`
-    in the same process; it records each run's model and every file it wrote through save_json. A rank that hangs
-    fails the test with every thread's stack instead of stalling the suite."""
+    """One rank, launched the way torchrun does (its variables), running one command after the other in the same
+    process: per entry of `runs` the Python API (recording the run's model and every file it wrote through
+    save_json) or, given `cli`, the command line in process (recording what it printed). A rank that hangs fails
+    the test with every thread's stack instead of stalling the suite."""
     faulthandler.dump_traceback_later(300, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -65,6 +67,10 @@ def _rank(rank: int, world: int, port: int, folder: str, runs: list[dict]) -> No
     records = []
     save_json = zsq.train.folder.save_json
     for kwargs in runs:
+        if "cli" in kwargs:
+            proc = run_cli(*kwargs["cli"])
+            records.append({"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr})
+            continue
         written: list[str] = []
         zsq.train.folder.save_json = lambda obj, path: (written.append(Path(path).name), save_json(obj, path))[1]
         result = zsq.quantize(quiet=True, **kwargs)
@@ -79,20 +85,21 @@ def _spawn(tmp_path: Path, runs: list[dict]) -> list[list[dict]]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def test_two_ranks_end_identical_write_once_and_step_as_one_process_on_the_double_batch(tiny_teacher, fmnist_dir,
-                                                                                         tmp_path):
-    """Two runs in the same two processes, as a torchrun script calling zsq.quantize twice does (the second joined
-    the process group again and hung in 6 of 9 attempts before the group stayed open): the first ends alike on
-    both ranks and only rank 0 writes; in the second, 2 ranks × B images = 1 process × 2B images, same images: the
-    same Q model after its first step. The BN prior makes the ranges independent of the warm-up images, which
-    differ between the two."""
+def test_two_ranks_run_quantize_twice_and_synth_in_one_process(tiny_teacher, fmnist_dir, tmp_path):
+    """Three commands in the same two processes, as a torchrun script calling zsq twice and `zsq synth` do (the
+    second run joined the process group again and hung in 6 of 9 attempts before the group stayed open). The
+    first run ends alike on both ranks and only rank 0 writes. In the second, 2 ranks × B images = 1 process × 2B
+    images, same images: the same Q model after its first step (the BN prior makes the ranges independent of the
+    warm-up images, which differ between the two). `zsq synth` splits its batches over the ranks into the set one
+    process makes, and says so once."""
     out = tmp_path / "run"
     common = dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), source="fixed-test-images", loss="kd+ce",
                   wbits=4, abits=4, act_range="bn-prior", epochs=2, iters_per_epoch=1, warmup_epochs=1,
                   eval_limit=8, lr_q=0.05, **PROBE_KW)
     ranks = _spawn(tmp_path, [dict(teacher=str(tiny_teacher), data_dir=str(fmnist_dir), out=str(out), wbits=4,
                                    abits=4, **TINY_KW),
-                              dict(out=str(tmp_path / "two"), batch_size=8, **common)])
+                              dict(out=str(tmp_path / "two"), batch_size=8, **common),
+                              dict(cli=[*SYNTH, "--teacher", str(tiny_teacher), "--out", str(tmp_path / "two.pt")])])
     first = [r[0] for r in ranks]
     a, b = first[0]["state"], first[1]["state"]
     assert a.keys() == b.keys()
@@ -119,18 +126,10 @@ def test_two_ranks_end_identical_write_once_and_step_as_one_process_on_the_doubl
         moved += k in start and not torch.allclose(start[k], v, atol=1e-6)
     assert moved > 10  # the step did change the weights
 
-
-def _torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "zsq", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
-
-
-def test_synth_splits_batches_across_ranks_into_one_set(tiny_teacher, tmp_path):
-    args = ["synth", "--teacher", str(tiny_teacher), "--images", "12", "--batch-size", "4", "--iters", "3", "--quiet"]
-    two = _torchrun(*args, "--out", str(tmp_path / "two.pt"))
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert two.stdout.count("images") == 1
-    one = run_cli(*args, "--out", str(tmp_path / "one.pt"))
+    said = [r[2] for r in ranks]
+    assert [r["code"] for r in said] == [0, 0], said[0]["stderr"][-2000:] + said[1]["stderr"][-2000:]
+    assert said[0]["stdout"].count("images") == 1 and "images" not in said[1]["stdout"]  # rank 0 says it
+    one = run_cli(*SYNTH, "--teacher", str(tiny_teacher), "--out", str(tmp_path / "one.pt"))
     assert one.returncode == 0, one.stderr
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
     assert a["images"].shape == (12, 1, 32, 32)
