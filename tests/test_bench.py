@@ -258,18 +258,18 @@ def _fake_cifar_teacher(tmp_path: Path, dataset: str, classes: int) -> Path:
     return teacher
 
 
-def _run_in_process(grid: Path, out: Path, common: list[str]) -> None:
-    """The grid's runs, each its printed command run in this process (bench's own processes, ~8 s of imports each
-    here, are tested by the resume test above), then stored by `zsq bench --collect`, which checks each run's
+def _run_in_process(grid: Path, out: Path, common: list[str], n: int) -> None:
+    """The grid's `n` runs, each its printed command run in this process (bench's own processes, ~8 s of imports
+    each here, are tested by the resume test above), then stored by `zsq bench --collect`, which checks each run's
     config against the grid's."""
     plan = run_cli("bench", str(grid), "--out", str(out), "--dry-run", *common)
     assert plan.returncode == 0, plan.stderr
     commands = [shlex.split(line)[1:] for line in plan.stdout.splitlines() if line.startswith("zsq ")]
+    assert len(commands) == n, plan.stdout
     for command in commands:
         proc = run_cli(*command)
         assert proc.returncode == 0, proc.stderr
     proc = run_cli("bench", str(grid), "--out", str(out), "--collect", *common)
-    n = len(commands)
     assert proc.returncode == 0 and f"{n} runs in {grid.stem}: {n} finished before, 0 run now, 0 failed" in \
         proc.stdout, proc.stdout + proc.stderr
 
@@ -295,7 +295,7 @@ def test_paper_grid_on_fake_cifar(tmp_path):
     assert all(row in tomllib.loads(grid.read_text())["rows"] for row in rows)  # the shipped grid's own rows
     head = grid.read_text().split("[[rows]]")[0]
     some = write_grid(tmp_path / "paper-cifar10.toml", head + "".join(f"\n[[rows]]\n{r}\n" for r in CIFAR_RUN))
-    _run_in_process(some, tmp_path / "bench", common)
+    _run_in_process(some, tmp_path / "bench", common, 3)
     proc = run_cli("report", "--store", str(tmp_path / "bench"), "--out", str(tmp_path / "r.md"))
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "r.md").read_text()
@@ -321,7 +321,7 @@ def test_paper_grid_on_fake_cifar100(tmp_path):
     assert proc.returncode == 0 and proc.stdout.count("zsq ") == n, proc.stderr
     one = write_grid(tmp_path / "one.toml", 'dataset = "cifar100"\npreset = "paper"\nbits = [3]\n'
                                              '[[rows]]\nsource = "gdfq"\nloss = "kd+ce"\n')
-    _run_in_process(one, tmp_path / "bench", [*common[:4], *TINY_SET])
+    _run_in_process(one, tmp_path / "bench", [*common[:4], *TINY_SET], 1)
     proc = run_cli("report", "--store", str(tmp_path / "bench"), "--out", str(tmp_path / "r.md"))
     assert proc.returncode == 0, proc.stderr
     gdfq = next(line for line in (tmp_path / "r.md").read_text().splitlines()
