@@ -231,15 +231,15 @@ def test_a_store_from_before_the_plain_names_reads_and_resumes_under_them(tmp_pa
     db.commit()
     db.close()
     store = Store(tmp_path)
-    assert store.planned() == ["adadfq-akt-akt-base-gap-entropy---akt-lambda-1e4-w3-s0", "gdfq-kd+ce-w3-s0"]
+    assert list(store.planned()) == ["adadfq-akt-akt-base-gap-entropy---akt-lambda-1e4-w3-s0", "gdfq-kd+ce-w3-s0"]
     rows = {r["name"]: r for r in store.rows()}
     assert set(rows) == set(store.planned())
     assert rows["gdfq-kd+ce-w3-s0"]["loss"] == "kd+ce" and rows["gdfq-kd+ce-w3-s0"]["source"] == "gdfq"
     assert rows["adadfq-akt-akt-base-gap-entropy---akt-lambda-1e4-w3-s0"]["flags"][:2] == ["--akt-base", "gap-entropy"]
-    plan = dict(store.db.execute("SELECT name, argv FROM plan").fetchall())
-    assert json.loads(plan["gdfq-kd+ce-w3-s0"])[4:8] == ["--source", "gdfq", "--loss", "kd+ce"]
+    plan = store.planned()
+    assert plan["gdfq-kd+ce-w3-s0"][4:8] == ["--source", "gdfq", "--loss", "kd+ce"]
     store.close()
-    assert Store(tmp_path).planned() == sorted(plan)  # opened again: nothing left to rename
+    assert Store(tmp_path).planned() == plan  # opened again: nothing left to rename
     proc = run_cli("report", "--store", str(tmp_path), "--out", str(tmp_path / "r.md"))
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # stored runs: no deprecation line
     text = (tmp_path / "r.md").read_text()
@@ -352,3 +352,54 @@ def test_a_row_restricts_the_grids_seeds(tmp_path):
     grid.write_text('seeds = [0, 1]\n[[rows]]\nsource = "gdfq"\nloss = "kd"\nseeds = [2]\n')
     with pytest.raises(UserError, match=r"row 1: seeds \[2\] are not among the grid's seeds"):
         load_grid(grid, teacher="t.pt")
+
+
+def test_the_headline_ranks_each_bit_widths_commands_and_is_written_beside_the_table(tmp_path):
+    """README's headline: per bit width the grid's commands (as zsq bench ran them, less seed and out) best first,
+    with mean ± std, the worst seed, the health flags and the median wall time; the flags every command shares are
+    said once above it. `zsq report --readme` rewrites every section of the store that the page holds."""
+    store = Store(tmp_path / "h")
+    runs = [  # name, source, loss, bits, seed, row flags, top-1, flagged, wall (s)
+        ("gdfq-kd+ce-w3-s0", "gdfq", "kd+ce", 3, 0, [], 90.0, False, 600.0),
+        ("gdfq-kd+ce-w3-s1", "gdfq", "kd+ce", 3, 1, [], 88.0, True, 1200.0),
+        ("gdfq-kd+ce-w3-s2", "gdfq", "kd+ce", 3, 2, [], 89.0, False, 660.0),
+        ("hast-hast-placement-deployable-w3-s0", "hast", "hast", 3, 0, ["--placement", "deployable"], 91.0, False,
+         300.0),
+        ("genie-ptq-w4-s0", "genie", "ptq", 4, 0, [], 93.5, False, 240.0),
+        ("gdfq-kd+ce-w4-s0", "gdfq", "kd+ce", 4, 0, [], 92.0, False, 600.0),
+    ]
+    plan = []
+    for name, source, loss, bits, seed, flags, top1, flagged, wall in runs:
+        chosen = ["--source", source] + ([] if loss == "ptq" else ["--loss", loss])
+        argv = ["--wbits", str(bits), "--abits", str(bits), *chosen, *flags, "--teacher", "resnet20_fmnist",
+                "--preset", "quick", "--seed", str(seed), "--out", f"runs/{name}"]
+        plan.append((name, argv))
+        config = {"teacher": "resnet20_fmnist", "source": source, "preset": "quick", "wbits": bits, "abits": bits,
+                  "seed": seed, "threads": 1, **({"method": "ptq"} if loss == "ptq" else {"loss": loss}),
+                  **({"placement": "deployable"} if flags else {})}
+        result = {"q_top1": top1, "fp_top1": 94.73, "wall_s": wall, "device": "cpu",
+                  "health": {"score": 40.0 if flagged else 80.0, "flagged": flagged}}
+        store.add(name, "g", flags, config, result, tmp_path / "runs" / name, "fashion-mnist", "resnet20")
+    store.plan("g", plan + [("gdfq-kd+ce-w4-s1", plan[-1][1])])
+    store.close()
+    page = tmp_path / "README.md"
+    page.write_text("<!-- zsq headline: h -->\n<!-- /zsq headline: h -->\n"
+                    "<!-- zsq report: h -->\n<!-- /zsq report: h -->\n")
+    proc = run_cli("report", "--store", str(tmp_path / "h"), "--readme", str(page))
+    assert proc.returncode == 0, proc.stderr
+    text = page.read_text()
+    assert ("6 of the 7 planned runs finished. Every command also takes `--teacher resnet20_fmnist --preset quick "
+            "--out DIR`; FP top-1 94.73; wall time on cpu, 1 thread per run.") in text
+    rows = [line for line in text.splitlines() if line.startswith("| W")]
+    assert rows[:4] == [
+        "| W3A3 | `zsq quantize --wbits 3 --abits 3 --source hast --loss hast --placement deployable` | 91.00 | "
+        "91.00 (seed 0) | 1 | 3.73 | 0 of 1 | 5 |",
+        "| W3A3 | `zsq quantize --wbits 3 --abits 3 --source gdfq --loss kd+ce` | 89.00 ± 1.00 | 88.00 (seed 1) | 3 | "
+        "5.73 | 1 of 3 | 11 |",
+        "| W4A4 | `zsq ptq --wbits 4 --abits 4 --source genie` | 93.50 | 93.50 (seed 0) | 1 | 1.23 | 0 of 1 | 4 |",
+        "| W4A4 | `zsq quantize --wbits 4 --abits 4 --source gdfq --loss kd+ce` | 92.00 | 92.00 (seed 0) | 1 | 2.73 | "
+        "0 of 1 | 10 |"]
+    assert len(rows) == 8 and "| bits | source | loss |" in text  # and the full table, after it
+    page.write_text("<!-- zsq headline: h -->\nold\n<!-- /zsq headline: h -->\n")
+    assert run_cli("report", "--store", str(tmp_path / "h"), "--readme", str(page)).returncode == 0
+    assert "old" not in page.read_text() and "zsq report: h" not in page.read_text()

@@ -72,20 +72,22 @@ def test_the_cli_reference_is_generated_from_the_parsers_and_registries():
 
 
 ROOT = DOC.parents[1]
-SECTION = re.compile(r"<!-- zsq report: (\S+) -->\n(.*?)<!-- /zsq report: \1 -->", re.S)
+SECTION = re.compile(r"<!-- zsq (report|headline): (\S+) -->\n(.*?)<!-- /zsq \1: \2 -->", re.S)
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
 def test_generated_sections_match_their_stores(doc):
-    """Each `<!-- zsq report: NAME -->` section is what `zsq report --store results/NAME --readme DOC` writes from
-    the committed store: a grid's new runs, or a change to the report, fail here until the section is regenerated."""
+    """Each `<!-- zsq report: NAME -->` (or `headline`) section is what `zsq report --store results/NAME --readme
+    DOC` writes from the committed store: a grid's new runs, or a change to the report, fail here until the section
+    is regenerated."""
     from zsq.bench.report import store_section
 
-    for name, body in SECTION.findall(doc.read_text()):
+    for kind, name, body in SECTION.findall(doc.read_text()):
         store = ROOT / "results" / name
         assert (store / "results.db").is_file(), f"{doc.name}: section {name} has no store {store}"
-        assert body == store_section(store), f"regenerate it: zsq report --store results/{name} --readme {doc.name}"
+        assert body == store_section(store, kind), \
+            f"regenerate it: zsq report --store results/{name} --readme {doc.name}"
 
 
 def test_the_teacher_tables_quote_the_recorded_numbers():

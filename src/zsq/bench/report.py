@@ -59,14 +59,15 @@ def curve_stats(metrics: Path) -> dict[str, dict[str, float]]:
     return stats
 
 
-def read_store(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The runs of a bench store (as read_runs gives them) and the names of every run its grids planned."""
+def read_store(folder: str | Path) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """The runs of a bench store (as read_runs gives them, each with the flags its grid gave it) and every run its
+    grids planned, with those flags."""
     store = Store(folder, create=False)
     try:
         rows, planned = store.rows(), store.planned()
     finally:
         store.close()
-    runs = [{"name": r["name"], "dir": r["dir"], "config": current_config(r["config"]),
+    runs = [{"name": r["name"], "dir": r["dir"], "config": current_config(r["config"]), "argv": planned.get(r["name"]),
              "result": {**r["result"], "dataset": r["dataset"], "model": r["model"]}} for r in rows]
     return runs, planned
 
@@ -149,7 +150,8 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                     "fp_top1": res["fp_top1"], "published": quoted, "runs": []})
         g["runs"].append({"seed": cfg["seed"], "q_top1": res["q_top1"], "wall_min": res["wall_s"] / 60,
                           "name": run.get("name", Path(run["dir"]).name), "dir": run["dir"],
-                          "grad_norm": res.get("grad_norm"),
+                          "grad_norm": res.get("grad_norm"), "argv": run.get("argv"),
+                          "device": _device(res, cfg),
                           "hessian_trace": res.get("hessian_trace"), "health": res.get("health")})
     rows = []
     for g in groups.values():
@@ -168,6 +170,11 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(g)
     return sorted(rows, key=lambda g: (g["bits"], g["source"], g["loss"], len(g["changes"]),
                                        json.dumps(g["changes"])))
+
+
+def _device(result: dict[str, Any], config: dict[str, Any]) -> str:
+    threads = config.get("threads")
+    return f"{result.get('device', 'cpu')}, " + (f"{threads} thread{'s' * (threads != 1)}" if threads else "all threads")
 
 
 HEADER = ["bits", "source", "loss", "beyond the preset", "preset", "seeds", "q_top1 mean ± std (ours)", "per seed",
@@ -211,7 +218,7 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _progress(planned: list[str] | None, rows: list[dict[str, Any]]) -> str:
+def _progress(planned: dict[str, list[str]] | None, rows: list[dict[str, Any]]) -> str:
     if planned is None:
         return ""
     done = {r["name"] for g in rows for r in g["runs"]}
@@ -258,7 +265,7 @@ def write_report(paths: list[str | Path], out: str | Path | None, plots: list[st
     if readme is not None:
         if store is None:
             raise UserError("--readme needs --store: a README section is named after its store")
-        written["readme"] = str(update_readme(readme, Path(store).name, section_body(rows, note)))
+        written["readme"] = str(update_readme(readme, Path(store).name, rows, note))
     return written
 
 
@@ -267,25 +274,87 @@ def section_body(rows: list[dict[str, Any]], note: str) -> str:
     return (note + "\n\n" if note else "") + table_markdown(rows)
 
 
-def store_section(store: str | Path) -> str:
-    """The section that `zsq report --store STORE --readme FILE` writes, as text (the docs test compares them)."""
+HEADLINE = ["bits", "command, best first", "top-1 mean ± std", "worst seed", "seeds", "FP − mean",
+            "flagged by `zsq health`", "wall per run (min, median)"]
+
+
+RECIPE = {"--wbits", "--abits", "--source", "--loss"}  # always in a headline's command, even when all rows share one
+
+
+def _flag_groups(argv: list[str]) -> list[tuple[str, ...]]:
+    """An argv's `--flag value` pairs and bare `--flag`s, in order."""
+    groups: list[tuple[str, ...]] = []
+    for token in argv:
+        if token.startswith("--") or not groups:
+            groups.append((token,))
+        else:
+            groups[-1] += (token,)
+    return groups
+
+
+def _command(g: dict[str, Any]) -> list[tuple[str, ...]]:
+    """A group's command as its grid gave it, less what differs between its seeds."""
+    argv = g["runs"][0]["argv"]
+    if argv is None:
+        raise UserError(f"run {g['runs'][0]['name']} is in no grid's plan: a headline needs the commands of zsq bench")
+    return [f for f in _flag_groups(argv) if f[0] not in ("--seed", "--out")]
+
+
+def headline_markdown(rows: list[dict[str, Any]], note: str) -> str:
+    """The table a user picks a recipe from: for each bit width, the store's commands ranked by mean final top-1,
+    each with its worst seed, how many of its runs the data-free health check flagged and its wall time. Flags
+    that every command shares (teacher, preset) are said once, above it."""
+    commands = [_command(g) for g in rows]
+    shared = [f for f in commands[0] if all(f in c for c in commands) and f[0] not in RECIPE]
+    devices = sorted({r["device"] for g in rows for r in g["runs"]})
+    fp = sorted({f"{g['fp_top1']:.2f}" for g in rows})
+    head = (f"{note + ' ' if note else ''}Every command also takes `{' '.join(' '.join(f) for f in shared)} --out "
+            f"DIR`; FP top-1 {' / '.join(fp)}; wall time on {' / '.join(devices)} per run.\n\n")
+    order = sorted(zip(rows, commands), key=lambda gc: (tuple(int(b) for b in gc[0]["bits"][1:].split("A")),
+                                                        -gc[0]["mean"]))
+    lines = ["| " + " | ".join(HEADLINE) + " |", "|" + "---|" * len(HEADLINE)]
+    for g, command in order:
+        word = "ptq" if g["loss"] == PTQ else "quantize"
+        own = " ".join(" ".join(f) for f in command if f not in shared)
+        worst = min(g["runs"], key=lambda r: r["q_top1"])
+        flagged = f"{g['health'][1]} of {len(g['runs'])}" if g["health"] else "–"
+        lines.append("| " + " | ".join([
+            g["bits"], f"`zsq {word} {own}`",
+            f"{g['mean']:.2f} ± {g['std']:.2f}" if len(g["runs"]) > 1 else f"{g['mean']:.2f}",
+            f"{worst['q_top1']:.2f} (seed {worst['seed']})", str(len(g["runs"])), f"{g['fp_top1'] - g['mean']:.2f}",
+            flagged, f"{statistics.median(r['wall_min'] for r in g['runs']):.0f}"]) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+SECTIONS = {"report": section_body, "headline": headline_markdown}  # what a document's sections of a store hold
+
+
+def store_section(store: str | Path, kind: str = "report") -> str:
+    """The section of `kind` that `zsq report --store STORE --readme FILE` writes, as text (the docs test compares
+    them)."""
     runs, planned = read_store(store)
     if not runs:
         raise UserError(f"no finished run in the store {store}")
     rows = group_runs(runs)
-    return section_body(rows, _progress(planned, rows))
+    return SECTIONS[kind](rows, _progress(planned, rows))
 
 
-def update_readme(readme: str | Path, section: str, body: str) -> Path:
-    """Replace what lies between `<!-- zsq report: SECTION -->` and `<!-- /zsq report: SECTION -->`, so the
-    README's numbers are regenerated from the store, never typed by hand."""
+def update_readme(readme: str | Path, name: str, rows: list[dict[str, Any]], note: str) -> Path:
+    """Replace what lies between `<!-- zsq KIND: NAME -->` and `<!-- /zsq KIND: NAME -->` for each KIND the file
+    holds (report: the full table; headline: the commands ranked per bit width), so that a document's numbers are
+    regenerated from the store, never typed by hand."""
     path = Path(readme)
     if not path.is_file():
         raise UserError(f"{path} not found")
     text = path.read_text()
-    start, end = f"<!-- zsq report: {section} -->", f"<!-- /zsq report: {section} -->"
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise UserError(f"{path} needs exactly one '{start}' line followed by one '{end}' line")
-    head, rest = text.split(start)
-    return save_bytes((head + start + "\n" + body + end + rest.split(end, 1)[1]).encode(), path)
-
+    found = [kind for kind in SECTIONS if f"<!-- zsq {kind}: {name} -->" in text]
+    if not found:
+        raise UserError(f"{path} has no '<!-- zsq report: {name} -->' (or '<!-- zsq headline: {name} -->') line, "
+                        f"followed by its closing '<!-- /zsq report: {name} -->'")
+    for kind in found:
+        start, end = f"<!-- zsq {kind}: {name} -->", f"<!-- /zsq {kind}: {name} -->"
+        if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+            raise UserError(f"{path} needs exactly one '{start}' line followed by one '{end}' line")
+        head, rest = text.split(start)
+        text = head + start + "\n" + SECTIONS[kind](rows, note) + end + rest.split(end, 1)[1]
+    return save_bytes(text.encode(), path)

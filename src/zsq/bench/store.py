@@ -111,5 +111,6 @@ class Store:
             out.append(row)
         return out
 
-    def planned(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT name FROM plan ORDER BY name")]
+    def planned(self) -> dict[str, list[str]]:
+        """Every run the grids asked for, with the flags its grid gave it."""
+        return {r[0]: json.loads(r[1]) for r in self.db.execute("SELECT name, argv FROM plan ORDER BY name")}
