@@ -354,15 +354,16 @@ def test_a_row_restricts_the_grids_seeds(tmp_path):
         load_grid(grid, teacher="t.pt")
 
 
-def test_the_headline_ranks_each_bit_widths_commands_and_is_written_beside_the_table(tmp_path):
-    """README's headline: per bit width the grid's commands (as zsq bench ran them, less seed and out) best first,
-    with mean ± std, the worst seed, the health flags and the median wall time; the flags every command shares are
-    said once above it. `zsq report --readme` rewrites every section of the store that the page holds."""
+def test_the_headline_gives_each_command_a_row_and_each_bit_width_a_column(tmp_path):
+    """README's headline: a row per command of the grid (as zsq bench ran it, less seed, out and bits), a column per
+    bit width, each cell mean ± std (worst seed, seeds) and the runs the health check flagged, each column's best in
+    bold; the flags every command shares are said once above it. `zsq report --readme` rewrites every section of
+    the store that the page holds."""
     store = Store(tmp_path / "h")
     runs = [  # name, source, loss, bits, seed, row flags, top-1, flagged, wall (s)
         ("gdfq-kd+ce-w3-s0", "gdfq", "kd+ce", 3, 0, [], 90.0, False, 600.0),
         ("gdfq-kd+ce-w3-s1", "gdfq", "kd+ce", 3, 1, [], 88.0, True, 1200.0),
-        ("gdfq-kd+ce-w3-s2", "gdfq", "kd+ce", 3, 2, [], 89.0, False, 660.0),
+        ("gdfq-kd+ce-w3-s2", "gdfq", "kd+ce", 3, 2, [], 89.0, False, 720.0),
         ("hast-hast-placement-deployable-w3-s0", "hast", "hast", 3, 0, ["--placement", "deployable"], 91.0, False,
          300.0),
         ("genie-ptq-w4-s0", "genie", "ptq", 4, 0, [], 93.5, False, 240.0),
@@ -388,18 +389,17 @@ def test_the_headline_ranks_each_bit_widths_commands_and_is_written_beside_the_t
     proc = run_cli("report", "--store", str(tmp_path / "h"), "--readme", str(page))
     assert proc.returncode == 0, proc.stderr
     text = page.read_text()
-    assert ("6 of the 7 planned runs finished. Every command also takes `--teacher resnet20_fmnist --preset quick "
-            "--out DIR`; FP top-1 94.73; wall time on cpu, 1 thread per run.") in text
-    rows = [line for line in text.splitlines() if line.startswith("| W")]
-    assert rows[:4] == [
-        "| W3A3 | `zsq quantize --wbits 3 --abits 3 --source hast --loss hast --placement deployable` | 91.00 | "
-        "91.00 (seed 0) | 1 | 3.73 | 0 of 1 | 5 |",
-        "| W3A3 | `zsq quantize --wbits 3 --abits 3 --source gdfq --loss kd+ce` | 89.00 ± 1.00 | 88.00 (seed 1) | 3 | "
-        "5.73 | 1 of 3 | 11 |",
-        "| W4A4 | `zsq ptq --wbits 4 --abits 4 --source genie` | 93.50 | 93.50 (seed 0) | 1 | 1.23 | 0 of 1 | 4 |",
-        "| W4A4 | `zsq quantize --wbits 4 --abits 4 --source gdfq --loss kd+ce` | 92.00 | 92.00 (seed 0) | 1 | 2.73 | "
-        "0 of 1 | 10 |"]
-    assert len(rows) == 8 and "| bits | source | loss |" in text  # and the full table, after it
-    page.write_text("<!-- zsq headline: h -->\nold\n<!-- /zsq headline: h -->\n")
+    assert text.split("\n")[1:8] == [
+        "6 of the 7 planned runs finished. Each cell: final top-1 over seeds, mean ± std (worst seed, seeds); ⚑k: k "
+        "runs flagged by `zsq health`; bold: the column's best. Every command also takes `--wbits W --abits A "
+        "--teacher resnet20_fmnist --preset quick --out DIR`; FP top-1 94.73; wall time on cpu, 1 thread per run.",
+        "",
+        "| command | W3A3 | W4A4 | wall per run (min, median) |",
+        "|---|---|---|---|",
+        "| `zsq quantize --source gdfq --loss kd+ce` | 89.00 ± 1.00 (88.00, 3) ⚑1 | 92.00 (1) | 11 |",
+        "| `zsq quantize --source hast --loss hast --placement deployable` | **91.00** (1) | – | 5 |",
+        "| `zsq ptq --source genie` | – | **93.50** (1) | 4 |"]
+    assert "| bits | source | loss |" in text  # and the full table, after it
+    page.write_text("<!-- zsq headline: h -->\nstale numbers\n<!-- /zsq headline: h -->\n")
     assert run_cli("report", "--store", str(tmp_path / "h"), "--readme", str(page)).returncode == 0
-    assert "old" not in page.read_text() and "zsq report: h" not in page.read_text()
+    assert "stale numbers" not in page.read_text() and "zsq report: h" not in page.read_text()

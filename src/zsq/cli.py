@@ -243,8 +243,8 @@ def _add_report(sub) -> None:
     r.add_argument("--store", help="a zsq bench output folder (its results.db)")
     r.add_argument("--out", help="markdown file; the HTML goes beside it")
     r.add_argument("--readme", help="also rewrite this file's '<!-- zsq report: STORE-NAME -->' section (the "
-                                    "table) and/or '<!-- zsq headline: STORE-NAME -->' (the commands ranked per "
-                                    "bit width, for a README)")
+                                    "table) and/or '<!-- zsq headline: STORE-NAME -->' (a row per command, a "
+                                    "column per bit width: a README's headline)")
     r.add_argument("--plots", nargs="*", help="PNG files to embed (e.g. from zsq analyze)")
     r.set_defaults(func=_cmd_report)
 

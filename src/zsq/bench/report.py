@@ -274,11 +274,8 @@ def section_body(rows: list[dict[str, Any]], note: str) -> str:
     return (note + "\n\n" if note else "") + table_markdown(rows)
 
 
-HEADLINE = ["bits", "command, best first", "top-1 mean ± std", "worst seed", "seeds", "FP − mean",
-            "flagged by `zsq health`", "wall per run (min, median)"]
-
-
-RECIPE = {"--wbits", "--abits", "--source", "--loss"}  # always in a headline's command, even when all rows share one
+RECIPE = {"--source", "--loss"}  # always in a headline's command, even when all rows share one
+BITS = {"--wbits", "--abits"}  # a headline's columns
 
 
 def _flag_groups(argv: list[str]) -> list[tuple[str, ...]]:
@@ -300,30 +297,39 @@ def _command(g: dict[str, Any]) -> list[tuple[str, ...]]:
     return [f for f in _flag_groups(argv) if f[0] not in ("--seed", "--out")]
 
 
+def _headline_cell(g: dict[str, Any], best: bool) -> str:
+    mean = f"**{g['mean']:.2f}**" if best else f"{g['mean']:.2f}"
+    n, worst = len(g["runs"]), min(r["q_top1"] for r in g["runs"])
+    flagged = f" ⚑{g['health'][1]}" if g["health"] and g["health"][1] else ""
+    return (f"{mean} ± {g['std']:.2f} ({worst:.2f}, {n})" if n > 1 else f"{mean} (1)") + flagged
+
+
 def headline_markdown(rows: list[dict[str, Any]], note: str) -> str:
-    """The table a user picks a recipe from: for each bit width, the store's commands ranked by mean final top-1,
-    each with its worst seed, how many of its runs the data-free health check flagged and its wall time. Flags
-    that every command shares (teacher, preset) are said once, above it."""
+    """The table a user picks a recipe from: a row per command of the store (as zsq bench ran it, less seed, out and
+    bits), a column per bit width; each cell the final top-1 over seeds as mean ± std with the worst seed and how
+    many runs the data-free health check flagged, each column's best in bold. Flags that every command shares
+    (teacher, preset) are said once, above it."""
     commands = [_command(g) for g in rows]
-    shared = [f for f in commands[0] if all(f in c for c in commands) and f[0] not in RECIPE]
+    shared = [f for f in commands[0] if all(f in c for c in commands) and f[0] not in RECIPE | BITS]
+    recipes: dict[tuple[str, tuple[tuple[str, ...], ...]], dict[str, dict[str, Any]]] = {}
+    for g, command in zip(rows, commands):  # a row per command, zsq quantize's first, a variant after its base
+        own = tuple(f for f in command if f not in shared and f[0] not in BITS)
+        recipes.setdefault(("ptq" if g["loss"] == PTQ else "quantize", own), {})[g["bits"]] = g
+    bits = sorted({g["bits"] for g in rows}, key=lambda b: tuple(int(k) for k in b[1:].split("A")))
+    best = {b: max(by[b]["mean"] for by in recipes.values() if b in by) for b in bits}
     devices = sorted({r["device"] for g in rows for r in g["runs"]})
     fp = sorted({f"{g['fp_top1']:.2f}" for g in rows})
-    head = (f"{note + ' ' if note else ''}Every command also takes `{' '.join(' '.join(f) for f in shared)} --out "
-            f"DIR`; FP top-1 {' / '.join(fp)}; wall time on {' / '.join(devices)} per run.\n\n")
-    order = sorted(zip(rows, commands), key=lambda gc: (tuple(int(b) for b in gc[0]["bits"][1:].split("A")),
-                                                        -gc[0]["mean"]))
-    lines = ["| " + " | ".join(HEADLINE) + " |", "|" + "---|" * len(HEADLINE)]
-    for g, command in order:
-        word = "ptq" if g["loss"] == PTQ else "quantize"
-        own = " ".join(" ".join(f) for f in command if f not in shared)
-        worst = min(g["runs"], key=lambda r: r["q_top1"])
-        flagged = f"{g['health'][1]} of {len(g['runs'])}" if g["health"] else "–"
-        lines.append("| " + " | ".join([
-            g["bits"], f"`zsq {word} {own}`",
-            f"{g['mean']:.2f} ± {g['std']:.2f}" if len(g["runs"]) > 1 else f"{g['mean']:.2f}",
-            f"{worst['q_top1']:.2f} (seed {worst['seed']})", str(len(g["runs"])), f"{g['fp_top1'] - g['mean']:.2f}",
-            flagged, f"{statistics.median(r['wall_min'] for r in g['runs']):.0f}"]) + " |")
-    return head + "\n".join(lines) + "\n"
+    lines = [f"{note + ' ' if note else ''}Each cell: final top-1 over seeds, mean ± std (worst seed, seeds); ⚑k: k "
+             f"runs flagged by `zsq health`; bold: the column's best. Every command also takes "
+             f"`--wbits W --abits A {' '.join(' '.join(f) for f in shared)} --out DIR`; FP top-1 {' / '.join(fp)}; "
+             f"wall time on {' / '.join(devices)} per run.", "",
+             "| command | " + " | ".join(bits) + " | wall per run (min, median) |", "|" + "---|" * (len(bits) + 2)]
+    for (word, own), by in sorted(recipes.items(), key=lambda kv: (kv[0][0] == "ptq", kv[0][1])):
+        walls = [r["wall_min"] for g in by.values() for r in g["runs"]]
+        cells = [_headline_cell(by[b], by[b]["mean"] == best[b]) if b in by else "–" for b in bits]
+        command = " ".join(" ".join(f) for f in own)
+        lines.append(f"| `zsq {word} {command}` | " + " | ".join(cells) + f" | {statistics.median(walls):.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 SECTIONS = {"report": section_body, "headline": headline_markdown}  # what a document's sections of a store hold
@@ -341,7 +347,7 @@ def store_section(store: str | Path, kind: str = "report") -> str:
 
 def update_readme(readme: str | Path, name: str, rows: list[dict[str, Any]], note: str) -> Path:
     """Replace what lies between `<!-- zsq KIND: NAME -->` and `<!-- /zsq KIND: NAME -->` for each KIND the file
-    holds (report: the full table; headline: the commands ranked per bit width), so that a document's numbers are
+    holds (report: the full table; headline: a row per command, a column per bit width), so that a document's numbers are
     regenerated from the store, never typed by hand."""
     path = Path(readme)
     if not path.is_file():
