@@ -173,6 +173,7 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _device(result: dict[str, Any], config: dict[str, Any]) -> str:
+    """What a run's wall time was measured on, as far as the run recorded it."""
     threads = config.get("threads")
     return f"{result.get('device', 'cpu')}, " + (f"{threads} thread{'s' * (threads != 1)}" if threads else "all threads")
 
@@ -347,8 +348,8 @@ def store_section(store: str | Path, kind: str = "report") -> str:
 
 def update_readme(readme: str | Path, name: str, rows: list[dict[str, Any]], note: str) -> Path:
     """Replace what lies between `<!-- zsq KIND: NAME -->` and `<!-- /zsq KIND: NAME -->` for each KIND the file
-    holds (report: the full table; headline: a row per command, a column per bit width), so that a document's numbers are
-    regenerated from the store, never typed by hand."""
+    holds (report: the full table; headline: a row per command, a column per bit width), so that a document's
+    numbers are regenerated from the store, never typed by hand."""
     path = Path(readme)
     if not path.is_file():
         raise UserError(f"{path} not found")
