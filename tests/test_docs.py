@@ -101,3 +101,15 @@ def test_the_teacher_tables_quote_the_recorded_numbers():
             cells = f"{row[key]['top1']:.2f} / {row[key]['top5']:.2f}"
             quoted = re.search(rf"^\| {label}[^|]*\| ([^|]*) \|", table, re.M)
             assert quoted and quoted.group(1) == cells, f"{name} {key}: README {quoted and quoted.group(1)}, recorded {cells}"
+
+
+def test_the_study_index_quotes_each_pages_result_sentence():
+    """docs/results/README.md lists every study page with the page's own **Result.** sentence: a page whose result
+    changed fails here until the index says the same."""
+    results = ROOT / "docs" / "results"
+    index = (results / "README.md").read_text()
+    listed = re.findall(r"^- \[.*?\]\((\S+?\.md)\): (.*?)(?=^- |\Z)", index, re.M | re.S)
+    assert sorted(page for page, _ in listed) == sorted(p.name for p in results.glob("*.md") if p.name != "README.md")
+    for page, sentence in listed:
+        said = re.search(r"\*\*Result\.\*\* (.*?)\n\n", (results / page).read_text(), re.S)
+        assert said and " ".join(sentence.split()) == " ".join(said.group(1).split()), f"{page}: copy its result"
