@@ -14,6 +14,7 @@ import torch
 import zsq
 import zsq.errors
 from zsq.device import deterministic
+from zsq.provenance import hardware
 from zsq.errors import UserError
 from zsq.quant import ActQuantizer
 from zsq.train import resolve_config
@@ -33,8 +34,10 @@ def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     assert samples["images"].shape[1:] == (1, 32, 32) and len(samples["labels"]) == 32 and samples["source"] == "gdfq"
     result = json.loads((out / "result.json").read_text())
     for key in ("fp_top1", "q_top1", "wbits", "abits", "source", "loss", "preset", "iterations", "wall_s",
-                "seed", "device", "torch"):
+                "seed", "device", "hardware", "torch"):
         assert key in result
+    assert result["hardware"] == hardware("cpu") and result["hardware"].endswith(f", {os.cpu_count()} cores")
+    assert ("(AVX-512)" in result["hardware"]) == (" avx512f" in open("/proc/cpuinfo").read())  # speed differs 2×
     assert result["iterations"] == 6 and (result["source"], result["loss"]) == ("gdfq", "kd+ce")
     config = json.loads((out / "config.json").read_text())
     assert config["batch_size"] == 8 and config["preset"] == "quick"

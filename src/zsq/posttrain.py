@@ -24,7 +24,7 @@ from .evaluate import eval_set_for, evaluate
 from .io import save_json, save_torch
 from .models import load_model, model_name, save_checkpoint
 from .presets import ptq_preset_values
-from .provenance import code_version
+from .provenance import code_version, hardware
 from .quant import QuantConfig, act_quantizers, default_placement, float_tensors
 from .recon import USER_NAMES, ReconConfig, reconstruct
 from .rundir import clear_run, open_run
@@ -204,7 +204,8 @@ def _write_results(cfg: PtqConfig, teacher: nn.Module, student: nn.Module, test_
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
                "wbits": cfg.wbits, "abits": cfg.abits, "source": cfg.source, "method": "ptq",
                "preset": cfg.preset, "iterations": cfg.recon.iters * len(rows), "units": [r["name"] for r in rows],
-               "wall_s": wall, "seed": cfg.seed, "device": device, "torch": str(torch.__version__),
+               "wall_s": wall, "seed": cfg.seed, "device": device, "hardware": hardware(device),
+               "torch": str(torch.__version__),
                "dataset": test_set.info.name, "model": model_name(teacher), "code": code_version(), **facts,
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(student)],
                "placement": cfg.placement, "first_last": cfg.first_last, "float_tensors": float_tensors(student),

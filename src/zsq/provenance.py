@@ -1,9 +1,14 @@
-"""Which code made a result: recorded in every result.json and in the bench store, so numbers stay traceable."""
+"""Which code made a result, and on what: recorded in every result.json and in the bench store, so numbers (and
+wall times) stay traceable."""
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import subprocess
 from pathlib import Path
+
+import torch
 
 VERSION = "0.2.0"
 
@@ -18,3 +23,19 @@ def code_version() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return f"zsq {VERSION}"
     return f"git {proc.stdout.strip()}" if proc.returncode == 0 and proc.stdout.strip() else f"zsq {VERSION}"
+
+
+@functools.lru_cache(maxsize=4)
+def hardware(device: str) -> str:
+    """The processor a run's wall time was measured on: the GPU's name, or the CPU's model, its widest vector unit
+    and its core count (the same device string, "cpu", covers machines 2× apart: with AVX-512 and without)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    unit = next((f" ({name})" for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "")
+    return f"{names[0] if names else platform.processor() or platform.machine()}{unit}, {os.cpu_count()} cores"

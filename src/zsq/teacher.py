@@ -23,6 +23,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .io import save_torch
 from .models import create_model, read_checkpoint, save_checkpoint
+from .provenance import hardware
 
 
 @dataclass
@@ -125,7 +126,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     final = evaluate(model, test_set, device=device, limit=cfg.eval_limit)
     wall = time.time() - t0
     metrics = {**final, "wall_seconds": wall, "history": history, "config": asdict(cfg),
-               "torch": str(torch.__version__), "device": device}
+               "torch": str(torch.__version__), "device": device, "hardware": hardware(device)}
     save_checkpoint(model.cpu().to(memory_format=torch.contiguous_format), out, info, metrics)
     state_path.unlink(missing_ok=True)
     return metrics

@@ -175,8 +175,8 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _device(result: dict[str, Any], config: dict[str, Any]) -> str:
     """What a run's wall time was measured on, as far as the run recorded it."""
     threads = config.get("threads")
-    return f"{result.get('device', 'cpu')}, " + (f"{threads} thread{'s' * (threads != 1)}" if threads else
-                                                  "all threads")
+    where = result.get("hardware") or result.get("device", "cpu")  # runs before zsq recorded the processor: cpu
+    return f"{where}, " + (f"{threads} thread{'s' * (threads != 1)}" if threads else "all threads")
 
 
 HEADER = ["bits", "source", "loss", "beyond the preset", "preset", "seeds", "q_top1 mean ± std (ours)", "per seed",

@@ -17,7 +17,7 @@ from ..dist import SINGLE, Dist
 from ..evaluate import evaluate
 from ..io import save_json, save_torch
 from ..models import model_name, save_checkpoint
-from ..provenance import code_version
+from ..provenance import code_version, hardware
 from ..quant import act_quantizers, float_tensors, observe_ranges
 from ..rundir import clear_run, open_run
 from ..validate import Health, health
@@ -161,7 +161,7 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
                "wbits": cfg.quant.wbits, "abits": cfg.quant.abits, "source": cfg.source, "loss": cfg.loss,
                "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "seed": cfg.run.seed,
-               "device": job.device, "torch": str(torch.__version__), "skipped_steps": job.skipped.get("Q model", 0),
+               "device": job.device, "hardware": hardware(job.device), "torch": str(torch.__version__), "skipped_steps": job.skipped.get("Q model", 0),
                "skipped_generator_steps": job.skipped.get("generator", 0),
                "dataset": job.test_set.info.name, "model": model_name(job.teacher), "code": code_version(),
                **job.source.describe(), **({"world_size": job.dist.world} if job.dist.on else {}),
