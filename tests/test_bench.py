@@ -85,6 +85,11 @@ def test_grid_expansion(tmp_path):
     over = load_grid(tmp_path / "g.toml", teacher="t.pt", bits=[3], seeds=[1], overrides={"epochs": 2}).runs()
     assert len(over) == 3 and all(r.seed == 1 and r.wbits == 3 for r in over)
     assert all(r.common[1] == "t.pt" and "--epochs" in r.common for r in over)
+    only = load_grid(tmp_path / "g.toml", only="*akt*-w4a8-s*").runs()
+    assert sorted(r.name for r in only) == sorted(n for n in names if "akt" in n and "-w4a8-" in n) and len(only) == 4
+    with pytest.raises(UserError, match=r"--only hast-w3-\*: no run of grid .* is named so \(they are named like "
+                                        r"gdfq-akt"):
+        load_grid(tmp_path / "g.toml", only="hast-w3-*").runs()
 
 
 def test_a_grid_in_the_former_keys_and_names_runs_the_same_runs(tmp_path, capsys, monkeypatch):

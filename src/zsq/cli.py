@@ -258,7 +258,8 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid, teacher=args.teacher, data_dir=args.data_dir, bits=args.bits, seeds=args.seeds,
-                     overrides={k: {"true": True, "false": False}.get(v.lower(), v) for k, v in args.set or []})
+                     overrides={k: {"true": True, "false": False}.get(v.lower(), v) for k, v in args.set or []},
+                     only=args.only)
     s = run_grid(grid, args.out, run_config_of, args.runs, args.jobs, args.quiet, args.dry_run, args.collect)
     if args.dry_run:
         return 0
@@ -282,6 +283,8 @@ def _add_bench(sub) -> None:
     b.add_argument("--data-dir", help="dataset folder for every run")
     b.add_argument("--bits", type=int_list, help="only these bits (W = A), e.g. 3,4")
     b.add_argument("--seeds", type=int_list, help="only these seeds, e.g. 0")
+    b.add_argument("--only", metavar="GLOB", help="only the runs whose name matches, e.g. 'adadfq-gap-entropy-w4-*' "
+                                                  "(names: SOURCE-LOSS[-OPTIONS]-wBITS-sSEED)")
     b.add_argument("--set", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="a zsq quantize flag for every run, e.g. --set epochs=2 (repeatable)")
     b.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

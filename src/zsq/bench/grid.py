@@ -27,6 +27,7 @@ row is named after it): grid-wide `act-range = "ema-minmax"` with a row setting 
 """
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import tomllib
 from collections import Counter
@@ -76,6 +77,7 @@ class Grid:
     seeds: list[int]
     rows: list[dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)
+    only: str | None = None  # a glob on run names: the part of a long grid to run now
 
     @property
     def name(self) -> str:
@@ -105,7 +107,13 @@ class Grid:
         if unused:
             raise UserError(f"grid {self.path}: option '{unused[0]}' applies to none of its runs (a zsq quantize "
                             f"flag without dashes, e.g. epochs or synth-images)")
-        return specs
+        if self.only is None:
+            return specs
+        chosen = [s for s in specs if fnmatch.fnmatchcase(s.name, self.only)]
+        if specs and not chosen:
+            raise UserError(f"--only {self.only}: no run of grid {self.path} is named so (they are named like "
+                            f"{specs[0].name})")
+        return chosen
 
 
 def run_name(source: str, loss: str, flags: tuple[str, ...], wbits: int, abits: int, seed: int) -> str:
@@ -120,8 +128,9 @@ def flag_tag(flags: tuple[str, ...]) -> str:
 
 def load_grid(path: str | Path, teacher: str | None = None, data_dir: str | None = None,
               bits: list[int] | None = None, seeds: list[int] | None = None,
-              overrides: dict[str, Any] | None = None) -> Grid:
-    """Read a grid file; the arguments override its values (e.g. a teacher checkpoint path, a subset of seeds)."""
+              overrides: dict[str, Any] | None = None, only: str | None = None) -> Grid:
+    """Read a grid file; the arguments override its values (e.g. a teacher checkpoint path, a subset of seeds) or
+    keep the runs whose name matches the glob `only`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"grid file {path} not found")
@@ -156,7 +165,7 @@ def load_grid(path: str | Path, teacher: str | None = None, data_dir: str | None
             raise UserError(f"grid {path}, row {i}: seeds {sorted(extra)} are not among the grid's seeds")
     return Grid(path, str(teacher), str(raw.get("preset", "quick")),
                 _bit_pairs(bits if bits is not None else raw.get("bits", [4]), path),
-                _int_list(seeds if seeds is not None else raw.get("seeds", [0]), "seeds", path), rows, options)
+                _int_list(seeds if seeds is not None else raw.get("seeds", [0]), "seeds", path), rows, options, only)
 
 
 def _row(row: Any, i: int, path: Path) -> dict[str, Any]:
