@@ -17,7 +17,7 @@ from zsq.errors import UserError
 from zsq.models import create_model
 from zsq.quant import calibrate, gaussian_inputs, quantize_model
 
-from conftest import PROBE_KW, quantize_tiny, run_cli
+from conftest import PROBE_KW, SMALL_GEN_KW, quantize_tiny, run_cli
 
 
 def _map() -> torch.Tensor:
@@ -217,7 +217,7 @@ def test_akt_run_logs_each_term(tiny_teacher, fmnist_dir, tmp_path):
         assert all(math.isfinite(r[key]) for r in trained), key
     config = json.loads((out / "config.json").read_text())
     assert config["options"] == {"akt_layers": "units", "akt_base": "kd+ce", "akt_lambda": 1e4,  # quick preset,
-                                 "bn_k": 2.5, "bn_propagate": "moments"}  # with its range setter's options
+                                 "bn_k": 2.5, "bn_propagate": "moments", **SMALL_GEN_KW}  # its range setter's; ours
     bad = run_cli("quantize", "--teacher", str(tiny_teacher), "--loss", "akt", "--akt-layers", "layer9",
                   "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "no module named layer9" in bad.stderr and "Traceback" not in bad.stderr

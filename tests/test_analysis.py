@@ -16,7 +16,7 @@ from zsq.quant import calibrate
 from zsq.train import build_job, resolve_config
 from zsq.train.job import curvature
 
-from conftest import TINY_PROBE, quantize_tiny, run_cli
+from conftest import SMALL_GEN, TINY_PROBE, quantize_tiny, run_cli
 
 
 def test_spearman_averages_tied_ranks():
@@ -69,7 +69,7 @@ def test_quantize_tracks_curvature_and_keeps_its_batches_on_resume(tiny_teacher,
     args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--loss", "akt",
             "--epochs", "3", "--iters-per-epoch", "4", "--warmup-epochs", "1", "--batch-size", "8",
             "--eval-limit", "50", "--track-curvature", "3", "--curvature-samples", "2", "--ckpt-every", "6",
-            "--deterministic", "--out", str(out), "--quiet", *TINY_PROBE]
+            "--deterministic", "--out", str(out), "--quiet", *TINY_PROBE, *SMALL_GEN]
     assert run_cli(*args).returncode == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tracked = {r["iter"]: r["hessian_trace"] for r in rows if "hessian_trace" in r}

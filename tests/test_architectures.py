@@ -22,7 +22,7 @@ from zsq.synth import SourceContext, create_source
 from zsq.synth.pixels import BUILDERS
 from zsq.train import build_job, resolve_config
 
-from conftest import PROBE_KW, shipped_pairs, train_steps
+from conftest import PROBE_KW, SMALL_GEN_KW, shipped_pairs, train_steps
 
 ARCHS = {"resnet18": {}, "resnet34": {}, "resnet50": {}, "mobilenet_v2": {"width_mult": 0.25}}
 
@@ -33,7 +33,7 @@ def _model(arch: str, channels: int = 1, **kw) -> nn.Module:
 
 
 def _options(source: str) -> dict:
-    offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if source in BUILDERS else {}
+    offline = {"synth_images": 8, "synth_batch": 8, "synth_iters": 2} if source in BUILDERS else SMALL_GEN_KW
     return dict(wbits=4, abits=4, dataset="fashion-mnist", epochs=3, iters_per_epoch=1, warmup_epochs=1, batch_size=4,
                 eval_limit=8, **offline, **PROBE_KW)
 

@@ -23,7 +23,8 @@ from zsq.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SET = ["--set", "epochs=2", "--set", "iters-per-epoch=2", "--set", "warmup-epochs=1", "--set", "batch-size=8",
-            "--set", "eval-limit=20", "--set", "probe-images=8", "--set", "probe-iters=2", "--quiet"]
+            "--set", "eval-limit=20", "--set", "probe-images=8", "--set", "probe-iters=2", "--set", "gen-width=32",
+            "--quiet"]
 TINY_SYNTH = ["--set", "synth-images=16", "--set", "synth-iters=2"]  # only for grids with hast runs
 TINY_PTQ = ["--set", "images=8", "--set", "iters-per-unit=2"]  # only for grids with ptq runs
 

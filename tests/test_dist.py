@@ -21,9 +21,10 @@ import zsq.train
 from zsq.synth import SOURCES
 from zsq.synth.base import DataSource, SourceContext
 
-from conftest import PROBE_KW, TINY_PROBE, run_cli
+from conftest import PROBE_KW, SMALL_GEN, SMALL_GEN_KW, TINY_PROBE, run_cli
 
-TINY_KW = {"epochs": 2, "iters_per_epoch": 3, "warmup_epochs": 1, "batch_size": 8, "eval_limit": 50, **PROBE_KW}
+TINY_KW = {"epochs": 2, "iters_per_epoch": 3, "warmup_epochs": 1, "batch_size": 8, "eval_limit": 50, **PROBE_KW,
+           **SMALL_GEN_KW}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SYNTH = ["synth", "--images", "12", "--batch-size", "4", "--iters", "3", "--quiet"]
 
@@ -144,7 +145,7 @@ def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resumes(tiny_teacher,
     out = tmp_path / "run"
     args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--epochs", "2",
             "--iters-per-epoch", "12", "--warmup-epochs", "1", "--batch-size", "4", "--ckpt-every", "100000",
-            "--quiet", "--eval-limit", "8", "--out", str(out), *TINY_PROBE]
+            "--quiet", "--eval-limit", "8", "--out", str(out), *TINY_PROBE, *SMALL_GEN]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zsq"]
     proc = subprocess.Popen([*launch, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import quantize_tiny
+from conftest import SMALL_GEN_KW, quantize_tiny
 from torch import nn
 
 from zsq.errors import UserError
@@ -133,7 +133,8 @@ def test_quantize_with_bn_prior_freezes_the_bn_bounds(tiny_teacher, fmnist_dir, 
     got = [hi for _, hi in json.loads((tmp_path / "run" / "result.json").read_text())["act_ranges"]]
     assert got == pytest.approx(expected, rel=1e-5)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (config["act_range"], config["options"]) == ("bn-prior", {"bn_k": 2.0, "bn_propagate": "moments"})
+    assert (config["act_range"], config["options"]) == ("bn-prior", {"bn_k": 2.0, "bn_propagate": "moments",
+                                                                        **SMALL_GEN_KW})
 
 
 def test_learned_range_gradient_is_lsq():

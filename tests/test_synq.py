@@ -17,7 +17,7 @@ from zsq.distill.synq import cam_weights, saliency
 from zsq.errors import UserError
 from zsq.models import create_model
 
-from conftest import PROBE_KW, quantize_tiny, run_cli
+from conftest import PROBE_KW, SMALL_GEN_KW, quantize_tiny, run_cli
 
 
 def test_lowpass_mask_formula():
@@ -241,7 +241,7 @@ def test_synq_run_end_to_end(tiny_teacher, fmnist_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["promote"] == 0.01 and config["options"] == {"synq_d0": 6.0, "cam_target": "pred", "bn_k": 2.5,
-                                                                 "bn_propagate": "bounds"}
+                                                                 "bn_propagate": "bounds", **SMALL_GEN_KW}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if not r["warmup"]]
     assert trained and all({"kd", "fa", "selce", "selce_kept", "cam", "loss_promoted"} <= set(r) for r in trained)

@@ -20,7 +20,7 @@ from zsq.quant import ActQuantizer
 from zsq.train import resolve_config
 from zsq.validate import ProbeOptions
 
-from conftest import PROBE_KW, TINY, TINY_PROBE, kill_when, run_cli
+from conftest import PROBE_KW, SMALL_GEN, SMALL_GEN_KW, TINY, TINY_PROBE, kill_when, run_cli
 
 
 def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
@@ -41,7 +41,7 @@ def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     assert result["iterations"] == 6 and (result["source"], result["loss"]) == ("gdfq", "kd+ce")
     config = json.loads((out / "config.json").read_text())
     assert config["batch_size"] == 8 and config["preset"] == "quick"
-    assert config["options"] == {"act_percentile": 99.7}  # the quick preset's range setter for --loss kd+ce
+    assert config["options"] == {"act_percentile": 99.7, **SMALL_GEN_KW}  # the quick preset's range setter for kd+ce
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == list(range(6))
     assert all(r["warmup"] for r in rows[:3]) and "loss_q" in rows[3] and "grad_norm" in rows[3]
@@ -185,7 +185,7 @@ def test_guard_stops_on_nonfinite_loss(tiny_teacher, fmnist_dir, tmp_path):
 def test_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):
     args = ["quantize", "--teacher", str(tiny_teacher), "--data-dir", str(fmnist_dir), "--epochs", "3",
             "--iters-per-epoch", "5", "--warmup-epochs", "1", "--batch-size", "8", "--ckpt-every", "3",
-            "--deterministic", "--quiet", "--eval-limit", "8", *TINY_PROBE]
+            "--deterministic", "--quiet", "--eval-limit", "8", *TINY_PROBE, *SMALL_GEN]
     killed, full = tmp_path / "killed", tmp_path / "full"
     kill_when([*args, "--out", str(killed)], killed / "state.pt")
     assert (killed / "state.pt").exists() and not (killed / "result.json").exists(), "finished before the kill"
@@ -232,7 +232,7 @@ def _tiny(teacher, fmnist_dir, tmp_path, name: str, **kw):
     a module)."""
     args = {"generator": "gdfq", "method": "kd", "data_dir": str(fmnist_dir), "epochs": 2, "iters_per_epoch": 3,
             "warmup_epochs": 1, "batch_size": 6, "eval_limit": 8, "out": str(tmp_path / name), "quiet": True,
-            **PROBE_KW, **kw}
+            **PROBE_KW, **SMALL_GEN_KW, **kw}
     return zsq.quantize(teacher if isinstance(teacher, torch.nn.Module) else str(teacher), **args)
 
 
