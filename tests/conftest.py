@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import gzip
 import io
 import itertools
@@ -241,3 +242,12 @@ def shared_teacher(shared_dir: Path, name: str, data_dir: Path, model: str, epoc
 def tiny_teacher(fmnist_dir, shared_dir) -> Path:
     """A ResNet-20 after 2 epochs: near-uniform outputs, enough for every command to run on."""
     return shared_teacher(shared_dir, "tiny-teacher", fmnist_dir, "resnet20", 2)
+
+
+def pytest_collection_finish(session) -> None:
+    """What is imported by now lives as long as the session: frozen out of the collector's sight, each full
+    collection (a dozen per worker, and five when pytest ends) walks what the tests made, not the ~330,000 objects
+    of torch and its compiler's modules (0.4 s each)."""
+    import torch._dynamo  # noqa: F401 - the first optimizer imports it anyway (torch._compile)
+
+    gc.freeze()
