@@ -360,6 +360,21 @@ def test_a_row_restricts_the_grids_seeds(tmp_path):
         load_grid(grid, teacher="t.pt")
 
 
+def test_a_store_replaced_under_a_bench_says_how_to_store_the_finished_run(tmp_path):
+    """A results.db swapped for another file while a bench held it open (a `git checkout` of the store did it):
+    SQLite refuses the write; the bench stops with one line naming the fix, never a traceback."""
+    store = Store(tmp_path / "s")
+    Store(tmp_path / "other").close()
+    os.replace(tmp_path / "other" / "results.db", store.path)
+    config = {"teacher": "resnet20_fmnist", "source": "gdfq", "loss": "kd", "preset": "quick", "wbits": 4,
+              "abits": 4, "seed": 0}
+    with pytest.raises(UserError, match=r"cannot store run r .* is complete: run the same zsq bench command with "
+                                         r"--collect"):
+        store.add("r", "g", [], config, {"q_top1": 90.0, "fp_top1": 94.0, "wall_s": 1.0}, tmp_path / "r",
+                  "fashion-mnist", "resnet20")
+    store.close()
+
+
 def test_the_headline_gives_each_command_a_row_and_each_bit_width_a_column(tmp_path):
     """README's headline: a row per command of the grid (as zsq bench ran it, less seed, out and bits), a column per
     bit width, each cell mean ± std (worst seed, seeds) and the runs the health check flagged, each column's best in

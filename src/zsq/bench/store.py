@@ -94,8 +94,12 @@ class Store:
                result.get("code", "unknown (run made before zsq recorded its code version)"), str(run_dir),
                datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                json.dumps(config, sort_keys=True), json.dumps(result, sort_keys=True))
-        with self.db:
-            self.db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(row))})", row)
+        try:
+            with self.db:
+                self.db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(row))})", row)
+        except sqlite3.OperationalError as e:  # e.g. the file replaced under a running bench (a git checkout)
+            raise UserError(f"{self.path}: cannot store run {name} ({e}); its folder {run_dir} is complete: run "
+                            f"the same zsq bench command with --collect to store it") from None
 
     def config(self, name: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT config FROM runs WHERE name = ?", (name,)).fetchone()
