@@ -1,8 +1,8 @@
 """Every plug-in on the ImageNet architectures users hold: ResNet-18/34/50 (basic and bottleneck blocks) and
 MobileNetV2 (depthwise convs, ReLU6, linear bottlenecks). A CIFAR ResNet runs the full source × loss product in
-test_learning.py; here MobileNetV2 runs it too and ResNet-50 (at a quarter of its widths) every loss, each a built job's warm-up iteration and
-two trained ones; the ResNets with basic blocks (ResNet-20's blocks) and MobileNetV2 also run `zsq.quantize` end to
-end (the run folder around the loop is the same for every pair)."""
+test_learning.py; here MobileNetV2 runs it too and ResNet-50 (at a quarter of its widths) every loss, each a built
+job's warm-up iteration and two trained ones; the ResNets with basic blocks (ResNet-20's blocks) and MobileNetV2 also
+run `zsq.quantize` end to end (the run folder around the loop is the same for every pair)."""
 from __future__ import annotations
 
 import resource
