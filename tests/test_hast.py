@@ -138,6 +138,7 @@ def test_synth_cli_writes_a_set_quantize_can_use(tmp_path, fmnist_dir):
     assert proc.returncode == 0, proc.stderr
     result = json.loads((run / "result.json").read_text())
     assert result["synthetic_set"] == str(out) and result["synthetic_set_built"] is False
+    assert result["synthetic_set_build_s"] == data["build_s"] > 0  # what zsq synth spent on it
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     # warm-up: a GDFQ generator trains and its images calibrate the ranges; then it is gone and only Q trains
     assert all("loss_g" in r and "loss_q" not in r for r in rows if r["warmup"])

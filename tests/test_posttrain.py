@@ -10,6 +10,7 @@ import torch
 from zsq.bench import load_grid
 from zsq.errors import UserError
 from zsq.posttrain import resolve_ptq_config
+from zsq.synth.pixels import read_set
 
 from conftest import TINY_PROBE, kill_when, run_cli
 
@@ -30,6 +31,9 @@ def test_ptq_cli_writes_a_run_that_eval_export_health_and_report_read(tiny_teach
     assert result["method"] == config["method"] == "ptq" and result["source"] == config["source"] == "genie"
     assert "loss" not in config and "loss" not in result
     assert result["uses_data"] is False and config["recon"]["iters"] == 2 and config["images"] == 8
+    # the set's build is timed apart from the reconstruction, and kept in the cached set for later runs
+    assert result["synthetic_set_build_s"] == read_set(result["synthetic_set"])["build_s"] > 0
+    assert 0 < result["cpu_s"] and 0 < result["wall_s"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == result["units"] and len(rows) == 11
     assert all(r["mse_before"] >= 0 and r["mse_after"] >= 0 for r in rows)

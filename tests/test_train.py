@@ -34,8 +34,10 @@ def test_quantize_cli_writes_the_run(tiny_teacher, fmnist_dir, tmp_path):
     assert samples["images"].shape[1:] == (1, 32, 32) and len(samples["labels"]) == 32 and samples["source"] == "gdfq"
     result = json.loads((out / "result.json").read_text())
     for key in ("fp_top1", "q_top1", "wbits", "abits", "source", "loss", "preset", "iterations", "wall_s",
-                "seed", "device", "hardware", "torch"):
+                "cpu_s", "seed", "device", "hardware", "torch"):
         assert key in result
+    # the training loop's CPU time, not the process's since it started (importing torch alone costs seconds)
+    assert 0 < result["cpu_s"] <= result["wall_s"] * os.cpu_count() + 0.5
     assert result["hardware"] == hardware("cpu") and result["hardware"].endswith(f", {os.cpu_count()} cores")
     assert ("(AVX-512)" in result["hardware"]) == (" avx512f" in open("/proc/cpuinfo").read())  # speed differs 2×
     assert result["iterations"] == 6 and (result["source"], result["loss"]) == ("gdfq", "kd+ce")
@@ -189,9 +191,12 @@ def test_resume_after_kill_is_identical(tiny_teacher, fmnist_dir, tmp_path):
     killed, full = tmp_path / "killed", tmp_path / "full"
     kill_when([*args, "--out", str(killed)], killed / "state.pt")
     assert (killed / "state.pt").exists() and not (killed / "result.json").exists(), "finished before the kill"
+    before = torch.load(killed / "state.pt", weights_only=True)
     resumed = run_cli(*args, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert run_cli(*args, "--out", str(full)).returncode == 0
+    after = json.loads((killed / "result.json").read_text())  # the times of both sessions of the run
+    assert after["wall_s"] > before["wall_s"] > 0 and after["cpu_s"] > before["cpu_s"] > 0
     a = torch.load(killed / "student.pt", weights_only=True)["state_dict"]
     b = torch.load(full / "student.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from .evaluate import eval_set_for, evaluate
 from .io import save_json, save_torch
 from .models import load_model, model_name, save_checkpoint
 from .presets import ptq_preset_values
-from .provenance import code_version, hardware
+from .provenance import RunClock, code_version, hardware
 from .quant import QuantConfig, act_quantizers, default_placement, float_tensors
 from .recon import USER_NAMES, ReconConfig, reconstruct
 from .rundir import clear_run, open_run
@@ -157,10 +156,11 @@ def ptq_run(cfg: PtqConfig, teacher: nn.Module | None = None, resume: bool = Fal
         if cfg.source == REAL:
             print(f"note: --source real fits on {cfg.images} training images of {info.name}: it uses data (an upper "
                   f"bound for the data-free rows), result.json says so (uses_data)", flush=True)
-        t0 = time.perf_counter()
         images, facts = _images(cfg, teacher, info, device, quiet)
         ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet)
         probe = probe_set(ctx, cfg.probe()).to(device)
+        # the reconstruction's own time; a synthetic set built for it says its own (synthetic_set_build_s)
+        clock = RunClock(*((state["wall_s"], state.get("cpu_s")) if state is not None else ()))
         if state is None:
             clear_run(out)
             save_json(config_dict(cfg), out / "config.json")
@@ -171,24 +171,22 @@ def ptq_run(cfg: PtqConfig, teacher: nn.Module | None = None, resume: bool = Fal
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
             if not quiet:
                 print(f"resuming {out} after unit {state['units_done']}")
-        elapsed = state["wall_s"] if state is not None else 0.0
 
         def unit_done(k: int, record: dict, progress: dict) -> None:
-            wall = elapsed + time.perf_counter() - t0
+            wall = clock.wall()
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"unit": k, **record, "wall_s": round(wall, 3)}) + "\n")
-            save_torch({**progress, "wall_s": wall}, out / "state.pt")
+            save_torch({**progress, "wall_s": wall, "cpu_s": clock.cpu()}, out / "state.pt")
 
         student = reconstruct(teacher, images, cfg.quant(), cfg.recon, cfg.units, cfg.seed, not quiet,
                               unit_done, state)
-        wall = elapsed + time.perf_counter() - t0
-        return _write_results(cfg, teacher, student, test_set, probe, facts, wall, device)
+        return _write_results(cfg, teacher, student, test_set, probe, facts, (clock.wall(), clock.cpu()), device)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _write_results(cfg: PtqConfig, teacher: nn.Module, student: nn.Module, test_set: Any, probe: torch.Tensor,
-                   facts: dict[str, Any], wall: float, device: str) -> Result:
+                   facts: dict[str, Any], times: tuple[float, float | None], device: str) -> Result:
     out = Path(cfg.out)
     h = health(teacher, student, probe, device)
     fp = evaluate(teacher, test_set, device=device, limit=cfg.eval_limit)
@@ -204,7 +202,7 @@ def _write_results(cfg: PtqConfig, teacher: nn.Module, student: nn.Module, test_
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
                "wbits": cfg.wbits, "abits": cfg.abits, "source": cfg.source, "method": "ptq",
                "preset": cfg.preset, "iterations": cfg.recon.iters * len(rows), "units": [r["name"] for r in rows],
-               "wall_s": wall, "seed": cfg.seed, "device": device, "hardware": hardware(device),
+               "wall_s": times[0], "cpu_s": times[1], "seed": cfg.seed, "device": device, "hardware": hardware(device),
                "torch": str(torch.__version__),
                "dataset": test_set.info.name, "model": model_name(teacher), "code": code_version(), **facts,
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(student)],

@@ -6,6 +6,7 @@ import functools
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -39,3 +40,20 @@ def hardware(device: str) -> str:
     flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     unit = next((f" ({name})" for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "")
     return f"{names[0] if names else platform.processor() or platform.machine()}{unit}, {os.cpu_count()} cores"
+
+
+class RunClock:
+    """A run's wall and CPU seconds so far, the part before a resume included. The CPU time is the process's (all
+    its threads): unlike the wall time it does not count minutes the process was stopped (SIGSTOP) or waiting for
+    a core taken by other work, so a run's cost stays readable when its machine was shared. `cpu_before` None: the
+    run was resumed from a checkpoint written before zsq counted CPU time, which stays unknown."""
+
+    def __init__(self, wall_before: float = 0.0, cpu_before: float | None = 0.0) -> None:
+        self.wall_before, self.cpu_before = wall_before, cpu_before
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.wall0
+
+    def cpu(self) -> float | None:
+        return None if self.cpu_before is None else self.cpu_before + time.process_time() - self.cpu0

@@ -149,6 +149,7 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                     "loss": loss, "preset": cfg["preset"], "changes": _changes(cfg),
                                     "fp_top1": res["fp_top1"], "published": quoted, "runs": []})
         g["runs"].append({"seed": cfg["seed"], "q_top1": res["q_top1"], "wall_min": res["wall_s"] / 60,
+                          "cpu_min": _minutes(res.get("cpu_s")), "set_min": _minutes(res.get("synthetic_set_build_s")),
                           "name": run.get("name", Path(run["dir"]).name), "dir": run["dir"],
                           "grad_norm": res.get("grad_norm"), "argv": run.get("argv"),
                           "device": _device(res, cfg),
@@ -170,6 +171,10 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(g)
     return sorted(rows, key=lambda g: (g["bits"], g["source"], g["loss"], len(g["changes"]),
                                        json.dumps(g["changes"])))
+
+
+def _minutes(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds / 60
 
 
 def _device(result: dict[str, Any], config: dict[str, Any]) -> str:
@@ -306,6 +311,16 @@ def _headline_cell(g: dict[str, Any], best: bool) -> str:
     return (f"{mean} ± {g['std']:.2f} ({worst:.2f}, {n})" if n > 1 else f"{mean} (1)") + flagged
 
 
+def _headline_time(runs: list[dict[str, Any]]) -> str:
+    """A command's minutes per run: median wall, median CPU (where every run counted it), and the median build of
+    an offline set over the runs that record one."""
+    cpus = [r["cpu_min"] for r in runs]
+    builds = [r["set_min"] for r in runs if r["set_min"] is not None]
+    return (f"{statistics.median(r['wall_min'] for r in runs):.0f} · "
+            + (f"{statistics.median(cpus):.0f}" if None not in cpus else "–")
+            + (f" (+{statistics.median(builds):.0f} once)" if builds else ""))
+
+
 def headline_markdown(rows: list[dict[str, Any]], note: str) -> str:
     """The table a user picks a recipe from: a row per command of the store (as zsq bench ran it, less seed, out and
     bits), a column per bit width; each cell the final top-1 over seeds as mean ± std with the worst seed and how
@@ -324,13 +339,16 @@ def headline_markdown(rows: list[dict[str, Any]], note: str) -> str:
     lines = [f"{note + ' ' if note else ''}Each cell: final top-1 over seeds, mean ± std (worst seed, seeds); ⚑k: k "
              f"runs flagged by `zsq health`; bold: the column's best. Every command also takes "
              f"`--wbits W --abits A {' '.join(' '.join(f) for f in shared)} --out DIR`; FP top-1 {' / '.join(fp)}; "
-             f"wall time on {' / '.join(devices)} per run.", "",
-             "| command | " + " | ".join(bits) + " | wall per run (min, median) |", "|" + "---|" * (len(bits) + 2)]
+             f"minutes per run on {' / '.join(devices)}: the wall time, then the CPU time of all its threads, which "
+             f"does not count minutes a run was paused or waited for a core (–: a run from before zsq counted it); "
+             f"(+k once): building the offline set, which later runs with the same teacher and set recipe read from "
+             f"the cache.", "",
+             "| command | " + " | ".join(bits) + " | min per run (median): wall · CPU |", "|" + "---|" * (len(bits) + 2)]
     for (word, own), by in sorted(recipes.items(), key=lambda kv: (kv[0][0] == "ptq", kv[0][1])):
-        walls = [r["wall_min"] for g in by.values() for r in g["runs"]]
         cells = [_headline_cell(by[b], by[b]["mean"] == best[b]) if b in by else "–" for b in bits]
         command = " ".join(" ".join(f) for f in own)
-        lines.append(f"| `zsq {word} {command}` | " + " | ".join(cells) + f" | {statistics.median(walls):.0f} |")
+        times = _headline_time([r for g in by.values() for r in g["runs"]])
+        lines.append(f"| `zsq {word} {command}` | " + " | ".join(cells) + f" | {times} |")
     return "\n".join(lines) + "\n"
 
 

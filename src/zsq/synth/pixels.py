@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -147,10 +148,18 @@ def _optimise(teacher: nn.Module, bns: BNStatistics, x: torch.Tensor, y: torch.T
     return x.detach().cpu(), y.cpu(), loss.item()
 
 
+def timed_build(build: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """A builder's set with the seconds it took (`build_s`), which the set keeps: a run that later reads it from
+    the cache can say what building it cost."""
+    t0 = time.perf_counter()
+    data = build(*args)
+    return {**data, "build_s": time.perf_counter() - t0}
+
+
 def write_set(path: str | Path, data: dict[str, Any], source: str, opts: SetOptions, thash: str) -> Path:
     return save_torch({"zsq": FORMAT, "version": 1, "source": source, "recipe": json.dumps(opts.recipe()),
                        "teacher_sha256": thash, "images": data["images"], "labels": data["labels"],
-                       "final_loss": torch.tensor(data["final_loss"])}, path)
+                       "final_loss": torch.tensor(data["final_loss"]), "build_s": data["build_s"]}, path)
 
 
 def read_set(path: str | Path) -> dict[str, Any]:
@@ -191,7 +200,8 @@ def load_or_build(source: str, ctx: SourceContext, opts: SetOptions, build: Call
             if cached is not None:
                 return cached, where, False
         shape = (ctx.in_channels, ctx.image_size, ctx.image_size)
-        built = (build or synthesize)(ctx.teacher, opts, ctx.num_classes, shape, ctx.device, ctx.quiet, ctx.dist)
+        built = timed_build(build or synthesize, ctx.teacher, opts, ctx.num_classes, shape, ctx.device, ctx.quiet,
+                            ctx.dist)
         if ctx.dist.main:
             write_set(path, built, source, opts, thash)
     return built, path, True
@@ -215,6 +225,7 @@ class OfflineSource(DataSource):
         super().__init__()
         self.warmup_batch = opts.warmup_batch
         data, self.path, self.built = load_or_build(name, ctx, opts, BUILDERS[name])
+        self.build_s = data.get("build_s")  # None: a set written before zsq timed its builds
         self.images = data["images"].to(ctx.device)
         self.labels = data["labels"].to(ctx.device)
         if self.images.shape[1:] != (ctx.in_channels, ctx.image_size, ctx.image_size):
@@ -222,7 +233,8 @@ class OfflineSource(DataSource):
                             f"{(ctx.in_channels, ctx.image_size, ctx.image_size)}")
 
     def describe(self) -> dict[str, object]:
-        return {"synthetic_set": str(self.path), "synthetic_set_built": self.built, "synthetic_images": len(self.labels)}
+        return {"synthetic_set": str(self.path), "synthetic_set_built": self.built, "synthetic_images": len(self.labels),
+                "synthetic_set_build_s": self.build_s}
 
     def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.images), (batch_size,), generator=rng).to(self.images.device)
@@ -258,7 +270,7 @@ def build_set(teacher: nn.Module, source: str, out: str | Path, num_classes: int
         raise UserError("--synth-data names an existing set; zsq synth writes a new one to --out")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    data = BUILDERS[source](teacher.to(device).eval(), opts, num_classes, shape, device, quiet, d)
+    data = timed_build(BUILDERS[source], teacher.to(device).eval(), opts, num_classes, shape, device, quiet, d)
     if d.main:
         write_set(out, data, source, opts, teacher_hash(teacher))
     d.barrier()  # the set is on disk before any rank reports it

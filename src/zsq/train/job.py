@@ -70,6 +70,7 @@ class Job:
     g_train: nn.Module | None = None  # the source whose generator trains, as the step calls it (likewise)
     step: int = 0
     wall_s: float = 0.0
+    cpu_s: float | None = 0.0  # None: resumed from a checkpoint written before zsq counted CPU time
     skipped: dict[str, int] = field(default_factory=dict)  # steps skipped (NaN/Inf) per optimiser, over the run
 
     def state_dict(self, rngs: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -79,7 +80,7 @@ class Job:
         return {"step": self.step, "qmodel": self.qmodel.state_dict(), "source": self.source.state_dict(),
                 "warm_source": self.warm_source.state_dict() if self.warm_source is not None else None,
                 "q_opt": self.q_opt.state_dict(), "g_opt": self.g_opt.state_dict() if self.g_opt else None,
-                "rng": rngs[0], "rng_ranks": rngs[1:], "wall_s": self.wall_s, "skipped": self.skipped,
+                "rng": rngs[0], "rng_ranks": rngs[1:], "wall_s": self.wall_s, "cpu_s": self.cpu_s, "skipped": self.skipped,
                 "curv_batches": self.curv_batches, "best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -92,6 +93,7 @@ class Job:
             self.g_opt.load_state_dict(state["g_opt"])
         self.rng.set_state([state["rng"], *state.get("rng_ranks", [])][self.dist.rank])
         self.step, self.wall_s, self.skipped = state["step"], state["wall_s"], state["skipped"]
+        self.cpu_s = state.get("cpu_s")
         self.curv_batches = state.get("curv_batches")
         self.best = state.get("best")
 

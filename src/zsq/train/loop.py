@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import signal
-import time
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from ..errors import UserError, deprecated
 from ..evaluate import evaluate
 from ..io import save_torch
 from ..models import load_model
+from ..provenance import RunClock
 from ..quant import act_quantizers, default_placement
 from ..synth import SourceContext
 from ..validate import probe_set
@@ -112,10 +112,9 @@ def _set_ranges_without_images(job: Job) -> None:
 def _loop(job: Job, quiet: bool) -> None:
     cfg, state_path = job.cfg, job.out / "state.pt"
     total = cfg.optim.epochs * cfg.optim.iters_per_epoch
-    t0, wall_before, first = time.time(), job.wall_s, job.step
+    clock, first = RunClock(job.wall_s, job.cpu_s), job.step
     bad_run = {name: 0 for name in BAD_STEP_HINT}
-    metrics = Metrics(job.out / "metrics.jsonl", keep_below=job.step, clock=lambda: wall_before + time.time() - t0,
-                      d=job.dist)
+    metrics = Metrics(job.out / "metrics.jsonl", keep_below=job.step, clock=clock.wall, d=job.dist)
 
     def checkpoint() -> None:
         metrics.flush()
@@ -123,7 +122,7 @@ def _loop(job: Job, quiet: bool) -> None:
         if bad:
             raise UserError(f"{bad} holds NaN/Inf at iteration {job.step}: not checkpointed (the last good checkpoint "
                             f"is {state_path})")
-        job.wall_s = wall_before + time.time() - t0
+        job.wall_s, job.cpu_s = clock.wall(), clock.cpu()
         rngs = job.dist.gather(job.rng.get_state())
         if job.dist.main:
             save_torch(job.state_dict(rngs), state_path)
@@ -182,7 +181,7 @@ def _loop(job: Job, quiet: bool) -> None:
                                 f"continue with --resume")
     bar.close()
     metrics.flush()
-    job.wall_s = wall_before + time.time() - t0
+    job.wall_s, job.cpu_s = clock.wall(), clock.cpu()
 
 
 def quantize(teacher: str | nn.Module = "resnet20_fmnist", wbits: int = 4, abits: int = 4, source: str = "gdfq",
