@@ -160,7 +160,7 @@ def ptq_run(cfg: PtqConfig, teacher: nn.Module | None = None, resume: bool = Fal
         ctx = SourceContext(teacher, info.num_classes, info.in_channels, info.image_size, device, quiet)
         probe = probe_set(ctx, cfg.probe()).to(device)
         # the reconstruction's own time; a synthetic set built for it says its own (synthetic_set_build_s)
-        clock = RunClock(*((state["wall_s"], state.get("cpu_s")) if state is not None else ()))
+        clock = RunClock(state["wall_s"], state.get("cpu_s")) if state is not None else RunClock()
         if state is None:
             clear_run(out)
             save_json(config_dict(cfg), out / "config.json")
@@ -180,13 +180,13 @@ def ptq_run(cfg: PtqConfig, teacher: nn.Module | None = None, resume: bool = Fal
 
         student = reconstruct(teacher, images, cfg.quant(), cfg.recon, cfg.units, cfg.seed, not quiet,
                               unit_done, state)
-        return _write_results(cfg, teacher, student, test_set, probe, facts, (clock.wall(), clock.cpu()), device)
+        return _write_results(cfg, teacher, student, test_set, probe, facts, clock.wall(), clock.cpu(), device)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _write_results(cfg: PtqConfig, teacher: nn.Module, student: nn.Module, test_set: Any, probe: torch.Tensor,
-                   facts: dict[str, Any], times: tuple[float, float | None], device: str) -> Result:
+                   facts: dict[str, Any], wall: float, cpu: float | None, device: str) -> Result:
     out = Path(cfg.out)
     h = health(teacher, student, probe, device)
     fp = evaluate(teacher, test_set, device=device, limit=cfg.eval_limit)
@@ -202,7 +202,7 @@ def _write_results(cfg: PtqConfig, teacher: nn.Module, student: nn.Module, test_
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
                "wbits": cfg.wbits, "abits": cfg.abits, "source": cfg.source, "method": "ptq",
                "preset": cfg.preset, "iterations": cfg.recon.iters * len(rows), "units": [r["name"] for r in rows],
-               "wall_s": times[0], "cpu_s": times[1], "seed": cfg.seed, "device": device, "hardware": hardware(device),
+               "wall_s": wall, "cpu_s": cpu, "seed": cfg.seed, "device": device, "hardware": hardware(device),
                "torch": str(torch.__version__),
                "dataset": test_set.info.name, "model": model_name(teacher), "code": code_version(), **facts,
                "act_ranges": [[a.lo.item(), a.hi.item()] for a in act_quantizers(student)],

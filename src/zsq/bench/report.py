@@ -343,7 +343,8 @@ def headline_markdown(rows: list[dict[str, Any]], note: str) -> str:
              f"does not count minutes a run was paused or waited for a core (–: a run from before zsq counted it); "
              f"(+k once): building the offline set, which later runs with the same teacher and set recipe read from "
              f"the cache.", "",
-             "| command | " + " | ".join(bits) + " | min per run (median): wall · CPU |", "|" + "---|" * (len(bits) + 2)]
+             "| command | " + " | ".join(bits) + " | min per run (median): wall · CPU |",
+             "|" + "---|" * (len(bits) + 2)]
     for (word, own), by in sorted(recipes.items(), key=lambda kv: (kv[0][0] == "ptq", kv[0][1])):
         cells = [_headline_cell(by[b], by[b]["mean"] == best[b]) if b in by else "–" for b in bits]
         command = " ".join(" ".join(f) for f in own)

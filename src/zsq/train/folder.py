@@ -160,7 +160,8 @@ def _write_results(job: Job, h: Health, selected: int, final_top1: float | None)
         job.teacher.to(job.device)
     summary = {"fp_top1": fp["top1"], "q_top1": q["top1"], "q_top5": q["top5"], "eval_images": q["n"],
                "wbits": cfg.quant.wbits, "abits": cfg.quant.abits, "source": cfg.source, "loss": cfg.loss,
-               "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "cpu_s": job.cpu_s, "seed": cfg.run.seed,
+               "preset": cfg.preset, "iterations": job.step, "wall_s": job.wall_s, "cpu_s": job.cpu_s,
+               "seed": cfg.run.seed,
                "device": job.device, "hardware": hardware(job.device), "torch": str(torch.__version__), "skipped_steps": job.skipped.get("Q model", 0),
                "skipped_generator_steps": job.skipped.get("generator", 0),
                "dataset": job.test_set.info.name, "model": model_name(job.teacher), "code": code_version(),

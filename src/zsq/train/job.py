@@ -80,8 +80,8 @@ class Job:
         return {"step": self.step, "qmodel": self.qmodel.state_dict(), "source": self.source.state_dict(),
                 "warm_source": self.warm_source.state_dict() if self.warm_source is not None else None,
                 "q_opt": self.q_opt.state_dict(), "g_opt": self.g_opt.state_dict() if self.g_opt else None,
-                "rng": rngs[0], "rng_ranks": rngs[1:], "wall_s": self.wall_s, "cpu_s": self.cpu_s, "skipped": self.skipped,
-                "curv_batches": self.curv_batches, "best": self.best}
+                "rng": rngs[0], "rng_ranks": rngs[1:], "wall_s": self.wall_s, "cpu_s": self.cpu_s,
+                "skipped": self.skipped, "curv_batches": self.curv_batches, "best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.qmodel.load_state_dict(state["qmodel"])
