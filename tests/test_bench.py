@@ -417,10 +417,10 @@ def test_the_headline_gives_each_command_a_row_and_each_bit_width_a_column(tmp_p
     assert text.split("\n")[1:8] == [
         "6 of the 7 planned runs finished. Each cell: final top-1 over seeds, mean ± std (worst seed, seeds); ⚑k: k "
         "runs flagged by `zsq health`; bold: the column's best. Every command also takes `--wbits W --abits A "
-        "--teacher resnet20_fmnist --preset quick --out DIR`; FP top-1 94.73; minutes per run on cpu, 1 thread: the "
-        "wall time, then the CPU time of all its threads, which does not count minutes a run was paused or waited "
-        "for a core (–: a run from before zsq counted it); (+k once): building the offline set, which later runs with "
-        "the same teacher and set recipe read from the cache.",
+        "--teacher resnet20_fmnist --preset quick --out DIR`; FP top-1 94.73; minutes per run on cpu (processor not "
+        "recorded), 1 thread: the wall time, then the CPU time of all its threads, which does not count minutes a run "
+        "was paused or waited for a core (–: a run from before zsq counted it); (+k once): building the offline set, "
+        "which later runs with the same teacher and set recipe read from the cache.",
         "",
         "| command | W3A3 | W4A4 | min per run (median): wall · CPU |",
         "|---|---|---|---|",

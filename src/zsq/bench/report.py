@@ -180,7 +180,7 @@ def _minutes(seconds: float | None) -> float | None:
 def _device(result: dict[str, Any], config: dict[str, Any]) -> str:
     """What a run's wall time was measured on, as far as the run recorded it."""
     threads = config.get("threads")
-    where = result.get("hardware") or result.get("device", "cpu")  # runs before zsq recorded the processor: cpu
+    where = result.get("hardware") or f"{result.get('device', 'cpu')} (processor not recorded)"  # older runs
     return f"{where}, " + (f"{threads} thread{'s' * (threads != 1)}" if threads else "all threads")
 
 
