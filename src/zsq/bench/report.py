@@ -312,12 +312,13 @@ def _headline_cell(g: dict[str, Any], best: bool) -> str:
 
 
 def _headline_time(runs: list[dict[str, Any]]) -> str:
-    """A command's minutes per run: median wall, median CPU (where every run counted it), and the median build of
-    an offline set over the runs that record one."""
-    cpus = [r["cpu_min"] for r in runs]
+    """A command's minutes per run: median wall, median CPU over the runs that counted it (how many, when older
+    runs did not), and the median build of an offline set over the runs that record one."""
+    cpus = [r["cpu_min"] for r in runs if r["cpu_min"] is not None]
     builds = [r["set_min"] for r in runs if r["set_min"] is not None]
-    return (f"{statistics.median(r['wall_min'] for r in runs):.0f} · "
-            + (f"{statistics.median(cpus):.0f}" if None not in cpus else "–")
+    cpu = (f"{statistics.median(cpus):.0f}" + (f" ({len(cpus)} of {len(runs)})" if len(cpus) < len(runs) else "")
+           if cpus else "–")
+    return (f"{statistics.median(r['wall_min'] for r in runs):.0f} · {cpu}"
             + (f" (+{statistics.median(builds):.0f} once)" if builds else ""))
 
 
@@ -340,9 +341,9 @@ def headline_markdown(rows: list[dict[str, Any]], note: str) -> str:
              f"runs flagged by `zsq health`; bold: the column's best. Every command also takes "
              f"`--wbits W --abits A {' '.join(' '.join(f) for f in shared)} --out DIR`; FP top-1 {' / '.join(fp)}; "
              f"minutes per run on {' / '.join(devices)}: the wall time, then the CPU time of all its threads, which "
-             f"does not count minutes a run was paused or waited for a core (–: a run from before zsq counted it); "
-             f"(+k once): building the offline set, which later runs with the same teacher and set recipe read from "
-             f"the cache.", "",
+             f"does not count minutes a run was paused or waited for a core, over the runs that counted it (k of n: "
+             f"only k of the n runs, the others from before zsq counted it; –: none); (+k once): building the "
+             f"offline set, which later runs with the same teacher and set recipe read from the cache.", "",
              "| command | " + " | ".join(bits) + " | min per run (median): wall · CPU |",
              "|" + "---|" * (len(bits) + 2)]
     for (word, own), by in sorted(recipes.items(), key=lambda kv: (kv[0][0] == "ptq", kv[0][1])):
