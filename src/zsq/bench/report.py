@@ -316,8 +316,8 @@ def _headline_time(runs: list[dict[str, Any]]) -> str:
     runs did not), and the median build of an offline set over the runs that record one."""
     cpus = [r["cpu_min"] for r in runs if r["cpu_min"] is not None]
     builds = [r["set_min"] for r in runs if r["set_min"] is not None]
-    cpu = (f"{statistics.median(cpus):.0f}" + (f" ({len(cpus)} of {len(runs)})" if len(cpus) < len(runs) else "")
-           if cpus else "–")
+    counted = f" ({len(cpus)} of {len(runs)})" if len(cpus) < len(runs) else ""
+    cpu = f"{statistics.median(cpus):.0f}{counted}" if cpus else "–"
     return (f"{statistics.median(r['wall_min'] for r in runs):.0f} · {cpu}"
             + (f" (+{statistics.median(builds):.0f} once)" if builds else ""))
 
