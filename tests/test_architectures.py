@@ -1,8 +1,9 @@
 """Every plug-in on the ImageNet architectures users hold: ResNet-18/34/50 (basic and bottleneck blocks) and
 MobileNetV2 (depthwise convs, ReLU6, linear bottlenecks). A CIFAR ResNet runs the full source × loss product in
-test_learning.py; here MobileNetV2 runs it too and ResNet-50 (at a quarter of its widths) every loss, each a built
-job's warm-up iteration and two trained ones; the ResNets with basic blocks (ResNet-20's blocks) and MobileNetV2 also
-run `zsq.quantize` end to end (the run folder around the loop is the same for every pair)."""
+test_learning.py; here MobileNetV2 runs it too and ResNet-18, -34 and -50 (each at a quarter of its widths) every
+loss, the sources taken in turn so that each architecture meets every source, each pair a built job's warm-up
+iteration and two trained ones; ResNet-18 and MobileNetV2 also run `zsq.quantize` end to end (the run folder around
+the loop is the same for every pair)."""
 from __future__ import annotations
 
 import resource
@@ -68,33 +69,36 @@ def test_mobilenet_v2_with_every_source_and_loss(source, loss, fmnist_dir, tmp_p
     _train(_model("mobilenet_v2"), source, loss, fmnist_dir, tmp_path / "r")
 
 
-def _narrow_resnet50() -> nn.Module:
-    """The registry's ResNet-50 (3, 4, 6, 3 bottlenecks, torchvision's module names) at a quarter of its widths:
-    the same blocks, stages and shortcuts for a loss to find, 1.5 M weights against 23.5 M (a trained step took
-    0.9 s, most of it on the weights)."""
+RESNETS = {"resnet18": ((2, 2, 2, 2), "basic"), "resnet34": ((3, 4, 6, 3), "basic"),
+           "resnet50": ((3, 4, 6, 3), "bottleneck")}
+
+
+def _narrow(arch: str) -> nn.Module:
+    """The registry's ResNet (its blocks, stages, shortcuts and torchvision's module names) at a quarter of its
+    widths: the same structure for a loss to find at a fraction of the weights (ResNet-50: 1.5 M against 23.5 M; a
+    trained step took 0.9 s, most of it on the weights)."""
     torch.manual_seed(0)
-    cfg = ResNetConfig(blocks=(3, 4, 6, 3), widths=(16, 32, 64, 128), stem="imagenet", block="bottleneck",
-                       in_channels=1, num_classes=10)
+    blocks, block = RESNETS[arch]
+    cfg = ResNetConfig(blocks=blocks, widths=(16, 32, 64, 128), stem="imagenet", block=block, in_channels=1,
+                       num_classes=10)
     return ResNet(cfg).eval()
 
 
-def test_the_narrow_resnet50_is_resnet50_at_a_quarter_of_its_widths():
-    narrow, full = _narrow_resnet50().state_dict(), _model("resnet50").state_dict()
+@pytest.mark.parametrize("arch", RESNETS)
+def test_the_narrow_resnets_are_the_registry_resnets_at_a_quarter_of_their_widths(arch):
+    narrow, full = _narrow(arch).state_dict(), _model(arch).state_dict()
     assert narrow.keys() == full.keys()
-    for k, v in full.items():  # every conv and BN a quarter as wide; the 10-way classifier reads 512 features
+    for k, v in full.items():  # every conv and BN a quarter as wide, the 10-way classifier reads a quarter
         assert narrow[k].shape == tuple(d // 4 if d >= 64 else d for d in v.shape), k
 
 
 @pytest.mark.parametrize("loss", list_losses())
-def test_resnet50_with_every_loss(loss, fmnist_dir, tmp_path):
+@pytest.mark.parametrize("arch", RESNETS)
+def test_resnets_with_every_loss(arch, loss, fmnist_dir, tmp_path):
     sources = list(dict.fromkeys(s for s, _ in shipped_pairs()))
-    source = sources[list_losses().index(loss) % len(sources)]  # every source on the bottleneck too
+    source = sources[list_losses().index(loss) % len(sources)]  # every source on each architecture too
     # the registered architecture's placement, which a module built outside the registry does not get by default
-    _train(_narrow_resnet50(), source, loss, fmnist_dir, tmp_path / "r", placement="lineage")
-
-
-def test_resnet34_trains(fmnist_dir, tmp_path):
-    _train(_model("resnet34"), "adadfq", "akt+synq", fmnist_dir, tmp_path / "r")
+    _train(_narrow(arch), source, loss, fmnist_dir, tmp_path / "r", placement="lineage")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
